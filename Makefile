@@ -1,0 +1,49 @@
+# housing-mlops: every job is a make target. `make help` lists them.
+# Settings come from the environment or `make VAR=value`; the defaults below need no cloud account.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+# Where housing.csv comes from: s3://bucket/key, http(s)://..., or a local path.
+export DATA_URL ?= https://raw.githubusercontent.com/ageron/handson-ml2/master/datasets/housing/housing.csv
+# MLflow tracking + registry; a local sqlite store (artifacts in ./mlruns) by default.
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export MODEL_NAME ?= California_Housing_Regression
+# DVC remote for data versions: `local` (./dvcstore) or `s3remote` (s3://$(S3_DVC_BUCKET)/dvc,
+# at $(AWS_ENDPOINT_URL) when set, for S3-compatible servers).
+export DVC_REMOTE ?= local
+export S3_DVC_BUCKET ?=
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: help venv retrain rollback test lint dvc-remote
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: ## create $(VENV) with the pinned requirements (again only when they change)
+	@cat requirements.txt requirements-serve.txt constraints.txt | cmp -s - $(VENV)/.requirements 2>/dev/null || { \
+	  $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
+	  $(VENV)/bin/pip install -q -r requirements.txt && \
+	  cat requirements.txt requirements-serve.txt constraints.txt > $(VENV)/.requirements; }
+
+dvc-remote: venv
+ifeq ($(DVC_REMOTE),s3remote)
+	@test -n "$(S3_DVC_BUCKET)" || { echo "DVC_REMOTE=s3remote needs S3_DVC_BUCKET" >&2; exit 2; }
+	@dvc remote add --local --force s3remote s3://$(S3_DVC_BUCKET)/dvc
+	@dvc remote modify --local s3remote endpointurl "$(AWS_ENDPOINT_URL)"
+endif
+
+retrain: venv dvc-remote ## fetch, validate, split, train, register + gated promotion; push data to DVC_REMOTE
+	@scripts/retrain.sh
+
+rollback: venv ## point alias champion back to the previous champion
+	@python -m scripts.rollback
+
+lint: venv ## ruff
+	ruff check .
+
+test: venv lint ## lint, then the whole test suite
+	python -m pytest -q

@@ -1,0 +1,50 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from features import CATEGORIES, COLUMNS  # noqa: E402
+
+
+def synthetic_housing(rows: int = 1500, seed: int = 0, missing_bedrooms: float = 0.01) -> pd.DataFrame:
+    """Housing-like data with the real CSV's columns, order, ranges, NaNs and categories.
+
+    Prices depend on income and on location, so a model has something to learn and a deliberately
+    crippled model is measurably worse.
+    """
+    rng = np.random.default_rng(seed)
+    longitude = rng.uniform(-124.0, -114.5, rows)
+    latitude = rng.uniform(32.6, 41.9, rows)
+    age = rng.integers(1, 53, rows).astype(float)
+    households = rng.integers(20, 1500, rows).astype(float)
+    rooms = np.round(households * rng.uniform(3.0, 7.0, rows))
+    bedrooms = np.round(rooms * rng.uniform(0.15, 0.25, rows))
+    bedrooms[rng.random(rows) < missing_bedrooms] = np.nan
+    population = np.round(households * rng.uniform(2.0, 4.0, rows))
+    income = rng.gamma(4.0, 1.0, rows).clip(0.5, 15.0)
+    coast = np.exp(-((longitude + 122.0) ** 2 + (latitude - 37.5) ** 2) / 4.0)
+    value = 30_000 + 40_000 * income + 150_000 * coast + rng.normal(0, 20_000, rows)
+    category = rng.choice(CATEGORIES, rows, p=[0.44, 0.32, 0.01, 0.11, 0.12])
+    frame = pd.DataFrame({
+        "longitude": longitude.round(2),
+        "latitude": latitude.round(2),
+        "housing_median_age": age,
+        "total_rooms": rooms,
+        "total_bedrooms": bedrooms,
+        "population": population,
+        "households": households,
+        "median_income": income.round(4),
+        "median_house_value": value.clip(15_000, 500_001).round(),
+        "ocean_proximity": category,
+    })
+    return frame[list(COLUMNS)]
+
+
+@pytest.fixture
+def housing_frame() -> pd.DataFrame:
+    return synthetic_housing()
