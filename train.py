@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
 from mlflow.types.schema import ColSpec, Schema
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 from sklearn.inspection import permutation_importance
@@ -79,6 +80,17 @@ def build_pipeline(spec: dict) -> Pipeline:
         steps.append(("scale", StandardScaler()))
     steps.append(("model", ESTIMATORS[spec["model"]](**model_args)))
     return Pipeline(steps)
+
+
+def log_pipeline(pipeline: Pipeline, example: pd.DataFrame) -> ModelInfo:
+    """Log a fitted pipeline to the active run as a model that loads anywhere features.py can be imported."""
+    # cloudpickle, not skops: the pipeline holds our own transformer and a cKDTree, which skops refuses.
+    with _quiet("mlflow.sklearn"):
+        return mlflow.sklearn.log_model(
+            pipeline, name="model", signature=SIGNATURE, input_example=example,
+            code_paths=[str(Path(__file__).with_name("features.py"))], serialization_format="cloudpickle",
+            pip_requirements=[f"{p}=={version(p)}" for p in ("scikit-learn", "scipy", "numpy", "pandas", "cloudpickle")],
+        )
 
 
 def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -161,15 +173,7 @@ def train_candidate(name: str, spec: dict, data: dict, cv_folds: int, seed: int)
             (plot_importance(pipeline, X_holdout, y_holdout, name, seed), "plots/feature_importance.png"),
         ]:
             mlflow.log_figure(figure, path)
-        example = X_holdout.dropna().head(3)
-        # cloudpickle, not skops: the pipeline holds our own transformer and a cKDTree, which skops refuses.
-        with _quiet("mlflow.sklearn"):
-            info = mlflow.sklearn.log_model(
-                pipeline, name="model", signature=SIGNATURE, input_example=example,
-                code_paths=["features.py"], serialization_format="cloudpickle",
-                pip_requirements=[f"{p}=={version(p)}" for p in ("scikit-learn", "scipy", "numpy", "pandas",
-                                                                 "cloudpickle")],
-            )
+        info = log_pipeline(pipeline, X_holdout.dropna().head(3))
     log.info("%-8s holdout rmse %.0f  mae %.0f  r2 %.4f  (%.1f s)", name, metrics["rmse"], metrics["mae"],
              metrics["r2"], metrics["fit_seconds"])
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "metrics": metrics, "predicted": predicted}
