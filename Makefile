@@ -47,3 +47,9 @@ lint: venv ## ruff
 
 test: venv lint ## lint, then the whole test suite
 	python -m pytest -q
+
+serve: venv ## serve the champion on $(PORT) with uvicorn (see serve.py for its settings)
+	python serve.py
+
+bench: venv ## serve.py vs `mlflow models serve` on the current champion: req/s, p50, p99
+	python -m scripts.bench

@@ -48,6 +48,7 @@ ESTIMATORS = {
     "hist_gradient_boosting": HistGradientBoostingRegressor,
     "random_forest": RandomForestRegressor,
 }
+MODEL_REQUIREMENTS = ("scikit-learn", "scipy", "numpy", "pandas", "cloudpickle")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("double", name, required=name not in OPTIONAL_FEATURES) for name in NUMERIC_FEATURES]
                   + [ColSpec("string", CATEGORICAL_FEATURE)]),
@@ -89,7 +90,7 @@ def log_pipeline(pipeline: Pipeline, example: pd.DataFrame) -> ModelInfo:
         return mlflow.sklearn.log_model(
             pipeline, name="model", signature=SIGNATURE, input_example=example,
             code_paths=[str(Path(__file__).with_name("features.py"))], serialization_format="cloudpickle",
-            pip_requirements=[f"{p}=={version(p)}" for p in ("scikit-learn", "scipy", "numpy", "pandas", "cloudpickle")],
+            pip_requirements=[f"{p}=={version(p)}" for p in MODEL_REQUIREMENTS],
         )
 
 
