@@ -42,8 +42,10 @@ retrain: venv dvc-remote ## fetch, validate, split, train, register + gated prom
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
 
-lint: venv ## ruff
+lint: venv ## ruff, actionlint and the GitHub workflow schema
 	ruff check .
+	actionlint
+	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 test: venv lint ## lint, then the whole test suite
 	python -m pytest -q

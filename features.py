@@ -30,6 +30,7 @@ OPTIONAL_FEATURES = frozenset({"total_bedrooms"})
 TARGET = "median_house_value"
 COLUMNS = (*FEATURES[:-1], TARGET, CATEGORICAL_FEATURE)  # the CSV's column order
 
+_CATEGORY_INDEX = pd.Index(CATEGORIES)
 _LON, _LAT, _AGE, _ROOMS, _BEDROOMS, _POPULATION, _HOUSEHOLDS, _INCOME = range(len(NUMERIC_FEATURES))
 
 # Degrees of longitude are shorter than degrees of latitude at California's latitudes.
@@ -46,7 +47,7 @@ _ROTATIONS_DEG = (15, 30, 45, 60)
 
 def category_codes(values: pd.Series | np.ndarray) -> np.ndarray:
     """Index of each value in CATEGORIES as float, NaN for anything unknown."""
-    codes = pd.Categorical(np.asarray(values, dtype=object), categories=CATEGORIES).codes
+    codes = _CATEGORY_INDEX.get_indexer(np.asarray(values, dtype=object))
     return np.where(codes >= 0, codes, np.nan)
 
 

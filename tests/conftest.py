@@ -1,3 +1,6 @@
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,3 +51,26 @@ def synthetic_housing(rows: int = 1500, seed: int = 0, missing_bedrooms: float =
 @pytest.fixture
 def housing_frame() -> pd.DataFrame:
     return synthetic_housing()
+
+
+def project_copy(destination: Path) -> Path:
+    """The working tree as a fresh git repository: no data, no dvc.lock, no MLflow store."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if name == "dvc.lock" or name.startswith("reports/") or not source.is_file():
+            continue
+        (destination / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, destination / name)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=destination, check=True)
+    return destination
+
+
+def run_make(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`make ARGS` in `project` with this checkout's virtualenv and only the given settings."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_", "DATA_URL"))}
+    return subprocess.run(["make", "--no-print-directory", *args, f"VENV={ROOT / '.venv'}"], cwd=project,
+                          env={**clean, **env}, capture_output=True, text=True, timeout=600)

@@ -1,0 +1,180 @@
+"""`make retrain` end to end in a copy of the repository: real DVC, real MLflow (sqlite store), real data files."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, project_copy, run_make, synthetic_housing
+
+MODEL = "California_Housing_Regression"
+SMALL_PARAMS = {
+    "candidates": {
+        "ridge": {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}},
+        "gbdt": {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16], "folds": 5},
+                 "params": {"max_iter": 150, "learning_rate": 0.1, "random_state": 0}},
+    },
+    "weak": {"weak": {"model": "hist_gradient_boosting", "features": {"neighbours": []},
+                      "params": {"max_iter": 2, "learning_rate": 0.05, "random_state": 0}}},
+}
+
+
+class Project:
+    def __init__(self, root: Path):
+        self.root = root
+        self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.client = MlflowClient(self.tracking_uri, self.tracking_uri)
+
+    def retrain(self, data: Path):
+        return run_make(self.root, "retrain", DATA_URL=str(data), MLFLOW_TRACKING_URI=self.tracking_uri)
+
+    def set_candidates(self, candidates: dict) -> None:
+        params = yaml.safe_load((self.root / "params.yaml").read_text())
+        params["train"]["candidates"] = candidates
+        params["train"]["cv_folds"] = 0
+        params["gate"].update(max_rmse=200_000, min_r2=0.0, tolerance=0.05)
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def dvc(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / ".venv/bin/dvc"), *args], cwd=self.root, capture_output=True, text=True)
+
+    def champion(self) -> str:
+        return str(self.client.get_model_version_by_alias(MODEL, "champion").version)
+
+    def versions(self) -> dict[str, dict]:
+        return {str(v.version): v for v in self.client.search_model_versions(f"name='{MODEL}'")}
+
+    def locked_data_md5(self) -> str:
+        lock = yaml.safe_load((self.root / "dvc.lock").read_text())
+        return lock["stages"]["fetch"]["outs"][0]["md5"]
+
+    def decision(self) -> dict:
+        return json.loads((self.root / "reports/decision.json").read_text())
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Project:
+    project = Project(project_copy(tmp_path_factory.mktemp("repo")))
+    project.set_candidates(SMALL_PARAMS["candidates"])
+    return project
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("incoming")
+    paths = {}
+    for name, frame in {"v1": synthetic_housing(1500, seed=0), "v2": synthetic_housing(3000, seed=1)}.items():
+        paths[name] = folder / f"{name}.csv"
+        frame.to_csv(paths[name], index=False)
+    corrupt = synthetic_housing(1500, seed=2)
+    corrupt.loc[:4, "latitude"] = 51.5
+    corrupt["population"] = corrupt["population"].astype(object)
+    corrupt.loc[10, "population"] = "n/a"
+    paths["corrupt"] = folder / "corrupt.csv"
+    corrupt.to_csv(paths["corrupt"], index=False)
+    return paths
+
+
+def test_first_retrain_registers_and_promotes_v1(project, datasets):
+    result = project.retrain(datasets["v1"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert project.champion() == "1"
+    version = project.versions()["1"]
+    assert version.current_stage == "Production"
+    assert version.tags["gate_decision"] == "promoted"
+    assert version.tags["data_md5"] == project.locked_data_md5() == md5(datasets["v1"])
+    assert version.tags["data_url"] == str(datasets["v1"])
+    assert len(version.tags["git_commit"]) == 40
+    assert project.decision()["decision"] == "promoted"
+    assert "| rmse |" in result.stdout and "Decision: promoted" in result.stdout
+
+    parent = project.client.get_run(project.decision()["challenger"]["run_id"]).data.tags["mlflow.parentRunId"]
+    children = project.client.search_runs([project.client.get_run(parent).info.experiment_id],
+                                          f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(run.data.tags["candidate"] for run in children) == ["gbdt", "ridge"]
+    for run in children:
+        assert {"rmse", "mae", "r2"} <= set(run.data.metrics)
+        plots = {a.path for a in project.client.list_artifacts(run.info.run_id, "plots")}
+        assert plots == {"plots/predicted_vs_actual.png", "plots/residuals.png", "plots/feature_importance.png"}
+    metrics = json.loads((project.root / "reports/metrics.json").read_text())
+    assert metrics["best"] == version.tags["candidate"]
+    assert "files pushed" in result.stdout
+    status = project.dvc("status", "--cloud")
+    assert "Cache and remote 'local' are in sync" in status.stdout, status.stdout + status.stderr
+
+
+def test_second_retrain_with_nothing_changed_is_a_noop(project, datasets):
+    runs_before = len(project.client.search_runs([e.experiment_id for e in project.client.search_experiments()]))
+    result = project.retrain(datasets["v1"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage in ("validate", "split", "train", "register"):
+        assert f"Stage '{stage}' didn't change, skipping" in result.stdout
+    assert "unchanged" in result.stdout  # fetch did look upstream
+    assert set(project.versions()) == {"1"}
+    assert len(project.client.search_runs([e.experiment_id for e in project.client.search_experiments()])) \
+        == runs_before
+
+
+def test_worse_challenger_is_registered_but_not_promoted(project, datasets):
+    project.set_candidates(SMALL_PARAMS["weak"])
+    result = project.retrain(datasets["v1"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(project.versions()) == {"1", "2"}
+    assert project.versions()["2"].tags["gate_decision"] == "rejected"
+    assert "worse than the champion's" in project.versions()["2"].tags["gate_reason"]
+    assert project.champion() == "1"
+    assert project.versions()["1"].current_stage == "Production"
+    decision = project.decision()
+    assert decision["decision"] == "rejected"
+    assert decision["challenger"]["metrics"]["rmse"] > decision["champion"]["metrics"]["rmse"]
+
+
+def test_corrupt_data_is_rejected_and_nothing_changes(project, datasets):
+    project.set_candidates(SMALL_PARAMS["candidates"])
+    lock_before = (project.root / "dvc.lock").read_text()
+    result = project.retrain(datasets["corrupt"])
+    assert result.returncode != 0
+    assert "validate: latitude: 5 values outside [32.5, 42.1], e.g. 51.5 (lines 2, 3, 4, ...)" in result.stderr
+    assert "validate: population: 1 values are not finite numbers, e.g. ['n/a'] (line 12)" in result.stderr
+    assert set(project.versions()) == {"1", "2"}
+    assert project.champion() == "1"
+    assert (project.root / "dvc.lock").read_text() == lock_before
+    assert md5(project.root / "data/housing.csv") == md5(datasets["v1"])
+    assert json.loads((project.root / "reports/validation.json").read_text())["valid"] is False
+
+
+def test_previous_data_version_is_restorable_from_the_remote(project):
+    (project.root / "data/housing.csv").unlink()
+    shutil.rmtree(project.root / ".dvc/cache")
+    pulled = project.dvc("pull", "fetch")
+    assert pulled.returncode == 0, pulled.stderr
+    assert md5(project.root / "data/housing.csv") == project.locked_data_md5()
+
+
+def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(project, datasets):
+    result = project.retrain(datasets["v2"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert project.champion() == "3"
+    assert project.versions()["3"].tags["previous_champion"] == "1"
+    assert project.versions()["1"].current_stage == "Archived"
+    assert project.locked_data_md5() == md5(datasets["v2"])
+
+    result = run_make(project.root, "rollback", MLFLOW_TRACKING_URI=project.tracking_uri)
+    assert result.returncode == 0, result.stderr
+    assert "moved from version 3 to version 1" in result.stdout
+    assert project.champion() == "1"
+    assert project.versions()["1"].current_stage == "Production"
+
+    result = run_make(project.root, "rollback", MLFLOW_TRACKING_URI=project.tracking_uri)
+    assert result.returncode != 0
+    assert "version 1 has no 'previous_champion' tag" in result.stderr
+    assert project.champion() == "1"
