@@ -18,7 +18,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv retrain rollback test lint dvc-remote serve bench
+.PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,3 +55,9 @@ serve: venv ## serve the champion on $(PORT) with uvicorn (see serve.py for its 
 
 bench: venv ## serve.py vs `mlflow models serve` on the current champion: req/s, p50, p99
 	python -m scripts.bench
+
+services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server on 127.0.0.1; print what to export
+	@scripts/services.sh up
+
+services-down: ## stop what services-up started
+	@scripts/services.sh down
