@@ -18,7 +18,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down
+.PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -61,3 +61,16 @@ services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server on 1
 
 services-down: ## stop what services-up started
 	@scripts/services.sh down
+
+image: venv ## build the serving image without a Docker engine (buildah) and smoke-test it
+	@scripts/build_image.sh
+
+# The EC2 host has docker and make only: these targets need no virtualenv.
+deploy: ## on the host: start IMAGE:IMAGE_TAG beside the old container, switch port 80 only once healthy
+	@scripts/deploy.sh deploy
+
+rollback-deploy: ## on the host: go back to the previously deployed image tag
+	@scripts/deploy.sh rollback
+
+infra-deploy: ## create or update the AWS stack in infra/ (aws cloudformation deploy)
+	@scripts/infra_deploy.sh
