@@ -21,7 +21,7 @@ export DVC_NO_ANALYTICS := 1
 .PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 venv: ## create $(VENV) with the pinned requirements (again only when they change)
 	@cat requirements.txt requirements-serve.txt constraints.txt | cmp -s - $(VENV)/.requirements 2>/dev/null || { \

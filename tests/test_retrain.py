@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -150,6 +151,41 @@ def test_corrupt_data_is_rejected_and_nothing_changes(project, datasets):
     assert (project.root / "dvc.lock").read_text() == lock_before
     assert md5(project.root / "data/housing.csv") == md5(datasets["v1"])
     assert json.loads((project.root / "reports/validation.json").read_text())["valid"] is False
+
+
+def csv(frame: pd.DataFrame) -> str:
+    return frame.to_csv(index=False)
+
+
+BAD_FILES = {  # kind: (make the file's text from good data, what the refusal must say)
+    "empty file": (lambda f: "", "validate: file: data/housing.csv is empty"),
+    "header only": (lambda f: csv(f.head(0)), "validate: file: 0 data rows, need at least"),
+    "missing column": (lambda f: csv(f.drop(columns="median_income")), "validate: median_income: column is missing"),
+    "renamed column": (lambda f: csv(f.rename(columns={"households": "homes"})),
+                       "validate: households: column is missing"),
+    "all-NaN column": (lambda f: csv(f.assign(total_rooms=None)), "validate: total_rooms: 1500 of 1500 values empty"),
+    "unknown category": (lambda f: csv(f.assign(ocean_proximity="UNDERWATER")),
+                         "validate: ocean_proximity: 1500 values not in"),
+    "negative counts": (lambda f: csv(f.assign(population=-f.population)),
+                        "validate: population: 1500 values outside [1, 1000000]"),
+    "truncated file": (lambda f: csv(f)[: len(csv(f)) * 2 // 3], "validate: file: last line has no newline"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_every_kind_of_bad_data_is_refused_with_its_reason(project, datasets, kind):
+    lock_before = (project.root / "dvc.lock").read_text()
+    make_text, refusal = BAD_FILES[kind]
+    path = datasets["v1"].parent / f"{kind.replace(' ', '_')}.csv"
+    path.write_text(make_text(synthetic_housing(1500, seed=3)))
+    result = project.retrain(path)
+    assert result.returncode != 0
+    assert refusal in result.stderr, result.stderr
+    assert "dvc.lock and data/ restored to the last good version" in result.stderr
+    assert set(project.versions()) == {"1", "2"}
+    assert project.champion() == "1"
+    assert (project.root / "dvc.lock").read_text() == lock_before
+    assert md5(project.root / "data/housing.csv") == md5(datasets["v1"])
 
 
 def test_previous_data_version_is_restorable_from_the_remote(project):
