@@ -167,3 +167,42 @@ def _neighbourhood(tree: cKDTree, log_target: np.ndarray, income: np.ndarray, nu
         prices = log_target[index[:, :k]]
         columns += [prices.mean(axis=1), prices.std(axis=1), income[index[:, :k]].mean(axis=1), distance[:, k - 1]]
     return np.column_stack(columns)
+
+
+# Drift: the serving app compares recent inputs and predictions with the training data through the
+# Population Stability Index over bins fixed at training time (deciles of each numeric field, one bin per
+# category, missing values in a bin of their own).
+PROFILE_BINS = 10
+PSI_FLOOR = 1e-4  # empty bins would make the log-ratio infinite
+
+
+def _numeric_profile(values: np.ndarray) -> dict:
+    present = values[~np.isnan(values)]
+    edges = np.unique(np.quantile(present, np.linspace(0, 1, PROFILE_BINS + 1)[1:-1]))
+    profile = {"edges": edges.tolist()}
+    profile["fractions"] = (np.bincount(bin_indices(profile, values), minlength=len(edges) + 2) / len(values)).tolist()
+    return profile
+
+
+def reference_profile(X: pd.DataFrame, predictions: np.ndarray) -> dict:
+    """Bins and their training-time frequencies for every input field and for the predictions."""
+    numeric = X.reindex(columns=list(NUMERIC_FEATURES)).to_numpy(dtype=float, na_value=np.nan)
+    fields = {name: _numeric_profile(numeric[:, i]) for i, name in enumerate(NUMERIC_FEATURES)}
+    codes = category_codes(X[CATEGORICAL_FEATURE])
+    fields[CATEGORICAL_FEATURE] = {"categories": list(CATEGORIES), "fractions": (
+        np.bincount(np.where(np.isnan(codes), len(CATEGORIES), codes).astype(int), minlength=len(CATEGORIES) + 1)
+        / len(codes)).tolist()}
+    return {"fields": fields, "prediction": _numeric_profile(np.asarray(predictions, dtype=float)), "rows": len(X)}
+
+
+def bin_indices(profile: dict, values: np.ndarray) -> np.ndarray:
+    """Bin of each value: 0..len(edges) by the edges; len(edges) + 1 for missing values."""
+    values = np.asarray(values, dtype=float)
+    return np.where(np.isnan(values), len(profile["edges"]) + 1, np.searchsorted(profile["edges"], values, "right"))
+
+
+def psi(expected: np.ndarray, observed: np.ndarray) -> float:
+    """Population Stability Index of observed bin fractions against expected ones (0 = same distribution)."""
+    expected = np.maximum(np.asarray(expected, dtype=float), PSI_FLOOR)
+    observed = np.maximum(np.asarray(observed, dtype=float), PSI_FLOOR)
+    return float(np.sum((observed - expected) * np.log(observed / expected)))

@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -34,7 +35,15 @@ from sklearn.model_selection import KFold, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from features import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, OPTIONAL_FEATURES, TARGET, HousingFeatures
+from features import (
+    CATEGORICAL_FEATURE,
+    FEATURES,
+    NUMERIC_FEATURES,
+    OPTIONAL_FEATURES,
+    TARGET,
+    HousingFeatures,
+    reference_profile,
+)
 
 log = logging.getLogger("train")
 
@@ -48,6 +57,7 @@ ESTIMATORS = {
     "hist_gradient_boosting": HistGradientBoostingRegressor,
     "random_forest": RandomForestRegressor,
 }
+PROFILE_FILE = "reference_profile.json"
 MODEL_REQUIREMENTS = ("scikit-learn", "scipy", "numpy", "pandas", "cloudpickle")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("double", name, required=name not in OPTIONAL_FEATURES) for name in NUMERIC_FEATURES]
@@ -83,14 +93,22 @@ def build_pipeline(spec: dict) -> Pipeline:
     return Pipeline(steps)
 
 
-def log_pipeline(pipeline: Pipeline, example: pd.DataFrame) -> ModelInfo:
-    """Log a fitted pipeline to the active run as a model that loads anywhere features.py can be imported."""
-    # cloudpickle, not skops: the pipeline holds our own transformer and a cKDTree, which skops refuses.
-    with _quiet("mlflow.sklearn"):
+def log_pipeline(pipeline: Pipeline, example: pd.DataFrame, profile: dict | None = None) -> ModelInfo:
+    """Log a fitted pipeline to the active run as a model that loads anywhere features.py can be imported.
+
+    `profile` (features.reference_profile) is stored in the model directory as extra_files/reference_profile.json,
+    so whatever serves a version can measure drift against the data that version was trained on.
+    """
+    with tempfile.TemporaryDirectory() as folder, _quiet("mlflow.sklearn"):
+        extra_files = []
+        if profile is not None:
+            extra_files.append(str(Path(folder) / PROFILE_FILE))
+            Path(extra_files[0]).write_text(json.dumps(profile))
+        # cloudpickle, not skops: the pipeline holds our own transformer and a cKDTree, which skops refuses.
         return mlflow.sklearn.log_model(
             pipeline, name="model", signature=SIGNATURE, input_example=example,
             code_paths=[str(Path(__file__).with_name("features.py"))], serialization_format="cloudpickle",
-            pip_requirements=[f"{p}=={version(p)}" for p in MODEL_REQUIREMENTS],
+            pip_requirements=[f"{p}=={version(p)}" for p in MODEL_REQUIREMENTS], extra_files=extra_files,
         )
 
 
@@ -174,7 +192,8 @@ def train_candidate(name: str, spec: dict, data: dict, cv_folds: int, seed: int)
             (plot_importance(pipeline, X_holdout, y_holdout, name, seed), "plots/feature_importance.png"),
         ]:
             mlflow.log_figure(figure, path)
-        info = log_pipeline(pipeline, X_holdout.dropna().head(3))
+        profile = reference_profile(X_train, predicted)
+        info = log_pipeline(pipeline, X_holdout.dropna().head(3), profile)
     log.info("%-8s holdout rmse %.0f  mae %.0f  r2 %.4f  (%.1f s)", name, metrics["rmse"], metrics["mae"],
              metrics["r2"], metrics["fit_seconds"])
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "metrics": metrics, "predicted": predicted}

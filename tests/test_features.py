@@ -2,7 +2,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import CATEGORIES, FEATURES, NUMERIC_FEATURES, TARGET, HousingFeatures, category_codes
+from features import (
+    CATEGORIES,
+    FEATURES,
+    NUMERIC_FEATURES,
+    TARGET,
+    HousingFeatures,
+    bin_indices,
+    category_codes,
+    psi,
+    reference_profile,
+)
+from tests.conftest import synthetic_housing
 
 
 def fitted(frame: pd.DataFrame, **args) -> HousingFeatures:
@@ -65,3 +76,26 @@ def test_category_codes_follow_schema_and_unknown_is_nan():
 def test_neighbourhood_features_need_enough_rows(housing_frame):
     with pytest.raises(ValueError, match="more than 64 training rows"):
         fitted(housing_frame.head(10), neighbours=(4, 64))
+
+
+def window_fractions(field: dict, values) -> np.ndarray:
+    counts = np.bincount(bin_indices(field, np.asarray(values, dtype=float)), minlength=len(field["fractions"]))
+    return counts / counts.sum()
+
+
+def test_reference_profile_covers_every_field_and_the_predictions(housing_frame):
+    profile = reference_profile(housing_frame[list(FEATURES)], housing_frame[TARGET].to_numpy())
+    assert set(profile["fields"]) == set(FEATURES)
+    for field in [*profile["fields"].values(), profile["prediction"]]:
+        assert sum(field["fractions"]) == pytest.approx(1.0)
+    assert profile["fields"]["total_bedrooms"]["fractions"][-1] > 0  # missing values have their own bin
+
+
+def test_psi_is_low_in_distribution_and_high_after_a_shift():
+    train, recent = synthetic_housing(5000, seed=0), synthetic_housing(1000, seed=1)
+    profile = reference_profile(train[list(FEATURES)], train[TARGET].to_numpy())
+    income = profile["fields"]["median_income"]
+    assert psi(income["fractions"], window_fractions(income, recent.median_income)) < 0.1
+    assert psi(income["fractions"], window_fractions(income, recent.median_income * 2)) > 0.25
+    age = profile["fields"]["housing_median_age"]
+    assert psi(age["fractions"], window_fractions(age, recent.housing_median_age)) < 0.1
