@@ -33,7 +33,7 @@ dvc-remote: venv
 ifeq ($(DVC_REMOTE),s3remote)
 	@test -n "$(S3_DVC_BUCKET)" || { echo "DVC_REMOTE=s3remote needs S3_DVC_BUCKET" >&2; exit 2; }
 	@dvc remote add --local --force s3remote s3://$(S3_DVC_BUCKET)/dvc
-	@dvc remote modify --local s3remote endpointurl "$(AWS_ENDPOINT_URL)"
+	@if [ -n "$(AWS_ENDPOINT_URL)" ]; then dvc remote modify --local s3remote endpointurl "$(AWS_ENDPOINT_URL)"; fi
 endif
 
 retrain: venv dvc-remote ## fetch, validate, split, train, register + gated promotion; push data to DVC_REMOTE

@@ -4,6 +4,7 @@
 set -euo pipefail
 
 good_lock=.dvc/tmp/dvc.lock.good
+mkdir -p .dvc/tmp
 if [ -f dvc.lock ]; then
   cp dvc.lock "$good_lock"
   # A fresh clone (a CI runner) has dvc.lock but no outputs: fetch them, or every stage would re-run.

@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Local stand-ins for the cloud services of the data path, on 127.0.0.1:
+#   moto   S3 (data, DVC and MLflow buckets) and Secrets Manager (the GitHub token of dispatch_lambda.py)
+#   mlflow tracking + registry (sqlite in the state dir), run artifacts in the moto bucket through the server's
+#          artifact proxy: only the server holds S3 settings, clients need just MLFLOW_TRACKING_URI.
+#
+#   scripts/services.sh up     start both (or say they are running); print the settings to export
+#   scripts/services.sh down   stop both by their recorded process groups (safe to repeat)
+#
+# Settings (environment): MOTO_PORT=5500 MLFLOW_PORT=5050 SERVICES_DIR=.services DATA_BUCKET=housing-data
+# S3_DVC_BUCKET=housing-dvc MLFLOW_BUCKET=housing-mlflow GITHUB_PAT_SECRET_NAME=housing-mlops/github-pat
+# GITHUB_TOKEN (value stored in that secret, default a placeholder) SERVICES_TIMEOUT_S=90 (wait for health).
+# moto keeps everything in memory: each `up` starts with empty buckets and an empty MLflow store.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${VENV:-$root/.venv}
+[ -d "$venv/bin" ] && PATH="$venv/bin:$PATH"
+
+MOTO_PORT=${MOTO_PORT:-5500}
+MLFLOW_PORT=${MLFLOW_PORT:-5050}
+SERVICES_DIR=${SERVICES_DIR:-$root/.services}
+DATA_BUCKET=${DATA_BUCKET:-housing-data}
+S3_DVC_BUCKET=${S3_DVC_BUCKET:-housing-dvc}
+MLFLOW_BUCKET=${MLFLOW_BUCKET:-housing-mlflow}
+GITHUB_PAT_SECRET_NAME=${GITHUB_PAT_SECRET_NAME:-housing-mlops/github-pat}
+SERVICES_TIMEOUT_S=${SERVICES_TIMEOUT_S:-90}
+REGION=${AWS_DEFAULT_REGION:-us-east-1}
+MOTO_URL=http://127.0.0.1:$MOTO_PORT
+MLFLOW_URL=http://127.0.0.1:$MLFLOW_PORT
+SERVICES=(moto mlflow)
+
+log() { echo "services: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+pidfile() { echo "$SERVICES_DIR/$1.pgid"; }
+
+# The process group recorded for service $1, if that group still has a live process.
+running_group() {
+  local file
+  file=$(pidfile "$1")
+  [ -f "$file" ] || return 1
+  local pgid
+  pgid=$(<"$file")
+  kill -0 -- "-$pgid" 2>/dev/null && echo "$pgid"
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+require_tools() {
+  local tool
+  for tool in moto_server mlflow python curl; do
+    command -v "$tool" >/dev/null || die "$tool not found: run \`make venv\` first (or set VENV to the virtualenv)"
+  done
+}
+
+# Start "$@" as service $name in a new session (its own process group) with its log in the state dir. The
+# session leader writes its own pid, which is the group id, whether or not setsid had to fork.
+start_group() {
+  local name=$1
+  shift
+  local file
+  file=$(pidfile "$name")
+  rm -f "$file"
+  # shellcheck disable=SC2016 # $$, $0 and $@ are for the inner shell
+  setsid bash -c 'echo $$ >"$0" && exec "$@"' "$file" "$@" >"$SERVICES_DIR/$name.log" 2>&1 </dev/null &
+  local deadline=$((SECONDS + 10))
+  until [ -s "$file" ]; do
+    ((SECONDS < deadline)) || die "$name did not start; see $SERVICES_DIR/$name.log"
+    sleep 0.05
+  done
+}
+
+# Poll $url until it answers 200, while service $name is alive, for at most SERVICES_TIMEOUT_S.
+wait_healthy() {
+  local name=$1 url=$2
+  local deadline=$((SECONDS + SERVICES_TIMEOUT_S))
+  until curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
+    if ! running_group "$name" >/dev/null; then
+      tail -n 20 "$SERVICES_DIR/$name.log" >&2
+      die "$name exited during start-up; its log is $SERVICES_DIR/$name.log"
+    fi
+    ((SECONDS < deadline)) || die "$name not healthy at $url after ${SERVICES_TIMEOUT_S}s; see $SERVICES_DIR/$name.log"
+    sleep 0.25
+  done
+}
+
+start_moto() {
+  start_group moto moto_server -H 127.0.0.1 -p "$MOTO_PORT"
+  wait_healthy moto "$MOTO_URL/moto-api/"
+  log "moto (S3, Secrets Manager) on $MOTO_URL"
+}
+
+start_mlflow() {
+  rm -f "$SERVICES_DIR/mlflow.db"  # its artifacts lived in the previous moto's memory
+  start_group mlflow env MLFLOW_S3_ENDPOINT_URL="$MOTO_URL" AWS_ENDPOINT_URL="$MOTO_URL" \
+    AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION="$REGION" \
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+    mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$SERVICES_DIR/mlflow.db" \
+    --artifacts-destination "s3://$MLFLOW_BUCKET/artifacts"
+  wait_healthy mlflow "$MLFLOW_URL/health"
+  log "mlflow server on $MLFLOW_URL (artifacts in s3://$MLFLOW_BUCKET/artifacts)"
+}
+
+# Buckets and the GitHub token secret; prints the secret's ARN.
+create_resources() {
+  AWS_ENDPOINT_URL=$MOTO_URL AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=$REGION \
+    python - "$DATA_BUCKET" "$S3_DVC_BUCKET" "$MLFLOW_BUCKET" "$GITHUB_PAT_SECRET_NAME" <<'EOF'
+import os
+import sys
+
+import boto3
+
+*buckets, secret_name = sys.argv[1:]
+s3 = boto3.client("s3")
+for bucket in buckets:
+    s3.create_bucket(Bucket=bucket)
+token = os.environ.get("GITHUB_TOKEN") or "replace-me-with-a-github-token"
+print(boto3.client("secretsmanager").create_secret(Name=secret_name, SecretString=token)["ARN"])
+EOF
+}
+
+write_env() {
+  local secret_arn=$1
+  cat >"$SERVICES_DIR/env" <<EOF
+export AWS_ENDPOINT_URL=$MOTO_URL
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=$REGION
+export MLFLOW_TRACKING_URI=$MLFLOW_URL
+export DVC_REMOTE=s3remote S3_DVC_BUCKET=$S3_DVC_BUCKET
+export DATA_URL=s3://$DATA_BUCKET/data/housing.csv
+export GITHUB_PAT_SECRET_ARN=$secret_arn
+EOF
+}
+
+print_usage() {
+  cat <<EOF
+moto:   $MOTO_URL   (buckets $DATA_BUCKET, $S3_DVC_BUCKET, $MLFLOW_BUCKET; secret $GITHUB_PAT_SECRET_NAME)
+mlflow: $MLFLOW_URL
+
+Settings for this shell (also in $SERVICES_DIR/env: \`source $SERVICES_DIR/env\`):
+$(cat "$SERVICES_DIR/env")
+
+Upload data, then retrain against these services:
+  python -c "import boto3; boto3.client('s3').upload_file('housing.csv', '$DATA_BUCKET', 'data/housing.csv')"
+  make retrain
+Stop them: make services-down
+EOF
+}
+
+up() {
+  mkdir -p "$SERVICES_DIR"
+  local name port secret_arn alive=()
+  for name in "${SERVICES[@]}"; do
+    running_group "$name" >/dev/null && alive+=("$name")
+  done
+  if [ ${#alive[@]} -eq ${#SERVICES[@]} ] && [ -f "$SERVICES_DIR/env" ]; then
+    log "already up"
+    print_usage
+    return
+  fi
+  [ ${#alive[@]} -eq 0 ] || die "only ${alive[*]} is running: run \`make services-down\`, then \`make services-up\`"
+  require_tools
+  for port in "$MOTO_PORT" "$MLFLOW_PORT"; do
+    port_in_use "$port" && die "port $port on 127.0.0.1 is taken: free it or choose MOTO_PORT / MLFLOW_PORT"
+  done
+  trap 'log "start-up failed; stopping what was started"; down' EXIT
+  start_moto
+  secret_arn=$(create_resources)
+  write_env "$secret_arn"
+  start_mlflow
+  trap - EXIT
+  print_usage
+}
+
+stop_group() {
+  local name=$1 pgid
+  if ! pgid=$(running_group "$name"); then
+    rm -f "$(pidfile "$name")"
+    return
+  fi
+  kill -TERM -- "-$pgid"
+  local deadline=$((SECONDS + 15))
+  while kill -0 -- "-$pgid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+  kill -0 -- "-$pgid" 2>/dev/null && kill -KILL -- "-$pgid"
+  rm -f "$(pidfile "$name")"
+  log "stopped $name (process group $pgid)"
+}
+
+down() {
+  local name
+  for name in mlflow moto; do
+    stop_group "$name"
+  done
+  rm -f "$SERVICES_DIR/env"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  *) die "usage: $0 up|down" ;;
+esac

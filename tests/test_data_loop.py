@@ -1,0 +1,635 @@
+"""The data loop end to end, every part a real process on 127.0.0.1.
+
+moto (S3 + Secrets Manager) and an MLflow server with its artifacts in S3 (scripts/services.sh), the serving app
+(serve.py, polling the registry every second), and a strict fake of GitHub's workflow-dispatch API whose accepted
+dispatches start the retrain job of .github/workflows/retrain.yml the way a runner would: a fresh clone of the
+repository, then the job's own `run:` steps (make retrain, commit dvc.lock, reload the app).
+
+A CSV uploaded to S3 becomes an EventBridge "Object Created" event for dispatch_lambda.handler, which dispatches
+the workflow. The tests run in order, each on the state the previous one left:
+v1 promoted and served; v2 promoted and hot-reloaded under load; corrupt data fails the job; data that yields a
+worse model is refused by the gate; an event delivered twice retrains once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import subprocess
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+import dispatch_lambda
+from features import TARGET
+from scripts.split import holdout_mask
+from tests.conftest import project_copy, synthetic_housing
+from tests.fake_github import Dispatch, FakeGitHub
+from tests.services import ROOT, LocalServices, ServingApp, clean_environment, wait_for
+
+log = logging.getLogger(__name__)
+
+MODEL = "California_Housing_Regression"
+WORKFLOW = Path(".github/workflows/retrain.yml")
+BRANCH = "main"
+KEY_PREFIX = "data/"  # the stack's DataKeyPrefix (infra/housing-mlops.yml)
+GITHUB_TOKEN = "ghp_" + "L00p" * 9
+RELOAD_TOKEN = "reload-" + uuid.uuid4().hex
+RETRAIN_TIMEOUT_S = 300
+PUT_TO_SERVING_GOAL_S = 180
+# Small models and no cross-validation: each retrain takes seconds. The absolute bars are loose so that the
+# comparison with the champion on the same holdout rows is what decides.
+FAST_TRAINING = {
+    "cv_folds": 0,
+    "candidates": {
+        "ridge": {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}},
+        "gbdt": {
+            "model": "hist_gradient_boosting",
+            "features": {"neighbours": [4, 16], "folds": 5},
+            "params": {"max_iter": 150, "learning_rate": 0.1, "random_state": 0},
+        },
+    },
+}
+LOOSE_GATE = {"max_rmse": 200_000, "min_r2": -1.0, "tolerance": 0.05}
+RECORD = {
+    "longitude": -122.23,
+    "latitude": 37.88,
+    "housing_median_age": 41.0,
+    "total_rooms": 880.0,
+    "total_bedrooms": None,
+    "population": 322.0,
+    "households": 126.0,
+    "median_income": 8.3252,
+    "ocean_proximity": "NEAR BAY",
+}
+
+
+# --- a GitHub Actions runner for the retrain job ---------------------------------------------------------------
+
+EXPRESSION = re.compile(r"\$\{\{\s*(.+?)\s*\}\}")
+COMPARISON = re.compile(r"^(.+?)\s*(==|!=)\s*'([^']*)'$")
+STATUS_CHECKS = {"always()", "success()", "failure()"}
+
+
+def evaluate(text: str, context: Mapping[str, Any]) -> str:
+    """Substitute the `${{ a.b || c.d || 'literal' }}` expressions of `text` (the forms retrain.yml uses)."""
+    return EXPRESSION.sub(lambda match: _first_set(match.group(1), context), text)
+
+
+def _first_set(expression: str, context: Mapping[str, Any]) -> str:
+    for term in (part.strip() for part in expression.split("||")):
+        value = term.strip("'") if term.startswith("'") else _lookup(term, context)
+        if value:
+            return value
+    return ""
+
+
+def _lookup(path: str, context: Mapping[str, Any]) -> str:
+    value: Any = context
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value if isinstance(value, str) else ""
+
+
+def condition_holds(condition: str, context: Mapping[str, Any], workspace: Path, failed: bool) -> bool:
+    """A step's `if:` as GitHub evaluates it, for the forms retrain.yml uses: `&&` of status checks (success()
+    is implied when there is none) and comparisons `x == 'literal'` / `x != 'literal'`, x a context path or
+    hashFiles('path')."""
+    terms = [part.strip() for part in condition.split("&&")] if condition else []
+    if not STATUS_CHECKS & set(terms):
+        terms.append("success()")
+    return all(_term_holds(term, context, workspace, failed) for term in terms)
+
+
+def _term_holds(term: str, context: Mapping[str, Any], workspace: Path, failed: bool) -> bool:
+    if term in STATUS_CHECKS:
+        return {"always()": True, "success()": not failed, "failure()": failed}[term]
+    comparison = COMPARISON.match(term)
+    if comparison is None:
+        raise ValueError(f"the test's runner cannot evaluate `{term}` in an `if:`: teach condition_holds")
+    operand, operator, literal = comparison.groups()
+    return (_operand(operand, context, workspace) == literal) == (operator == "==")
+
+
+def _operand(operand: str, context: Mapping[str, Any], workspace: Path) -> str:
+    files = re.fullmatch(r"hashFiles\('(.+)'\)", operand)
+    if files is None:
+        return _lookup(operand, context)
+    path = workspace / files.group(1)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the retrain job: the outcome of each `run:` step that ran, by step name."""
+
+    inputs: Mapping[str, str]
+    workspace: Path
+    steps: dict[str, subprocess.CompletedProcess]
+
+    @property
+    def succeeded(self) -> bool:
+        return all(step.returncode == 0 for step in self.steps.values())
+
+    def output(self, step: str) -> str:
+        return self.steps[step].stdout + self.steps[step].stderr
+
+    def log(self) -> str:
+        return "\n".join(
+            f"--- {name} (exit {step.returncode})\n{step.stdout}{step.stderr}" for name, step in self.steps.items()
+        )
+
+
+class ActionsRunner:
+    """Runs the retrain job for each accepted dispatch, one at a time, as the workflow's concurrency group does.
+
+    Each job starts from a fresh clone of `origin` at the dispatched ref (actions/checkout). The other `uses:`
+    steps are this machine: Python is the checkout's .venv, and the AWS credentials are moto's dummy keys in
+    `machine_env` (with AWS_ENDPOINT_URL, the one setting a real runner would not have). `run:` steps run verbatim
+    under `bash -eo pipefail`, their `${{ }}` expressions and `if:` conditions evaluated as GitHub does.
+    """
+
+    def __init__(
+        self,
+        origin: Path,
+        workdir: Path,
+        machine_env: Mapping[str, str],
+        variables: Mapping[str, str],
+        secrets: Mapping[str, str],
+    ) -> None:
+        self.origin = origin
+        self.workdir = workdir
+        self.machine_env = machine_env
+        self.variables = variables
+        self.secrets = secrets
+        self.jobs: list[Job] = []
+        self.errors: list[BaseException] = []
+        self._queue = threading.Lock()
+        self._finished = threading.Condition()
+
+    def __call__(self, dispatch: Dispatch) -> None:
+        try:
+            with self._queue:
+                job = self._run(dispatch)
+        except BaseException as error:
+            with self._finished:
+                self.errors.append(error)
+                self._finished.notify_all()
+            raise
+        with self._finished:
+            self.jobs.append(job)
+            self._finished.notify_all()
+
+    def wait_for_jobs(self, count: int, timeout_s: float = RETRAIN_TIMEOUT_S) -> list[Job]:
+        """The first `count` finished jobs; fails when the runner broke or they take longer than `timeout_s`."""
+        with self._finished:
+            done = self._finished.wait_for(lambda: len(self.jobs) + len(self.errors) >= count, timeout_s)
+            if self.errors:
+                raise AssertionError(f"the runner failed: {self.errors!r}")
+            if not done:
+                raise TimeoutError(f"{count - len(self.jobs)} retrain job(s) still running after {timeout_s} s")
+            return self.jobs[:count]
+
+    def _run(self, dispatch: Dispatch) -> Job:
+        ref = dispatch.ref.removeprefix("refs/heads/")
+        workspace = self.workdir / f"job-{len(self.jobs) + len(self.errors) + 1}"
+        subprocess.run(["git", "clone", "-q", "--branch", ref, str(self.origin), str(workspace)], check=True)
+        definition = yaml.safe_load((workspace / WORKFLOW).read_text())["jobs"]["retrain"]
+        context: dict[str, Any] = {
+            "inputs": dict(dispatch.inputs),
+            "github": {"event": {"inputs": dispatch.inputs}},
+            "vars": self.variables,
+            "secrets": self.secrets,
+            "env": {},
+            "steps": {},
+        }
+        for name, value in definition.get("env", {}).items():
+            context["env"][name] = evaluate(str(value), context)
+        runner_env = {
+            **self.machine_env,
+            "CI": "true",
+            "GITHUB_ACTIONS": "true",
+            "GITHUB_REF_NAME": ref,
+            "GITHUB_STEP_SUMMARY": str(workspace.with_suffix(".summary.md")),
+            **context["env"],
+        }
+        steps: dict[str, subprocess.CompletedProcess] = {}
+        for step in definition["steps"]:
+            failed = not all(done.returncode == 0 for done in steps.values())
+            if "run" not in step or not condition_holds(str(step.get("if", "")), context, workspace, failed):
+                continue
+            env = {**runner_env, **{k: evaluate(str(v), context) for k, v in step.get("env", {}).items()}}
+            steps[step["name"]] = done = subprocess.run(
+                ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", evaluate(step["run"], context)],
+                cwd=workspace,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=RETRAIN_TIMEOUT_S,
+            )
+            if "id" in step:
+                outcome = "success" if done.returncode == 0 else "failure"
+                context["steps"][step["id"]] = {"outcome": outcome, "conclusion": outcome}
+        job = Job(dispatch.inputs, workspace, steps)
+        workspace.with_suffix(".log").write_text(job.log())
+        log.info("retrain job for %s: %s", dict(dispatch.inputs), "succeeded" if job.succeeded else "failed")
+        return job
+
+
+# --- the loop's parts ------------------------------------------------------------------------------------------
+
+
+class PredictionClient(threading.Thread):
+    """Sends /predict continually until stopped; keeps the model version of every answer, or why it failed."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(name="prediction-client", daemon=True)
+        self.url = url
+        self.versions: list[str] = []
+        self.failures: list[str] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while not self._halt.is_set():
+                self._predict(client)
+                self._halt.wait(0.01)  # pacing, about 50 requests a second
+
+    def _predict(self, client: httpx.Client) -> None:
+        try:
+            response = client.post("/predict", json=RECORD)
+        except httpx.HTTPError as error:
+            self.failures.append(repr(error))
+            return
+        body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        if response.status_code == 200 and isinstance(body.get("prediction"), float):
+            self.versions.append(str(body["model"]["version"]))
+        else:
+            self.failures.append(f"{response.status_code}: {response.text[:300]}")
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+@dataclass
+class DataLoop:
+    services: LocalServices
+    app: ServingApp
+    runner: ActionsRunner
+    github: FakeGitHub
+    origin: Path
+    s3: Any = field(init=False)
+    registry: MlflowClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.s3 = self.services.client("s3")
+        self.registry = MlflowClient(self.services.mlflow_url, self.services.mlflow_url)
+
+    def upload(self, name: str, frame: pd.DataFrame) -> str:
+        """PUT `frame` as CSV at data/<name>/housing.csv in the data bucket; return the key."""
+        key = f"{KEY_PREFIX}{name}/housing.csv"
+        self.s3.put_object(Bucket=self.services.data_bucket, Key=key, Body=frame.to_csv(index=False).encode())
+        return key
+
+    def deliver(self, key: str) -> int:
+        """Invoke the dispatch Lambda with the EventBridge event S3 sends for the object at `key`."""
+        return dispatch_lambda.handler(self.object_created_event(key), None)
+
+    def object_created_event(self, key: str) -> dict:
+        bucket = self.services.data_bucket
+        head = self.s3.head_object(Bucket=bucket, Key=key)
+        return {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": "Object Created",
+            "source": "aws.s3",
+            "account": "123456789012",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "region": "us-east-1",
+            "resources": [f"arn:aws:s3:::{bucket}"],
+            "detail": {
+                "version": "0",
+                "bucket": {"name": bucket},
+                "object": {
+                    "key": urllib.parse.quote_plus(key, safe="/"),
+                    "size": head["ContentLength"],
+                    "etag": head["ETag"].strip('"'),
+                    "sequencer": uuid.uuid4().hex[:18].upper(),
+                },
+                "request-id": uuid.uuid4().hex[:16].upper(),
+                "requester": "123456789012",
+                "source-ip-address": "127.0.0.1",
+                "reason": "PutObject",
+            },
+        }
+
+    def etag(self, key: str) -> str:
+        return self.s3.head_object(Bucket=self.services.data_bucket, Key=key)["ETag"].strip('"')
+
+    def champion(self) -> str:
+        return str(self.registry.get_model_version_by_alias(MODEL, "champion").version)
+
+    def versions(self) -> dict[str, ModelVersion]:
+        return {str(v.version): v for v in self.registry.search_model_versions(f"name='{MODEL}'")}
+
+    def training_runs(self, key: str) -> int:
+        """How many retrain runs (parent runs, tagged with their DATA_URL) trained on the object at `key`."""
+        experiments = [e.experiment_id for e in self.registry.search_experiments()]
+        data_url = f"s3://{self.services.data_bucket}/{key}"
+        return len(self.registry.search_runs(experiments, f"tags.data_url = '{data_url}'"))
+
+    def served(self) -> dict:
+        response = httpx.get(f"{self.app.url}/model", timeout=5)
+        return response.json() if response.status_code == 200 else {}
+
+    def wait_until_served(self, version: str, timeout_s: float = 60, job: int | None = None) -> dict:
+        """The app's /model once it shows `version`; fails at once if retrain job number `job` ends without it."""
+
+        def serving() -> dict:
+            model = self.served()
+            if model.get("version") == version:
+                return model
+            if job is not None and len(self.runner.jobs) >= job:
+                finished = self.runner.jobs[job - 1]
+                if not finished.succeeded or self.champion() != version:
+                    raise AssertionError(f"retrain job {job} did not make {version} the champion:\n{finished.log()}")
+            return {}
+
+        return wait_for(serving, timeout_s, f"the app serving version {version}")
+
+    def predict(self) -> dict:
+        response = httpx.post(f"{self.app.url}/predict", json=RECORD, timeout=10)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def origin_commits(self) -> list[str]:
+        return subprocess.run(
+            ["git", "log", "--format=%s", BRANCH], cwd=self.origin, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+
+    def bucket_keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+# --- fixtures --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
+    with LocalServices.on_free_ports(tmp_path_factory.mktemp("services")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository the runner clones: this checkout with fast training params, branch main, bare."""
+    seed = project_copy(tmp_path_factory.mktemp("seed"))
+    params = yaml.safe_load((seed / "params.yaml").read_text())
+    params["train"].update(FAST_TRAINING)
+    params["gate"].update(LOOSE_GATE)
+    (seed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "fast training params"],
+        ["git", "branch", "-M", BRANCH],
+    ):
+        subprocess.run(command, cwd=seed, check=True)
+    bare = seed.parent / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
+    return bare
+
+
+@pytest.fixture(scope="module")
+def app(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingApp]:
+    folder = tmp_path_factory.mktemp("serving")
+    settings = {
+        "MLFLOW_TRACKING_URI": services.mlflow_url,
+        "MODEL_NAME": MODEL,
+        "MODEL_ALIAS": "champion",
+        "RELOAD_INTERVAL_S": "1",
+        "RELOAD_TOKEN": RELOAD_TOKEN,
+        "PREDICTION_LOG_DIR": str(folder / "log"),
+    }
+    with ServingApp(settings, folder / "serve.log") as serving:
+        yield serving
+
+
+@pytest.fixture(scope="module")
+def loop(
+    services: LocalServices, origin: Path, app: ServingApp, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DataLoop]:
+    runner = ActionsRunner(
+        origin,
+        tmp_path_factory.mktemp("runner"),
+        machine_env={**clean_environment(), **services.aws_env(), "VENV": str(ROOT / ".venv")},
+        variables={
+            "AWS_REGION": "us-east-1",
+            "S3_DVC_BUCKET": services.dvc_bucket,
+            "MLFLOW_TRACKING_URI": services.mlflow_url,
+            "MODEL_NAME": MODEL,
+            "SERVE_URL": app.url,
+        },
+        secrets={"RELOAD_TOKEN": RELOAD_TOKEN},
+    )
+    secret_arn = services.client("secretsmanager").put_secret_value(
+        SecretId=services.github_secret, SecretString=GITHUB_TOKEN
+    )["ARN"]
+    with (
+        FakeGitHub(token=GITHUB_TOKEN, workflow_file=ROOT / WORKFLOW, branches=(BRANCH,), on_dispatch=runner) as github,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        lambda_env = {
+            "GITHUB_OWNER": "acme",
+            "GITHUB_REPO": "housing-mlops",
+            "GITHUB_WORKFLOW": WORKFLOW.name,
+            "GITHUB_REF": BRANCH,
+            "GITHUB_API_URL": github.url,
+            "GITHUB_PAT_SECRET_ARN": secret_arn,
+            "S3_KEY_PREFIX": KEY_PREFIX,
+            "S3_KEY_SUFFIX": "housing.csv",
+            **services.aws_env(),
+        }
+        for name, value in lambda_env.items():
+            patch.setenv(name, value)
+        patch.setattr(dispatch_lambda, "_tokens", {})
+        yield DataLoop(services, app, runner, github, origin)
+    assert github.callback_errors == [], github.callback_errors
+
+
+@pytest.fixture(scope="module")
+def datasets(origin: Path) -> dict[str, pd.DataFrame]:
+    v1 = synthetic_housing(1500, seed=0)
+    v2 = pd.concat([v1, synthetic_housing(1500, seed=1)], ignore_index=True)
+    v5 = pd.concat([v2, synthetic_housing(800, seed=5)], ignore_index=True)
+    return {
+        "v1": v1,
+        "v2": v2,
+        "corrupt": corrupt(synthetic_housing(1500, seed=2)),
+        "worse": noisy_training_targets(v2, origin),
+        "v5": v5,
+    }
+
+
+def corrupt(frame: pd.DataFrame) -> pd.DataFrame:
+    """Five districts outside California and one non-numeric population."""
+    frame = frame.copy()
+    frame.loc[:4, "latitude"] = 51.5
+    frame["population"] = frame["population"].astype(object)
+    frame.loc[10, "population"] = "n/a"
+    return frame
+
+
+def noisy_training_targets(frame: pd.DataFrame, origin: Path) -> pd.DataFrame:
+    """`frame` with the targets of its training-side rows shuffled; the holdout rows stay as they were.
+
+    A model trained on it learns noise, and is scored on clean holdout rows, where the champion is much better.
+    """
+    split = yaml.safe_load(
+        subprocess.run(
+            ["git", "show", f"{BRANCH}:params.yaml"], cwd=origin, capture_output=True, text=True, check=True
+        ).stdout
+    )["split"]
+    frame = pd.read_csv(io.StringIO(frame.to_csv(index=False)))  # the values split.py will read back
+    training = ~holdout_mask(frame, split["holdout_fraction"], split["seed"])
+    frame.loc[training, TARGET] = np.random.default_rng(0).permutation(frame.loc[training, TARGET].to_numpy())
+    return frame
+
+
+# --- the loop --------------------------------------------------------------------------------------------------
+
+
+def test_v1_upload_is_promoted_and_served(loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> None:
+    assert httpx.get(f"{loop.app.url}/ready", timeout=5).status_code == 503  # nothing to serve yet
+
+    key = loop.upload("v1", datasets["v1"])
+    assert loop.deliver(key) == 1
+    [job] = loop.runner.wait_for_jobs(1)
+
+    assert job.succeeded, job.log()
+    assert loop.github.dispatches[0].inputs == {
+        "s3_bucket": loop.services.data_bucket,
+        "s3_key": key,
+        "s3_etag": loop.etag(key),
+    }
+    assert f"fetch: s3://{loop.services.data_bucket}/{key} -> data/housing.csv" in job.output("Retrain")
+    assert loop.champion() == "1"
+    assert loop.versions()["1"].tags["gate_decision"] == "promoted"
+    assert loop.wait_until_served("1")["name"] == MODEL
+    assert loop.predict()["model"] == {"name": MODEL, "version": "1"}
+    # Artifacts went to S3 through the MLflow server; the data version to the DVC remote; dvc.lock to git.
+    assert any(k.endswith("/MLmodel") for k in loop.bucket_keys(loop.services.mlflow_bucket, "artifacts/"))
+    assert loop.bucket_keys(loop.services.dvc_bucket, "dvc/files/md5/")
+    assert loop.origin_commits()[0] == f"retrain: dvc.lock for s3://{loop.services.data_bucket}/{key}"
+
+
+def test_v2_upload_is_promoted_and_hot_reloaded_without_a_failed_request(
+    loop: DataLoop, datasets: dict[str, pd.DataFrame], capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = PredictionClient(loop.app.url)
+    client.start()
+    try:
+        wait_for(lambda: len(client.versions) >= 5 or client.failures, 30, "the client's first answers")
+        put_at = time.monotonic()
+        key = loop.upload("v2", datasets["v2"])
+        assert loop.deliver(key) == 1
+        served = loop.wait_until_served("2", timeout_s=RETRAIN_TIMEOUT_S, job=2)
+        put_to_serving_s = time.monotonic() - put_at
+        answered = len(client.versions)
+        wait_for(lambda: len(client.versions) >= answered + 20 or client.failures, 30, "answers from version 2")
+    finally:
+        client.stop()
+    [_, job] = loop.runner.wait_for_jobs(2)
+
+    with capsys.disabled():
+        print(
+            f"\ndata loop: S3 PUT of v2 -> version 2 served: {put_to_serving_s:.1f} s "
+            f"({len(client.versions)} predictions during the reload, {len(client.failures)} failed)"
+        )
+    assert job.succeeded, job.log()
+    assert client.failures == []
+    assert client.versions[0] == "1" and client.versions[-1] == "2"
+    assert client.versions == sorted(client.versions), "an answer from version 1 came after version 2"
+    assert served["version"] == loop.champion() == "2"
+    assert loop.versions()["2"].tags["previous_champion"] == "1"
+    assert put_to_serving_s < PUT_TO_SERVING_GOAL_S
+
+
+def test_corrupt_upload_fails_the_job_clearly_and_changes_nothing(
+    loop: DataLoop, datasets: dict[str, pd.DataFrame]
+) -> None:
+    commits_before = loop.origin_commits()
+    loaded_at = loop.served()["loaded_at"]
+
+    key = loop.upload("v3", datasets["corrupt"])
+    assert loop.deliver(key) == 1
+    job = loop.runner.wait_for_jobs(3)[-1]
+
+    assert not job.succeeded
+    assert job.steps["Retrain"].returncode != 0
+    assert "Commit dvc.lock" not in job.steps and "Reload the serving app" not in job.steps
+    assert "validate: latitude: 5 values outside [32.5, 42.1], e.g. 51.5 (lines 2, 3, 4, ...)" in job.output("Retrain")
+    assert "validate: population: 1 values are not finite numbers, e.g. ['n/a'] (line 12)" in job.output("Retrain")
+    assert "retrain: failed; dvc.lock and data/ restored to the last good version" in job.output("Retrain")
+    assert set(loop.versions()) == {"1", "2"}
+    assert loop.champion() == "2"
+    assert loop.origin_commits() == commits_before
+    assert loop.served()["loaded_at"] == loaded_at
+    assert loop.predict()["model"]["version"] == "2"
+
+
+def test_upload_that_yields_a_worse_model_is_refused_by_the_gate(
+    loop: DataLoop, datasets: dict[str, pd.DataFrame]
+) -> None:
+    key = loop.upload("v4", datasets["worse"])
+    assert loop.deliver(key) == 1
+    job = loop.runner.wait_for_jobs(4)[-1]
+
+    assert job.succeeded, job.log()
+    decision = json.loads((job.workspace / "reports/decision.json").read_text())
+    assert decision["decision"] == "rejected"
+    assert decision["challenger"]["version"] == "3" and decision["champion"]["version"] == "2"
+    assert decision["challenger"]["metrics"]["rmse"] > 1.5 * decision["champion"]["metrics"]["rmse"]
+    version = loop.versions()["3"]
+    assert version.tags["gate_decision"] == "rejected"
+    assert "worse than the champion's" in version.tags["gate_reason"]
+    assert loop.champion() == "2"
+    assert loop.served()["version"] == "2"
+    assert loop.predict()["model"]["version"] == "2"
+
+
+def test_event_delivered_twice_retrains_once(loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> None:
+    key = loop.upload("v5", datasets["v5"])
+    event = loop.object_created_event(key)
+    assert dispatch_lambda.handler(event, None) == 1
+    assert dispatch_lambda.handler(event, None) == 1
+    first, second = loop.runner.wait_for_jobs(6)[-2:]
+
+    assert first.succeeded, first.log()
+    assert second.succeeded, second.log()
+    assert first.inputs == second.inputs
+    assert set(loop.versions()) == {"1", "2", "3", "4"}
+    assert loop.champion() == "4"
+    assert loop.wait_until_served("4")["name"] == MODEL
+    assert "Running stage 'train'" in first.output("Retrain")
+    assert loop.training_runs(key) == 1
+    for stage in ("validate", "split", "train", "register"):
+        assert f"Stage '{stage}' didn't change, skipping" in second.output("Retrain")
+    assert "dvc.lock unchanged" in second.output("Commit dvc.lock")
+    assert loop.origin_commits().count(f"retrain: dvc.lock for s3://{loop.services.data_bucket}/{key}") == 1
