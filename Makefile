@@ -42,10 +42,13 @@ retrain: venv dvc-remote ## fetch, validate, split, train, register + gated prom
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
 
-lint: venv ## ruff, actionlint and the GitHub workflow schema
+lint: venv ## ruff, actionlint + workflow schema, shellcheck, hadolint, cfn-lint
 	ruff check .
 	actionlint
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	shellcheck scripts/*.sh tests/fake_docker/docker .ci/run
+	hadolint Dockerfile
+	cfn-lint infra/*.yml
 
 test: venv lint ## lint, then the whole test suite
 	python -m pytest -q
@@ -65,7 +68,7 @@ services-down: ## stop what services-up started
 image: venv ## build the serving image without a Docker engine (buildah) and smoke-test it
 	@scripts/build_image.sh
 
-# The EC2 host has docker and make only: these targets need no virtualenv.
+# On the EC2 host (docker, make, curl, flock; the aws CLI for a Secrets Manager token): no virtualenv needed.
 deploy: ## on the host: start IMAGE:IMAGE_TAG beside the old container, switch port 80 only once healthy
 	@scripts/deploy.sh deploy
 

@@ -108,7 +108,8 @@ def test_first_retrain_registers_and_promotes_v1(project, datasets):
         assert {"rmse", "mae", "r2"} <= set(run.data.metrics)
         plots = {a.path for a in project.client.list_artifacts(run.info.run_id, "plots")}
         assert plots == {"plots/predicted_vs_actual.png", "plots/residuals.png", "plots/feature_importance.png"}
-    model_dir = Path(urlparse(project.client.get_logged_model(version.source.removeprefix("models:/")).artifact_location).path)
+    logged_model = project.client.get_logged_model(version.source.removeprefix("models:/"))
+    model_dir = Path(urlparse(logged_model.artifact_location).path)
     profile = json.loads((model_dir / "extra_files/reference_profile.json").read_text())
     assert set(profile["fields"]) == set(FEATURES) and profile["prediction"]["edges"]
     metrics = json.loads((project.root / "reports/metrics.json").read_text())

@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# `make deploy` / `make rollback-deploy`, run on the serving host (needs docker, curl and flock; the aws CLI when
+# the reload token comes from Secrets Manager).
+#
+#   deploy.sh deploy     serve $IMAGE:$IMAGE_TAG
+#   deploy.sh rollback   serve the image that served before the last switch (twice: back again)
+#
+# Port $HTTP_PORT belongs to an nginx container ($PROXY) whose one upstream is the live app container,
+# housing-serve-blue or housing-serve-green, on the docker network $NETWORK. A release starts the other colour beside
+# the live one, published on 127.0.0.1 only ($BLUE_PORT or $GREEN_PORT), waits for GET /ready and a smoke
+# POST /predict, points nginx at it (`nginx -t`, then `nginx -s reload`: graceful, requests in flight finish on the
+# old container), checks through port $HTTP_PORT that the new container answers, and only then stops the old one.
+# Any failure before that point puts nginx back, removes the new container, leaves the old one serving untouched,
+# prints the new container's last log lines and exits 1.
+#
+# Settings: the environment, else $DEPLOY_CONFIG (/etc/housing/deploy.env, KEY=VALUE lines), else these defaults.
+#   IMAGE, IMAGE_TAG         what `deploy` serves, e.g. acme/housing-serve and a git SHA (required for deploy)
+#   ENV_FILE                 /etc/housing/serve.env: the app's settings (MLFLOW_TRACKING_URI, MODEL_NAME, MODEL_ALIAS,
+#                            AWS_DEFAULT_REGION, ...), passed with --env-file; none of it is in the image
+#   RELOAD_TOKEN_SECRET_ARN  Secrets Manager secret whose value becomes the app's RELOAD_TOKEN (read with the
+#                            instance role); unset: ENV_FILE may set RELOAD_TOKEN itself
+#   HTTP_PORT=80  BLUE_PORT=8001  GREEN_PORT=8002  NETWORK=housing  PROXY=housing-proxy  PROXY_IMAGE=nginx:1.27-alpine
+#   READY_TIMEOUT_S=180      time for the new container to answer /ready (it downloads and checks the model)
+#   SWITCH_TIMEOUT_S=15      time for port $HTTP_PORT to answer from the new container after the switch
+#   POLL_INTERVAL_S=2  STOP_TIMEOUT_S=30  LOG_LINES=40
+#   STATE_DIR=/var/lib/housing-deploy   nginx's conf.d, the lock, and `state`: the CURRENT and PREVIOUS image
+set -euo pipefail
+
+DEPLOY_CONFIG=${DEPLOY_CONFIG:-/etc/housing/deploy.env}
+if [[ -f $DEPLOY_CONFIG ]]; then
+  while IFS='=' read -r key value || [[ -n $key ]]; do
+    if [[ $key =~ ^[A-Z][A-Z0-9_]*$ && ! -v $key ]]; then printf -v "$key" '%s' "$value"; fi
+  done <"$DEPLOY_CONFIG"
+fi
+ENV_FILE=${ENV_FILE:-/etc/housing/serve.env}
+HTTP_PORT=${HTTP_PORT:-80}
+BLUE_PORT=${BLUE_PORT:-8001}
+GREEN_PORT=${GREEN_PORT:-8002}
+NETWORK=${NETWORK:-housing}
+PROXY=${PROXY:-housing-proxy}
+PROXY_IMAGE=${PROXY_IMAGE:-nginx:1.27-alpine}
+READY_TIMEOUT_S=${READY_TIMEOUT_S:-180}
+SWITCH_TIMEOUT_S=${SWITCH_TIMEOUT_S:-15}
+POLL_INTERVAL_S=${POLL_INTERVAL_S:-2}
+STOP_TIMEOUT_S=${STOP_TIMEOUT_S:-30}
+LOG_LINES=${LOG_LINES:-40}
+STATE_DIR=${STATE_DIR:-/var/lib/housing-deploy}
+
+APP=housing-serve
+APP_PORT=8000 # inside the container
+CONF=$STATE_DIR/nginx/default.conf
+STATE=$STATE_DIR/state
+# A known district (the first row of the California housing data): every model must price it.
+SMOKE_RECORD='{"longitude": -122.23, "latitude": 37.88, "housing_median_age": 41.0, "total_rooms": 880.0,
+  "total_bedrooms": 129.0, "population": 322.0, "households": 126.0, "median_income": 8.3252,
+  "ocean_proximity": "NEAR BAY"}'
+
+candidate=""     # the new container until it serves: removed on any failure
+live=""          # the container port $HTTP_PORT served before this release
+switching=""     # set once nginx's configuration names the candidate
+proxy_started="" # set when this release started the nginx container
+
+log() { echo "deploy: $*"; }
+
+fail() {
+  echo "deploy: $*" >&2
+  if [[ -n $candidate ]]; then
+    echo "deploy: last $LOG_LINES log lines of $candidate:" >&2
+    docker logs --tail "$LOG_LINES" "$candidate" 2>&1 | sed 's/^/  | /' >&2 || true
+  fi
+  exit 1
+}
+
+on_exit() { # after a failure: nginx back on the live container, the candidate removed
+  local status=$?
+  [[ -n $candidate ]] || exit "$status"
+  if [[ -n $switching ]]; then
+    if [[ -f $CONF.previous ]]; then mv "$CONF.previous" "$CONF"; else rm -f "$CONF"; fi
+    if [[ -n $proxy_started ]]; then
+      docker rm -f "$PROXY" >/dev/null 2>&1 || true
+    else
+      docker exec "$PROXY" nginx -s reload >/dev/null 2>&1 || true
+    fi
+  fi
+  docker rm -f "$candidate" >/dev/null 2>&1 || true
+  echo "deploy: removed $candidate; port $HTTP_PORT is served as before, by ${live:-nothing (first release)}" >&2
+  exit "$status"
+}
+
+state_get() { sed -n "s/^$1=//p" "$STATE" 2>/dev/null || true; }
+
+status_of() { docker inspect --type container --format '{{.State.Status}}' "$1" 2>/dev/null || echo missing; }
+
+exists() { docker inspect --type container "$1" >/dev/null 2>&1; }
+
+fetch_image() {
+  if ! docker pull --quiet "$1" >/dev/null; then
+    docker image inspect "$1" >/dev/null 2>&1 || fail "cannot pull $1 and it is not on this host; check the tag"
+    log "cannot pull $1; using the copy on this host"
+  fi
+}
+
+read_reload_token() { # RELOAD_TOKEN from Secrets Manager, exported for `docker run -e RELOAD_TOKEN`
+  local region
+  IFS=: read -r _ _ _ region _ <<<"$RELOAD_TOKEN_SECRET_ARN"
+  RELOAD_TOKEN=$(aws secretsmanager get-secret-value --region "$region" --secret-id "$RELOAD_TOKEN_SECRET_ARN" \
+    --query SecretString --output text) ||
+    fail "cannot read $RELOAD_TOKEN_SECRET_ARN: the instance role needs secretsmanager:GetSecretValue on it"
+  export RELOAD_TOKEN
+}
+
+wait_until_ready() { # $1 container, $2 its host port
+  local deadline=$((SECONDS + READY_TIMEOUT_S)) status
+  until curl -fsS --max-time 5 -o /dev/null "http://127.0.0.1:$2/ready" 2>/dev/null; do
+    status=$(status_of "$1")
+    [[ $status == running ]] || fail "$1 is $status, not running"
+    ((SECONDS < deadline)) || fail "$1 did not answer GET /ready on 127.0.0.1:$2 within ${READY_TIMEOUT_S}s"
+    sleep "$POLL_INTERVAL_S"
+  done
+}
+
+smoke_test() { # $1 container, $2 its host port
+  local answer pattern='"prediction": ?-?[0-9]'
+  answer=$(curl -sS --fail-with-body --max-time 30 -H 'Content-Type: application/json' -d "$SMOKE_RECORD" \
+    "http://127.0.0.1:$2/predict" 2>&1) || fail "$1 failed the smoke POST /predict: $answer"
+  [[ $answer =~ $pattern ]] || fail "$1 answered the smoke POST /predict without a prediction: $answer"
+}
+
+write_conf() { # $1 upstream container. nginx reads conf.d/*.conf only: the .new file is inert until renamed
+  cat >"$CONF.new" <<EOF
+# Written by scripts/deploy.sh: port $HTTP_PORT -> $1
+upstream app { server $1:$APP_PORT; }
+server {
+  listen 80;
+  client_max_body_size 8m;
+  location / {
+    proxy_pass http://app;
+    proxy_set_header Host \$host;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    add_header X-Served-By $1 always;
+  }
+}
+EOF
+  if [[ -f $CONF ]]; then cp "$CONF" "$CONF.previous"; fi
+  switching=1
+  mv "$CONF.new" "$CONF"
+}
+
+serves() { # $1 container: port $HTTP_PORT answers GET /ready, through nginx, from it
+  curl -fsS --max-time 5 -D - -o /dev/null "http://127.0.0.1:$HTTP_PORT/ready" 2>/dev/null |
+    tr -d '\r' | grep -qix "x-served-by: $1"
+}
+
+switch_to() { # $1 container
+  local output deadline=$((SECONDS + SWITCH_TIMEOUT_S))
+  write_conf "$1"
+  if [[ $(status_of "$PROXY") == running ]]; then
+    output=$(docker exec "$PROXY" nginx -t 2>&1) || fail "nginx refused the new configuration: $output"
+    docker exec "$PROXY" nginx -s reload >/dev/null 2>&1 || fail "nginx -s reload failed in $PROXY"
+  else
+    ! exists "$PROXY" || docker rm -f "$PROXY" >/dev/null
+    proxy_started=1
+    docker run -d --name "$PROXY" --restart unless-stopped --network "$NETWORK" -p "$HTTP_PORT:80" \
+      -v "$STATE_DIR/nginx:/etc/nginx/conf.d:ro" --log-opt max-size=10m --log-opt max-file=3 \
+      "$PROXY_IMAGE" >/dev/null || fail "could not start $PROXY on port $HTTP_PORT"
+  fi
+  until serves "$1"; do
+    ((SECONDS < deadline)) || fail "port $HTTP_PORT did not answer from $1 within ${SWITCH_TIMEOUT_S}s"
+    sleep "$POLL_INTERVAL_S"
+  done
+  rm -f "$CONF.previous"
+}
+
+release() { # $1 image reference
+  local image=$1 colour port current token_args=()
+  [[ -f $ENV_FILE ]] || fail "$ENV_FILE is missing: write the app's settings in it (MLFLOW_TRACKING_URI=..., README)"
+  fetch_image "$image"
+  if [[ -n ${RELOAD_TOKEN_SECRET_ARN:-} ]]; then
+    read_reload_token
+    token_args=(-e RELOAD_TOKEN) # the name only: docker copies the value, which stays off the command line
+  fi
+  live=$(sed -n "s/^upstream app { server \($APP-[a-z]*\):.*/\1/p" "$CONF" 2>/dev/null || true)
+  if [[ $live == "$APP-blue" ]]; then colour=green port=$GREEN_PORT; else colour=blue port=$BLUE_PORT; fi
+  docker network inspect "$NETWORK" >/dev/null 2>&1 || docker network create "$NETWORK" >/dev/null
+  ! exists "$APP-$colour" || docker rm -f "$APP-$colour" >/dev/null # left by an interrupted release; not live
+
+  log "starting $image as $APP-$colour on 127.0.0.1:$port"
+  candidate=$APP-$colour
+  docker run -d --name "$candidate" --restart unless-stopped --network "$NETWORK" -p "127.0.0.1:$port:$APP_PORT" \
+    --env-file "$ENV_FILE" "${token_args[@]}" -e PORT=$APP_PORT --log-opt max-size=10m --log-opt max-file=3 \
+    "$image" >/dev/null || fail "could not start $candidate"
+  wait_until_ready "$candidate" "$port"
+  smoke_test "$candidate" "$port"
+  log "$candidate is ready; switching port $HTTP_PORT to it"
+  switch_to "$candidate"
+  candidate=""
+
+  current=$(state_get CURRENT)
+  if [[ $image != "$current" ]]; then
+    printf 'CURRENT=%s\nPREVIOUS=%s\n' "$image" "$current" >"$STATE.new"
+    mv "$STATE.new" "$STATE"
+  fi
+  if [[ -n $live ]] && exists "$live"; then
+    { docker stop -t "$STOP_TIMEOUT_S" "$live" >/dev/null && docker rm "$live" >/dev/null; } ||
+      log "warning: could not remove the old container $live; remove it by hand"
+  fi
+  log "port $HTTP_PORT serves $image ($APP-$colour)"
+}
+
+main() {
+  mkdir -p "$STATE_DIR/nginx"
+  exec 9>"$STATE_DIR/lock"
+  flock -n 9 || fail "another deploy holds $STATE_DIR/lock; wait for it to finish"
+  trap on_exit EXIT
+  case ${1:-} in
+    deploy)
+      [[ -n ${IMAGE:-} && -n ${IMAGE_TAG:-} ]] ||
+        fail "set IMAGE and IMAGE_TAG, e.g. make deploy IMAGE=acme/housing-serve IMAGE_TAG=\$(git rev-parse HEAD)"
+      release "$IMAGE:$IMAGE_TAG"
+      ;;
+    rollback)
+      local previous
+      previous=$(state_get PREVIOUS)
+      [[ -n $previous ]] || fail "$STATE records no previous image: nothing to roll back to"
+      log "rolling back from $(state_get CURRENT) to $previous"
+      release "$previous"
+      ;;
+    *) fail "usage: $0 deploy|rollback" ;;
+  esac
+}
+
+main "$@"

@@ -1,0 +1,368 @@
+"""scripts/deploy.sh, the real script in real bash, against the stand-in docker of tests/fake_docker/.
+
+The stand-in runs every container as a real process serving HTTP on its published ports, so deploy.sh's curl checks
+and the requests below are real; it records every docker call with the host ports that served /predict right after
+it, which lets each test check that port 80 (here a free port) never went without a serving container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "scripts" / "deploy.sh"
+FAKE_DOCKER = ROOT / "tests" / "fake_docker"
+IMAGE = "acme/housing-serve"
+BLUE, GREEN, PROXY = "housing-serve-blue", "housing-serve-green", "housing-proxy"
+RECORD = {
+    "longitude": -122.23,
+    "latitude": 37.88,
+    "housing_median_age": 41.0,
+    "total_rooms": 880.0,
+    "total_bedrooms": 129.0,
+    "population": 322.0,
+    "households": 126.0,
+    "median_income": 8.3252,
+    "ocean_proximity": "NEAR BAY",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Host:
+    """An EC2 host in a temporary directory: deploy.sh's state, the app's env file, the fake docker's state."""
+
+    def __init__(self, root: Path) -> None:
+        self.docker_state = root / "docker"
+        self.state_dir = root / "deploy"
+        self.env_file = root / "serve.env"
+        self.env_file.write_text(
+            "MLFLOW_TRACKING_URI=http://mlflow.internal:5000\nMODEL_NAME=California_Housing_Regression\n"
+            "MODEL_ALIAS=champion\n"
+        )
+        self.http_port = free_port()
+        self.settings = {
+            "PATH": f"{FAKE_DOCKER}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_DOCKER_PYTHON": sys.executable,
+            "FAKE_DOCKER_STATE": str(self.docker_state),
+            "DEPLOY_CONFIG": str(root / "deploy.env"),
+            "STATE_DIR": str(self.state_dir),
+            "ENV_FILE": str(self.env_file),
+            "IMAGE": IMAGE,
+            "HTTP_PORT": str(self.http_port),
+            "BLUE_PORT": str(free_port()),
+            "GREEN_PORT": str(free_port()),
+            "READY_TIMEOUT_S": "3",
+            "SWITCH_TIMEOUT_S": "3",
+            "POLL_INTERVAL_S": "0.05",
+            "STOP_TIMEOUT_S": "5",
+        }
+
+    def run(self, *args: str, **settings: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RELOAD_TOKEN", "DOCKER_"))}
+        return subprocess.run(
+            ["bash", str(DEPLOY), *args],
+            env={**env, **self.settings, **settings},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    def deploy(self, tag: str, **settings: str) -> subprocess.CompletedProcess:
+        return self.run("deploy", IMAGE_TAG=tag, **settings)
+
+    def docker(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(FAKE_DOCKER / "docker"), *args],
+            env={**os.environ, **self.settings},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def calls(self) -> list[dict]:
+        lines = (self.docker_state / "calls.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    def containers(self) -> dict[str, dict]:
+        return json.loads((self.docker_state / "state.json").read_text())["containers"]
+
+    def state(self) -> str:
+        return (self.state_dir / "state").read_text()
+
+    def served_image(self) -> str:
+        """POST /predict to port 80 of the host, as a client would: which image answered, through which container."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/predict",
+            data=json.dumps(RECORD).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert isinstance(json.loads(response.read())["prediction"], float)
+            return f"{response.headers['X-Fake-Image']} by {response.headers['X-Served-By']}"
+
+    def stop_containers(self) -> None:
+        if not (self.docker_state / "state.json").exists():
+            return
+        for container in self.containers().values():
+            if container["pid"] > 0:
+                try:
+                    os.killpg(container["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    host = Host(tmp_path)
+    yield host
+    host.stop_containers()
+
+
+@pytest.fixture
+def serving(host: Host) -> Host:
+    """A host serving v1 from the blue container, with the calls of that first release forgotten."""
+    result = host.deploy("v1")
+    assert result.returncode == 0, result.stderr
+    (host.docker_state / "calls.jsonl").unlink()
+    return host
+
+
+def assert_port_kept_serving(host: Host, calls: list[dict], from_the_start: bool) -> None:
+    """Once port HTTP_PORT served /predict, it did after every later docker call."""
+    serving = from_the_start
+    for number, call in enumerate(calls):
+        if host.http_port in call["serving"]:
+            serving = True
+        else:
+            assert not serving, f"no container served port 80 after call {number}: docker {' '.join(call['argv'])}"
+    assert serving
+
+
+def test_first_release_starts_the_app_and_the_proxy_on_port_80(host: Host):
+    result = host.deploy("v1")
+    assert result.returncode == 0, result.stderr
+    assert f"port {host.http_port} serves {IMAGE}:v1 ({BLUE})" in result.stdout
+    assert host.served_image() == f"{IMAGE}:v1 by {BLUE}"
+    assert host.state() == f"CURRENT={IMAGE}:v1\nPREVIOUS=\n"
+
+    containers = host.containers()
+    assert set(containers) == {BLUE, PROXY}
+    app = containers[BLUE]
+    assert app["env"] == {
+        "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
+        "PORT": "8000",
+        "MODEL_NAME": "California_Housing_Regression",
+        "MODEL_ALIAS": "champion",
+    }
+    assert [(p["host_ip"], p["container_port"]) for p in app["ports"]] == [("127.0.0.1", 8000)]
+    assert app["restart"] == containers[PROXY]["restart"] == "unless-stopped"
+    assert app["network"] == containers[PROXY]["network"] == "housing"
+    assert [(p["host_port"], p["container_port"]) for p in containers[PROXY]["ports"]] == [(host.http_port, 80)]
+    assert_port_kept_serving(host, host.calls(), from_the_start=False)
+
+
+def test_healthy_release_switches_port_80_then_removes_the_old_container(serving: Host):
+    result = serving.deploy("v2")
+    assert result.returncode == 0, result.stderr
+    assert serving.served_image() == f"{IMAGE}:v2 by {GREEN}"
+    assert set(serving.containers()) == {GREEN, PROXY}
+    assert serving.state() == f"CURRENT={IMAGE}:v2\nPREVIOUS={IMAGE}:v1\n"
+
+    calls = serving.calls()
+    assert_port_kept_serving(serving, calls, from_the_start=True)
+    commands = [call["argv"] for call in calls]
+    reload, stop = commands.index(["exec", PROXY, "nginx", "-s", "reload"]), commands.index(["stop", "-t", "5", BLUE])
+    assert commands.index(["exec", PROXY, "nginx", "-t"]) < reload < stop < commands.index(["rm", BLUE])
+
+
+@pytest.mark.parametrize(
+    ("tag", "reason", "log_line"),
+    [
+        (
+            "broken",
+            "did not answer GET /ready on 127.0.0.1:{port} within 3s",
+            "Registered model alias champion not found",
+        ),
+        ("crash", "is restarting, not running", "RuntimeError: cannot start: simulated crash"),
+        ("badpredict", "failed the smoke POST /predict: curl: (22)", '"POST /predict HTTP/1.1" 500'),
+    ],
+)
+def test_unhealthy_release_is_removed_and_the_old_container_keeps_serving(serving: Host, tag, reason, log_line):
+    blue = serving.containers()[BLUE]
+    result = serving.deploy(tag)
+    assert result.returncode == 1
+    assert f"deploy: {GREEN} " in result.stderr
+    assert reason.format(port=serving.settings["GREEN_PORT"]) in result.stderr
+    assert f"last 40 log lines of {GREEN}" in result.stderr and log_line in result.stderr
+    assert f"removed {GREEN}; port {serving.http_port} is served as before, by {BLUE}" in result.stderr
+
+    assert set(serving.containers()) == {BLUE, PROXY}
+    assert serving.containers()[BLUE] == blue  # same container, process and settings
+    calls = serving.calls()
+    assert not any(BLUE in call["argv"] for call in calls)  # not stopped, not removed, not even looked at
+    assert ["exec", PROXY, "nginx", "-s", "reload"] not in [call["argv"] for call in calls]
+    assert_port_kept_serving(serving, calls, from_the_start=True)
+    assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+    assert serving.state() == f"CURRENT={IMAGE}:v1\nPREVIOUS=\n"
+
+
+def test_release_that_gets_ready_slowly_is_waited_for(serving: Host):
+    result = serving.deploy("slow", READY_TIMEOUT_S="30")
+    assert result.returncode == 0, result.stderr
+    statuses = [c for c in serving.calls() if c["argv"][:2] == ["inspect", "--type"] and GREEN in c["argv"]]
+    assert len(statuses) > 1  # it polled while the container loaded its model
+    assert serving.served_image() == f"{IMAGE}:slow by {GREEN}"
+    assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
+
+
+def test_switch_refused_by_nginx_restores_its_configuration(serving: Host):
+    conf = (serving.state_dir / "nginx" / "default.conf").read_text()
+    result = serving.deploy("v2", NETWORK="elsewhere")  # the new container is on a network the proxy cannot see
+    assert result.returncode == 1
+    assert (
+        'nginx refused the new configuration: nginx: [emerg] host not found in upstream "housing-serve-green:8000"'
+        in result.stderr
+    )
+    assert (serving.state_dir / "nginx" / "default.conf").read_text() == conf
+    assert set(serving.containers()) == {BLUE, PROXY}
+    assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
+    assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+
+def test_first_release_failing_at_the_switch_leaves_nothing_behind(host: Host):
+    with socket.socket() as squatter:  # something else holds port 80
+        squatter.bind(("127.0.0.1", host.http_port))
+        squatter.listen()
+        result = host.deploy("v1")
+    assert result.returncode == 1
+    assert "address already in use" in result.stderr and f"could not start {PROXY}" in result.stderr
+    assert host.containers() == {}
+    assert not (host.state_dir / "nginx" / "default.conf").exists()
+    assert not (host.state_dir / "state").exists()
+
+
+def test_rollback_serves_the_previous_image_and_again_the_one_after(serving: Host):
+    assert serving.deploy("v2").returncode == 0
+
+    result = serving.run("rollback")
+    assert result.returncode == 0, result.stderr
+    assert f"rolling back from {IMAGE}:v2 to {IMAGE}:v1" in result.stdout
+    assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+    assert serving.state() == f"CURRENT={IMAGE}:v1\nPREVIOUS={IMAGE}:v2\n"
+
+    (serving.docker_state / "registry-down").touch()  # rolling back must not depend on Docker Hub
+    result = serving.run("rollback")
+    assert result.returncode == 0, result.stderr
+    assert f"cannot pull {IMAGE}:v2; using the copy on this host" in result.stdout
+    assert serving.served_image() == f"{IMAGE}:v2 by {GREEN}"
+    assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
+
+
+def test_rollback_without_a_previous_image_changes_nothing(serving: Host):
+    result = serving.run("rollback")
+    assert result.returncode == 1
+    assert "records no previous image: nothing to roll back to" in result.stderr
+    assert not (serving.docker_state / "calls.jsonl").exists()
+
+
+def test_unknown_tag_fails_before_anything_starts(serving: Host):
+    result = serving.deploy("missing-tag")
+    assert result.returncode == 1
+    assert f"manifest for {IMAGE}:missing-tag not found" in result.stderr
+    assert f"cannot pull {IMAGE}:missing-tag and it is not on this host; check the tag" in result.stderr
+    assert [call["argv"][0] for call in serving.calls()] == ["pull", "image"]
+
+
+def test_settings_are_checked_first(host: Host):
+    result = host.run("deploy")
+    assert result.returncode == 1 and "set IMAGE and IMAGE_TAG" in result.stderr
+    result = host.deploy("v1", ENV_FILE=str(host.env_file.with_name("absent.env")))
+    assert result.returncode == 1 and "absent.env is missing" in result.stderr
+    assert not (host.docker_state / "calls.jsonl").exists()
+
+
+def test_host_config_file_fills_in_unset_settings(host: Host):
+    Path(host.settings["DEPLOY_CONFIG"]).write_text("IMAGE=acme/other\nIMAGE_TAG=v7\nHTTP_PORT=1\n")
+    result = host.run("deploy")  # IMAGE_TAG from the file; IMAGE and HTTP_PORT from the environment win
+    assert result.returncode == 0, result.stderr
+    assert host.served_image() == f"{IMAGE}:v7 by {BLUE}"
+
+
+def test_leftover_container_of_an_interrupted_release_is_replaced(serving: Host):
+    leftover = serving.docker("run", "-d", "--name", GREEN, f"{IMAGE}:v0")
+    assert leftover.returncode == 0, leftover.stderr
+    result = serving.deploy("v2")
+    assert result.returncode == 0, result.stderr
+    assert serving.containers()[GREEN]["image"] == f"{IMAGE}:v2"
+    assert serving.served_image() == f"{IMAGE}:v2 by {GREEN}"
+
+
+@pytest.fixture
+def moto_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def test_reload_token_comes_from_secrets_manager_and_stays_off_command_lines(serving: Host, moto_endpoint: str):
+    aws = {"AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    token = uuid.uuid4().hex
+    secrets = boto3.client(
+        "secretsmanager",
+        region_name="eu-west-1",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    secret = secrets.create_secret(Name="housing/reload-token", SecretString=token)
+
+    result = serving.deploy("v2", RELOAD_TOKEN_SECRET_ARN=secret["ARN"], **aws)
+    assert result.returncode == 0, result.stderr
+    assert serving.containers()[GREEN]["env"]["RELOAD_TOKEN"] == token
+    assert not any(token in arg for call in serving.calls() for arg in call["argv"])
+
+    result = serving.deploy("v3", RELOAD_TOKEN_SECRET_ARN=secret["ARN"].replace("reload-token", "absent"), **aws)
+    assert result.returncode == 1
+    assert "the instance role needs secretsmanager:GetSecretValue on it" in result.stderr
+    assert serving.served_image() == f"{IMAGE}:v2 by {GREEN}"
+
+
+def test_every_docker_call_is_accepted_by_the_real_docker_cli(serving: Host, tmp_path: Path):
+    """The real client parses its arguments before it needs a daemon: all of deploy.sh's calls must get that far."""
+    assert serving.deploy("v2").returncode == 0
+    assert serving.deploy("broken").returncode == 1
+    assert serving.run("rollback").returncode == 0
+    real = shutil.which("docker")  # this process's PATH, without the stand-in
+    assert real, "this test needs the docker CLI (the client is enough)"
+    shapes = {tuple(call["argv"]) for call in serving.calls()}
+    assert {shape[0] for shape in shapes} >= {"pull", "network", "inspect", "run", "exec", "logs", "rm", "stop"}
+    for argv in sorted(shapes):
+        result = subprocess.run(
+            [real, *argv],
+            env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert "Cannot connect to the Docker daemon" in result.stderr, (argv, result.stderr)

@@ -1,0 +1,314 @@
+"""infra/housing-mlops.yml, deployed by the real scripts/infra_deploy.sh (the aws CLI) into moto's CloudFormation.
+
+moto 5.2.5 creates most of the stack, but not everything: its CloudFormation has no AWS::SecretsManager::Secret or
+AWS::IAM::OIDCProvider (references to them come out empty), ignores a bucket's VersioningConfiguration and
+NotificationConfiguration and a role's ManagedPolicyArns, and computes outputs only for stacks made by CreateStack
+(`aws cloudformation deploy` uses change sets). What moto cannot create, test_template_* checks in the template.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from cfnlint.decode import cfn_yaml
+from moto.server import ThreadedMotoServer
+
+# Expected, and described above: moto warns about each resource type its CloudFormation does not implement.
+pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS.* but it's not supported:UserWarning")
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "infra" / "housing-mlops.yml"
+REGION, ACCOUNT, STACK = "us-east-1", "123456789012", "housing-mlops"
+SETTINGS = {
+    "GITHUB_OWNER": "acme",
+    "GITHUB_REPO": "housing-mlops",
+    "SERVING_IMAGE": "acme/housing-serve",
+    "SERVING_TRACKING_URI": "http://mlflow.internal:5000",
+}
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def aws(endpoint: str) -> Any:
+    """aws("s3") -> a boto3 client of the moto server."""
+    return lambda service: boto3.client(
+        service, endpoint_url=endpoint, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+
+
+@pytest.fixture(scope="module")
+def network(aws) -> dict[str, str]:
+    vpc = aws("ec2").describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    subnet = aws("ec2").describe_subnets(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["Subnets"][0]["SubnetId"]
+    return {"VPC_ID": vpc, "SUBNET_ID": subnet}
+
+
+def infra_deploy(endpoint: str, **settings: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_REGION=REGION,
+        **settings,
+    )
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "infra_deploy.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(endpoint: str, aws, network: dict[str, str]) -> dict[str, str]:
+    """`make infra-deploy` against moto; the stack's resources by logical id."""
+    result = infra_deploy(endpoint, **SETTINGS, **network)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Successfully created/updated stack - {STACK}" in result.stdout
+    summaries = aws("cloudformation").list_stack_resources(StackName=STACK)["StackResourceSummaries"]
+    return {r["LogicalResourceId"]: r["PhysicalResourceId"] for r in summaries if r["LogicalResourceId"]}
+
+
+def template() -> dict[str, Any]:
+    return cfn_yaml.loads(TEMPLATE.read_text())
+
+
+def statements(aws, role: str, policy: str) -> list[dict[str, Any]]:
+    document = aws("iam").get_role_policy(RoleName=role, PolicyName=policy)["PolicyDocument"]
+    if isinstance(document, str):  # moto returns the document of a CloudFormation role as a Python literal
+        document = ast.literal_eval(document)
+    return document["Statement"]
+
+
+def test_infra_deploy_needs_its_settings(endpoint: str, network: dict[str, str]):
+    result = infra_deploy(endpoint, GITHUB_OWNER="acme")
+    assert result.returncode == 2
+    assert "set GITHUB_REPO SERVING_IMAGE SERVING_TRACKING_URI VPC_ID SUBNET_ID" in result.stderr
+    result = infra_deploy(endpoint, **{**SETTINGS, **network, "SERVING_TRACKING_URI": "sqlite:///mlflow.db"})
+    assert result.returncode == 2
+    assert "SERVING_TRACKING_URI must be an MLflow server's http(s):// URL" in result.stderr
+
+
+def test_infra_deploy_uploads_the_lambda_code_and_creates_the_stack(aws, stack: dict[str, str]):
+    assert aws("cloudformation").describe_stacks(StackName=STACK)["Stacks"][0]["StackStatus"] == "CREATE_COMPLETE"
+    assert {
+        "DataBucket",
+        "DvcBucket",
+        "MlflowArtifactBucket",
+        "DispatchLogGroup",
+        "DispatchRole",
+        "DispatchFunction",
+        "NewDataRule",
+        "NewDataRulePermission",
+        "ServingSecurityGroup",
+        "ServingRole",
+        "ServingInstanceProfile",
+        "ServingInstance",
+        "GitHubActionsRole",
+    } <= set(stack)
+
+    code_bucket = f"{STACK}-code-{ACCOUNT}-{REGION}"
+    keys = [o["Key"] for o in aws("s3").list_objects_v2(Bucket=code_bucket)["Contents"]]
+    assert len(keys) == 1 and re.fullmatch(r"dispatch_lambda/[0-9a-f]{16}\.zip", keys[0])
+    archive = zipfile.ZipFile(io.BytesIO(aws("s3").get_object(Bucket=code_bucket, Key=keys[0])["Body"].read()))
+    assert archive.namelist() == ["dispatch_lambda.py"]
+    assert archive.read("dispatch_lambda.py") == (ROOT / "dispatch_lambda.py").read_bytes()
+
+    function = aws("lambda").get_function_configuration(FunctionName=stack["DispatchFunction"])
+    assert (function["Runtime"], function["Handler"], function["Timeout"]) == (
+        "python3.12",
+        "dispatch_lambda.handler",
+        60,
+    )
+    assert function["Role"].endswith(f":role/{stack['DispatchRole']}")
+    assert (
+        function["Environment"]["Variables"].items()
+        >= {
+            "GITHUB_OWNER": "acme",
+            "GITHUB_REPO": "housing-mlops",
+            "GITHUB_WORKFLOW": "retrain.yml",
+            "GITHUB_REF": "main",
+            "S3_KEY_PREFIX": "data/",
+            "S3_KEY_SUFFIX": "housing.csv",
+        }.items()
+    )
+
+
+def test_new_data_rule_sends_new_housing_csvs_and_nothing_else_to_the_lambda(aws, stack: dict[str, str]):
+    events = aws("events")
+    rule = events.describe_rule(Name=stack["NewDataRule"])
+    assert json.loads(rule["EventPattern"]) == {
+        "source": ["aws.s3"],
+        "detail-type": ["Object Created"],
+        "detail": {"bucket": {"name": [stack["DataBucket"]]}, "object": {"key": [{"wildcard": "data/*housing.csv"}]}},
+    }
+    function_arn = aws("lambda").get_function_configuration(FunctionName=stack["DispatchFunction"])["FunctionArn"]
+    assert [t["Arn"] for t in events.list_targets_by_rule(Rule=stack["NewDataRule"])["Targets"]] == [function_arn]
+    [permission] = json.loads(aws("lambda").get_policy(FunctionName=stack["DispatchFunction"])["Policy"])["Statement"]
+    assert permission["Principal"] == {"Service": "events.amazonaws.com"}
+    assert permission["Action"] == "lambda:InvokeFunction"
+    assert permission["Condition"]["ArnLike"]["AWS:SourceArn"] == rule["Arn"]
+
+    # The same pattern, applied by moto's EventBridge on a bus of its own and routed to a queue (moto delivers to
+    # no Lambda): which keys would start a retrain.
+    queue = aws("sqs").create_queue(QueueName="new-data-probe")["QueueUrl"]
+    queue_arn = aws("sqs").get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events.create_event_bus(Name="probe")
+    events.put_rule(Name="new-data-probe", EventBusName="probe", EventPattern=rule["EventPattern"])
+    events.put_targets(Rule="new-data-probe", EventBusName="probe", Targets=[{"Id": "queue", "Arn": queue_arn}])
+    keys = [
+        "data/housing.csv",
+        "data/2026/11/housing.csv",
+        "files/md5/3f/9a1c",
+        "data/housing.csv.part",
+        "raw/housing.csv",
+    ]
+    events.put_events(
+        Entries=[
+            {
+                "EventBusName": "probe",
+                "Source": "aws.s3",
+                "DetailType": "Object Created",
+                "Detail": json.dumps({"bucket": {"name": stack["DataBucket"]}, "object": {"key": key}}),
+            }
+            for key in keys
+        ]
+    )
+    messages = aws("sqs").receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    assert sorted(json.loads(m["Body"])["detail"]["object"]["key"] for m in messages) == [
+        "data/2026/11/housing.csv",
+        "data/housing.csv",
+    ]
+
+
+def test_roles_grant_only_what_each_part_needs(aws, stack: dict[str, str]):
+    log_group = aws("logs").describe_log_groups(logGroupNamePrefix=f"/aws/lambda/{STACK}-dispatch")["logGroups"][0]
+    dispatch = statements(aws, stack["DispatchRole"], "dispatch")
+    assert [(s["Sid"], s["Action"]) for s in dispatch] == [
+        ("ReadGitHubToken", "secretsmanager:GetSecretValue"),
+        ("WriteOwnLogs", ["logs:CreateLogStream", "logs:PutLogEvents"]),
+    ]
+    assert dispatch[1]["Resource"] == log_group["logGroupArn"]
+
+    serve = {s["Sid"]: s for s in statements(aws, stack["ServingRole"], "serve")}
+    artifacts = f"arn:aws:s3:::{stack['MlflowArtifactBucket']}"
+    assert serve["ReadModelArtifacts"]["Action"] == "s3:GetObject"
+    assert serve["ReadModelArtifacts"]["Resource"] == f"{artifacts}/*"
+    assert (serve["ListModelArtifacts"]["Action"], serve["ListModelArtifacts"]["Resource"]) == (
+        "s3:ListBucket",
+        artifacts,
+    )
+    assert set(serve) == {"ReadReloadToken", "ReadModelArtifacts", "ListModelArtifacts"}
+
+    github = aws("iam").get_role(RoleName=stack["GitHubActionsRole"])["Role"]["AssumeRolePolicyDocument"]
+    assert github["Statement"][0]["Condition"]["StringEquals"] == {
+        "token.actions.githubusercontent.com:aud": "sts.amazonaws.com",
+        "token.actions.githubusercontent.com:sub": "repo:acme/housing-mlops:ref:refs/heads/main",
+    }
+    deploy = {s["Sid"]: s for s in statements(aws, stack["GitHubActionsRole"], "retrain-and-deploy")}
+    assert deploy["DeployOnTheServingHost"]["Resource"] == [
+        f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/{stack['ServingInstance']}",
+        f"arn:aws:ssm:{REGION}::document/AWS-RunShellScript",
+    ]
+    assert all(s["Resource"] != "*" for sid, s in deploy.items() if sid != "FollowTheDeploy")
+
+
+def test_serving_host_takes_http_on_port_80_and_nothing_else(aws, stack: dict[str, str], network: dict[str, str]):
+    [group] = aws("ec2").describe_security_groups(GroupIds=[stack["ServingSecurityGroup"]])["SecurityGroups"]
+    assert group["VpcId"] == network["VPC_ID"]
+    assert [
+        (p["IpProtocol"], p["FromPort"], p["ToPort"], [r["CidrIp"] for r in p["IpRanges"]])
+        for p in group["IpPermissions"]
+    ] == [("tcp", 80, 80, ["0.0.0.0/0"])]
+
+    [reservation] = aws("ec2").describe_instances(InstanceIds=[stack["ServingInstance"]])["Reservations"]
+    instance = reservation["Instances"][0]
+    assert instance["SubnetId"] == network["SUBNET_ID"]
+    assert instance["IamInstanceProfile"]["Arn"].endswith(f":instance-profile/{stack['ServingInstanceProfile']}")
+    user_data = aws("ec2").describe_instance_attribute(InstanceId=stack["ServingInstance"], Attribute="userData")
+    script = base64.b64decode(user_data["UserData"]["Value"]).decode()
+    assert "MLFLOW_TRACKING_URI=http://mlflow.internal:5000\n" in script
+    assert "IMAGE=acme/housing-serve\n" in script
+    assert "git clone --branch main https://github.com/acme/housing-mlops.git /opt/housing-mlops" in script
+
+
+def test_outputs_name_every_repository_variable_the_workflows_read(aws, stack: dict[str, str], network: dict[str, str]):
+    declared = template()["Outputs"]
+    provided = {m for o in declared.values() for m in re.findall(r"Repository variable (\w+)", o["Description"])}
+    workflows = "".join(p.read_text() for p in (ROOT / ".github" / "workflows").glob("*.yml"))
+    read = set(re.findall(r"vars\.(\w+)", workflows))
+    assert read - provided == {"MLFLOW_TRACKING_URI", "MODEL_NAME"}  # the MLflow server is not part of the stack
+
+    parameters = {
+        "GitHubOwner": "acme",
+        "GitHubRepo": "housing-mlops",
+        "ServingImage": "acme/housing-serve",
+        "MlflowTrackingUri": "http://mlflow.internal:5000",
+        "VpcId": network["VPC_ID"],
+        "SubnetId": network["SUBNET_ID"],
+        "LambdaCodeBucket": f"{STACK}-code-{ACCOUNT}-{REGION}",
+        "LambdaCodeKey": "dispatch_lambda/none.zip",
+    }
+    aws("cloudformation").create_stack(  # CreateStack: the path on which moto computes outputs
+        StackName="outputs",
+        TemplateBody=TEMPLATE.read_text(),
+        Capabilities=["CAPABILITY_IAM"],
+        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
+    )
+    outputs = {
+        o["OutputKey"]: o["OutputValue"]
+        for o in aws("cloudformation").describe_stacks(StackName="outputs")["Stacks"][0]["Outputs"]
+    }
+    assert set(outputs) == set(declared) - {"GitHubTokenSecretArn", "ReloadTokenSecretArn"}  # no secrets in moto
+    aws("s3").head_bucket(Bucket=outputs["DvcBucketName"])
+    aws("ec2").describe_instances(InstanceIds=[outputs["ServingInstanceId"]])
+    assert (
+        aws("iam").get_role(RoleName=outputs["GitHubActionsRoleArn"].split("/")[-1])["Role"]["Arn"]
+        == outputs["GitHubActionsRoleArn"]
+    )
+    assert outputs["ServeUrl"].startswith("http://") and outputs["AwsRegion"] == REGION
+
+
+def test_template_data_bucket_versions_objects_and_tells_eventbridge():
+    data = template()["Resources"]["DataBucket"]["Properties"]
+    assert data["VersioningConfiguration"] == {"Status": "Enabled"}
+    assert data["NotificationConfiguration"] == {"EventBridgeConfiguration": {"EventBridgeEnabled": True}}
+    for bucket in ("DataBucket", "DvcBucket", "MlflowArtifactBucket"):
+        assert all(template()["Resources"][bucket]["Properties"]["PublicAccessBlockConfiguration"].values())
+
+
+def test_template_secrets_are_generated_and_each_read_by_one_role():
+    resources = template()["Resources"]
+    for secret in ("GitHubTokenSecret", "ReloadTokenSecret"):
+        assert set(resources[secret]["Properties"]) == {"Description", "GenerateSecretString"}
+    assert not re.search(r"^\s*SecretString:", TEMPLATE.read_text(), re.MULTILINE)  # no secret in the template
+    environment = resources["DispatchFunction"]["Properties"]["Environment"]["Variables"]
+    assert environment["GITHUB_PAT_SECRET_ARN"] == {"Ref": "GitHubTokenSecret"}
+    reads = {}
+    for name, resource in resources.items():
+        if resource["Type"] == "AWS::IAM::Role":
+            for policy in resource["Properties"]["Policies"]:
+                for statement in policy["PolicyDocument"]["Statement"]:
+                    if statement["Action"] == "secretsmanager:GetSecretValue":
+                        reads[name] = statement["Resource"]
+    assert reads == {"DispatchRole": {"Ref": "GitHubTokenSecret"}, "ServingRole": {"Ref": "ReloadTokenSecret"}}
+    user_data = resources["ServingInstance"]["Properties"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+    assert "RELOAD_TOKEN_SECRET_ARN=${ReloadTokenSecret}" in user_data
