@@ -1,0 +1,24 @@
+# The serving image: serve.py, features.py (the schema and feature code it shares with training) and the serving
+# dependencies only. The model comes from the registry at start-up (MLFLOW_TRACKING_URI, MODEL_NAME, MODEL_ALIAS),
+# or from MODEL_URI; every setting is described at the top of serve.py.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    PREDICTION_LOG_DIR=/app/logs
+
+WORKDIR /app
+COPY requirements-serve.txt constraints.txt ./
+RUN pip install --no-cache-dir -r requirements-serve.txt -c constraints.txt \
+    && useradd --uid 10001 --user-group --no-create-home --home-dir /app --shell /usr/sbin/nologin serve \
+    && mkdir logs && chown 10001:10001 logs
+COPY serve.py features.py ./
+
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health' % os.environ['PORT'], timeout=3)"]
+CMD ["python", "serve.py"]

@@ -1,0 +1,82 @@
+"""Real server processes for tests: each in its own process group on a free port, stopped by group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_serve(env: Mapping[str, str], log: Path) -> ServerProcess:
+    """`python serve.py` (what `make serve` runs) in exactly the environment `env`, on a free port."""
+    port = free_port()
+    with log.open("wb") as output:
+        process = subprocess.Popen([sys.executable, "serve.py"], cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                   env={**env, "PORT": str(port)}, start_new_session=True)
+    return ServerProcess(process, port, log)
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_until_answering(server: ServerProcess, path: str = "/health", timeout: float = 90) -> None:
+    def answers() -> bool:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.output()}")
+        try:
+            return httpx.get(server.url + path, timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answers, timeout, f"{path} on {server.url}")

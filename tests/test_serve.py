@@ -1,0 +1,587 @@
+"""serve.py as deployed: real uvicorn processes on free ports, models registered in a temporary MLflow store."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
+from sklearn.pipeline import Pipeline
+from threadpoolctl import threadpool_limits
+
+import serve
+import train
+from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
+from tests.conftest import synthetic_housing
+from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
+
+pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
+
+GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
+RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
+TOKEN = "s3cret-reload-token"
+MAX_BATCH_ROWS = 1000
+MAX_BODY_BYTES = 400_000
+SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
+                  "RELOAD_TOKEN", "MAX_BATCH_ROWS", "MAX_BODY_BYTES", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR")
+
+
+# --- a temporary registry --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Registry:
+    uri: str
+    experiment_id: str
+    client: MlflowClient
+    downloads: Path
+    _loaded: dict[str, mlflow.pyfunc.PyFuncModel] = field(default_factory=dict)
+
+    def register(self, name: str, pipeline: Pipeline, champion: bool = True) -> str:
+        with mlflow.start_run(experiment_id=self.experiment_id):
+            info = train.log_pipeline(pipeline, synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)])
+        version = str(mlflow.register_model(info.model_uri, name).version)
+        if champion:
+            self.client.set_registered_model_alias(name, "champion", version)
+        return version
+
+    def predictions(self, name: str, version: str, frame: pd.DataFrame) -> np.ndarray:
+        """What the registered model itself predicts, through MLflow's pyfunc interface."""
+        uri = f"models:/{name}/{version}"
+        if uri not in self._loaded:
+            target = self.downloads / f"{name}-{version}"
+            target.mkdir(parents=True)
+            self._loaded[uri] = mlflow.pyfunc.load_model(uri, dst_path=str(target))
+        return np.asarray(self._loaded[uri].predict(frame), dtype=float).ravel()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:  # the environment, not mlflow.set_tracking_uri: nothing lingers
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        experiment_id = mlflow.create_experiment("serve-tests", artifact_location=(root / "artifacts").as_uri())
+        yield Registry(uri, experiment_id, MlflowClient(uri), root / "downloads")
+
+
+def fitted(spec: dict, seed: int = 0) -> Pipeline:
+    data = synthetic_housing(seed=seed)
+    with threadpool_limits(1, "openmp"):  # OpenMP on a busy 2-core machine is slower than one thread
+        return train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
+
+
+def records(count: int, seed: int = 7) -> list[dict]:
+    """Districts as JSON records; some with total_bedrooms null, one without the field."""
+    frame = synthetic_housing(rows=count, seed=seed, missing_bedrooms=0.2)[list(FEATURES)]
+    rows = [{name: (None if isinstance(value, float) and math.isnan(value) else value)
+             for name, value in row.items()} for row in frame.to_dict(orient="records")]
+    if count > 2:
+        del rows[2]["total_bedrooms"]
+    return rows
+
+
+def records_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(FEATURES)).astype({name: float for name in OPTIONAL_FEATURES})
+
+
+@pytest.fixture(scope="module")
+def models(registry: Registry) -> dict[str, str]:
+    """Model "served": version 1 (gradient boosting) is the champion; version 2 (ridge) is registered."""
+    first = registry.register("served", fitted(GBDT))
+    second = registry.register("served", fitted(RIDGE), champion=False)
+    return {"first": first, "second": second}
+
+
+def serve_env(registry: Registry, tmp: Path, **settings: str) -> dict[str, str]:
+    """This process's environment without serve.py's settings (present, even empty, some mean something), then
+    `settings`."""
+    env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
+    return {**env, "MLFLOW_TRACKING_URI": registry.uri, "PREDICTION_LOG_DIR": str(tmp / "predictions"), **settings}
+
+
+def running(env: dict[str, str], log: Path, ready: bool = True) -> Iterator[ServerProcess]:
+    server = start_serve(env, log)
+    try:
+        wait_until_answering(server, "/ready" if ready else "/health")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(registry: Registry, models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Serves "served"@champion; no polling, so only POST /reload changes the model."""
+    tmp = tmp_path_factory.mktemp("server")
+    env = serve_env(registry, tmp, MODEL_NAME="served", RELOAD_INTERVAL_S="0", RELOAD_TOKEN=TOKEN,
+                    MAX_BATCH_ROWS=str(MAX_BATCH_ROWS), MAX_BODY_BYTES=str(MAX_BODY_BYTES))
+    yield from running(env, tmp / "serve.log")
+
+
+@pytest.fixture
+def champion_restored(server: ServerProcess, registry: Registry, models: dict) -> Iterator[None]:
+    yield
+    registry.client.set_registered_model_alias("served", "champion", models["first"])
+    assert reload(server).status_code == 200
+
+
+def predict(server: ServerProcess, body: object, **kwargs) -> httpx.Response:
+    return httpx.post(server.url + "/predict", json=body, timeout=30, **kwargs)
+
+
+def reload(server: ServerProcess, token: str | None = TOKEN) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return httpx.post(server.url + "/reload", headers=headers, timeout=60)
+
+
+def served_version(server: ServerProcess) -> str:
+    return httpx.get(server.url + "/model", timeout=10).json()["version"]
+
+
+def metrics(server: ServerProcess) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics, keyed by (name, labels)."""
+    text = httpx.get(server.url + "/metrics", headers={"Connection": "close"}, timeout=10).text
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: dict, metric: str, /, **labels: str) -> float:
+    return samples.get((metric, frozenset(labels.items())), 0.0)
+
+
+# --- predictions ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 128, 129, 600], ids=["flat trees", "flat trees, largest", "sklearn predict",
+                                                         "parallel chunks"])
+def test_batch_predictions_equal_the_models_own(server, registry, models, size):
+    batch = records(size)
+    response = predict(server, {"instances": batch})
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == {"name": "served", "version": models["first"]}
+    expected = registry.predictions("served", models["first"], records_frame(batch))
+    np.testing.assert_allclose(response.json()["predictions"], expected, rtol=1e-6, atol=0)
+
+
+def test_single_predictions_equal_the_models_own(server, registry, models):
+    batch = records(4)  # [2] has no total_bedrooms, and some are null
+    expected = registry.predictions("served", models["first"], records_frame(batch))
+    for record, wanted in zip(batch, expected, strict=True):
+        response = predict(server, record)
+        assert response.status_code == 200, response.text
+        assert response.json()["prediction"] == pytest.approx(wanted, rel=1e-6)
+        assert response.json()["model"] == {"name": "served", "version": models["first"]}
+
+
+def test_request_id_is_echoed_or_made_up(server):
+    given = predict(server, records(1)[0], headers={"X-Request-ID": "client-chosen-17"})
+    made_up = predict(server, records(1)[0])
+    assert given.headers["X-Request-ID"] == "client-chosen-17"
+    assert len(made_up.headers["X-Request-ID"]) == 32
+
+
+def test_every_prediction_is_logged(server):
+    record = records(1, seed=11)[0]
+    response = predict(server, record, headers={"X-Request-ID": "logged-request-1"})
+    log_dir = server.log.parent / "predictions"
+
+    def logged() -> dict | None:
+        for path in log_dir.glob("predictions-*.jsonl"):
+            for line in path.read_bytes().splitlines():
+                if b"logged-request-1" in line:
+                    return orjson.loads(line)
+        return None
+
+    entry = wait_for(logged, 10, "the prediction log entry")
+    assert entry["inputs"] == [record]
+    assert entry["outputs"] == [response.json()["prediction"]]
+    assert entry["model"] == response.json()["model"]
+    assert datetime.fromisoformat(entry["time"]).tzinfo is not None
+
+
+@pytest.mark.parametrize("spec", [
+    GBDT,
+    {**GBDT, "features": {"neighbours": [4], "encoding": "onehot"}},  # no categorical split
+    {**GBDT, "params": {"max_iter": 30, "max_leaf_nodes": 127, "min_samples_leaf": 2}},  # deep trees
+], ids=["ordinal, as served", "one-hot", "deep"])
+def test_flattened_trees_predict_exactly_what_sklearn_predicts(spec):
+    data = synthetic_housing(seed=5)
+    data = data[data["ocean_proximity"] != "ISLAND"]  # a category the model never saw
+    with threadpool_limits(1, "openmp"):
+        pipeline = train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
+    trees = serve.flatten(pipeline)
+    assert trees is not None
+    frame = records_frame(records(300, seed=9))
+    numeric, codes = serve.to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"), batch=True)
+    features = pipeline.steps[0][1].transform_arrays(numeric, codes)
+    assert np.array_equal(trees.predict(features), pipeline.predict(frame))
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+
+def with_(record: dict, **changes) -> dict:
+    return {**record, **changes}
+
+
+def without(record: dict, name: str) -> dict:
+    return {key: value for key, value in record.items() if key != name}
+
+
+GOOD = records(1)[0] | {"total_bedrooms": 120.0}
+
+SCHEMA_PROBLEMS = [
+    ("missing field", without(GOOD, "median_income"), [("median_income", "is required")]),
+    ("string number", with_(GOOD, median_income="8.3"), [("median_income", "must be a finite number")]),
+    ("boolean", with_(GOOD, housing_median_age=True), [("housing_median_age", "must be a finite number")]),
+    ("null required", with_(GOOD, population=None), [("population", "must be a finite number")]),
+    ("bedrooms not a number", with_(GOOD, total_bedrooms="many"), [("total_bedrooms", "must be a finite number")]),
+    ("unknown category", with_(GOOD, ocean_proximity="MOON"),
+     [("ocean_proximity", "must be one of " + ", ".join(CATEGORIES))]),
+    ("category not a string", with_(GOOD, ocean_proximity=["INLAND"]),
+     [("ocean_proximity", "must be one of " + ", ".join(CATEGORIES))]),
+    ("off the globe", with_(GOOD, longitude=1e300), [("longitude", "must be between -180 and 180")]),
+    ("misspelt field", with_(without(GOOD, "total_bedrooms"), total_bedroom=3), [("total_bedroom", "unknown field")]),
+    ("not an object", [GOOD], [("body", 'must be a JSON object: a record or {"instances": [...]}')]),
+    ("empty batch", {"instances": []}, [("instances", "must be a non-empty list of records")]),
+    ("instances not a list", {"instances": GOOD}, [("instances", "must be a non-empty list of records")]),
+    ("extra key beside instances", {"instances": [GOOD], "id": 1}, [("id", "unknown field")]),
+    ("record not an object", {"instances": [GOOD, 3]}, [("instances[1]", "must be a JSON object")]),
+    ("several problems, by path",
+     {"instances": [GOOD, GOOD, GOOD, with_(without(GOOD, "latitude"), median_income=None)]},
+     [("instances[3].latitude", "is required"), ("instances[3].median_income", "must be a finite number")]),
+]
+
+
+@pytest.mark.parametrize(("body", "problems"), [case[1:] for case in SCHEMA_PROBLEMS],
+                         ids=[case[0] for case in SCHEMA_PROBLEMS])
+def test_schema_problems_are_422_naming_each_field(server, body, problems):
+    response = predict(server, body)
+    assert response.status_code == 422, response.text
+    assert [(p["path"], p["message"]) for p in response.json()["problems"]] == problems
+
+
+@pytest.mark.parametrize(("content", "content_type", "status", "message"), [
+    (b'{"longitude": -122.2,', "application/json", 400, "malformed JSON"),
+    (b'{"longitude": NaN}', "application/json", 400, "malformed JSON"),
+    (b'{"longitude": 1e999}', "application/json", 400, "malformed JSON"),
+    (b"\xff\xfe", "application/json", 400, "malformed JSON"),
+    (orjson.dumps(GOOD), "text/plain", 415, "Content-Type: application/json"),
+    (orjson.dumps(GOOD), "application/x-www-form-urlencoded", 415, "Content-Type: application/json"),
+    (orjson.dumps({"instances": [GOOD] * (MAX_BATCH_ROWS + 1)}), "application/json", 413, "MAX_BATCH_ROWS"),
+    (b" " * (MAX_BODY_BYTES + 1), "application/json", 413, "MAX_BODY_BYTES"),
+], ids=["truncated", "NaN", "infinite", "not UTF-8", "text", "form", "batch too large", "body too large"])
+def test_unreadable_requests_get_their_status(server, content, content_type, status, message):
+    response = httpx.post(server.url + "/predict", content=content, headers={"Content-Type": content_type})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_body_too_large_is_refused_when_streamed_without_length(server):
+    chunks = iter([b"[" + b" " * MAX_BODY_BYTES, b"]"])
+    response = httpx.post(server.url + "/predict", content=chunks, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert "MAX_BODY_BYTES" in response.json()["error"]
+
+
+def test_wrong_method_and_unknown_path_are_json_errors(server):
+    assert httpx.get(server.url + "/predict").status_code == 405
+    assert httpx.get(server.url + "/nowhere").json() == {"error": "Not Found"}
+
+
+# --- prediction log ------------------------------------------------------------------------------------------
+
+
+def test_prediction_log_rotates_by_size(tmp_path):
+    log = serve.PredictionLog(tmp_path, max_bytes=2_000)
+    log.start()
+    for number in range(20):
+        log.append({"request_id": f"r{number}", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
+    log.stop()
+    files = sorted(tmp_path.glob("predictions-*.jsonl*"))
+    assert len(files) > 1
+    assert all(path.stat().st_size <= 2_000 for path in files)
+    logged = {orjson.loads(line)["request_id"] for path in files for line in path.read_bytes().splitlines()}
+    assert logged == {f"r{number}" for number in range(20)}
+
+
+def test_prediction_log_that_cannot_write_drops_and_counts(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    log = serve.PredictionLog(tmp_path / "file" / "logs")
+    dropped = serve.METRICS.get_sample_value("housing_prediction_log_dropped_total")
+    log.start()
+    log.append({"request_id": "r", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
+    log.stop()
+    assert serve.METRICS.get_sample_value("housing_prediction_log_dropped_total") == dropped + 1
+
+
+# --- metrics -------------------------------------------------------------------------------------------------
+
+
+def test_metrics_move_with_traffic(server, models):
+    before = metrics(server)
+    assert predict(server, {"instances": records(7)}).status_code == 200
+    assert predict(server, records(1)[0]).status_code == 200
+    assert predict(server, records(1, seed=3)[0]).status_code == 200
+    assert predict(server, {"instances": [with_(GOOD, median_income="x", ocean_proximity="MOON")]}).status_code == 422
+    after = metrics(server)
+
+    def moved(metric: str, /, **labels: str) -> float:
+        return value(after, metric, **labels) - value(before, metric, **labels)
+
+    assert moved("housing_predictions_total") == 9
+    assert moved("housing_http_requests_total", route="/predict", method="POST", status="200") == 3
+    assert moved("housing_http_requests_total", route="/predict", method="POST", status="422") == 1
+    assert moved("housing_http_request_duration_seconds_count", route="/predict") == 4
+    assert moved("housing_batch_size_count") == 3
+    assert moved("housing_batch_size_sum") == 9
+    assert moved("housing_prediction_value_dollars_count") == 9
+    assert moved("housing_validation_failures_total", field="median_income") == 1
+    assert moved("housing_validation_failures_total", field="ocean_proximity") == 1
+    assert value(after, "housing_http_requests_in_flight") == 1  # the scrape itself
+    assert value(after, "housing_model_info", name="served", version=models["first"]) == 1
+    assert value(after, "housing_model_loaded") == 1
+    assert value(after, "housing_model_last_reload_timestamp_seconds") > 1.7e9
+
+
+@pytest.fixture(scope="module")
+def two_workers(registry, models, tmp_path_factory) -> Iterator[ServerProcess]:
+    """WORKERS=2, with a stale file in PROMETHEUS_MULTIPROC_DIR that would break the metrics if kept."""
+    tmp = tmp_path_factory.mktemp("two-workers")
+    metrics_dir = tmp / "prometheus"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"left over from a previous run")
+    env = serve_env(registry, tmp, MODEL_NAME="served", WORKERS="2", RELOAD_INTERVAL_S="0",
+                    PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    yield from running(env, tmp / "serve.log")
+
+
+def test_metrics_add_up_across_two_workers(two_workers, models):
+    server, log_dir = two_workers, two_workers.log.parent / "predictions"
+    # /ready answers for the worker it reaches; housing_model_loaded is the minimum over the workers.
+    wait_for(lambda: value(metrics(server), "housing_model_loaded") == 1, 60, "every worker to load the model")
+    sent = 0
+
+    def both_workers_served() -> bool:
+        nonlocal sent
+        with httpx.Client(headers={"Connection": "close"}) as client:  # a new connection, any worker
+            for _ in range(10):
+                assert client.post(server.url + "/predict", json=records(1)[0]).status_code == 200
+        sent += 10
+        return len(list(log_dir.glob("predictions-*.jsonl"))) == 2
+
+    wait_for(both_workers_served, 60, "requests answered by each worker")
+    for _ in range(4):  # whichever worker answers the scrape, it reports the sum
+        samples = metrics(server)
+        assert value(samples, "housing_predictions_total") == sent
+        assert value(samples, "housing_http_requests_total", route="/predict", method="POST", status="200") == sent
+        assert value(samples, "housing_model_info", name="served", version=models["first"]) == 1
+        assert value(samples, "housing_model_loaded") == 1
+        assert value(samples, "housing_http_requests_in_flight") == 1
+
+
+# --- model lifecycle -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SteadyClient:
+    """Sends the same record again and again from a thread, noting (status, version, prediction) per answer."""
+
+    url: str
+    record: dict
+    answers: list[tuple[int, str | None, float | None]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> SteadyClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def versions_seen(self) -> list[str | None]:
+        return [version for _, version, _ in self.answers]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(self.url + "/predict", json=self.record)
+                except httpx.HTTPError as error:
+                    self.failures.append(repr(error))
+                    continue
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code} {response.text}")
+                    continue
+                body = response.json()
+                self.answers.append((response.status_code, body["model"]["version"], body["prediction"]))
+
+
+def assert_clean_switch(client: SteadyClient, registry: Registry, name: str, old: str, new: str) -> None:
+    """No failures; old version answers, then only the new one; each answer is its version's own prediction."""
+    assert client.failures == []
+    versions = client.versions_seen()
+    switch = versions.index(new)
+    assert switch > 0 and set(versions[:switch]) == {old} and set(versions[switch:]) == {new}
+    frame = records_frame([client.record])
+    expected = {version: registry.predictions(name, version, frame)[0] for version in (old, new)}
+    assert expected[old] != pytest.approx(expected[new], rel=1e-3)
+    for _, version, prediction in client.answers:
+        assert prediction == pytest.approx(expected[version], rel=1e-6)
+
+
+def test_reload_swaps_champion_without_failing_a_request(server, registry, models, champion_restored):
+    with SteadyClient(server.url, records(1)[0]) as client:
+        wait_for(lambda: len(client.answers) >= 20, 30, "answers from the first model")
+        registry.client.set_registered_model_alias("served", "champion", models["second"])
+        response = reload(server)
+        assert response.status_code == 200, response.text
+        assert response.json()["result"] == "loaded"
+        assert response.json()["model"] == {"name": "served", "version": models["second"]}
+        wait_for(lambda: client.versions_seen().count(models["second"]) >= 20, 30, "answers from the new model")
+    assert served_version(server) == models["second"]
+    assert_clean_switch(client, registry, "served", models["first"], models["second"])
+    assert reload(server).json()["result"] == "unchanged"
+
+
+def register_nan_predicting(registry: Registry) -> str:
+    pipeline = fitted(RIDGE)
+    pipeline.named_steps["model"].coef_[:] = np.nan
+    return registry.register("served", pipeline)
+
+
+def register_without_pickle(registry: Registry) -> str:
+    version = registry.register("served", fitted(RIDGE))
+    model_id = registry.client.get_model_version("served", version).source.removeprefix("models:/")
+    Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"), "model.pkl").unlink()
+    return version
+
+
+@pytest.mark.parametrize("register_broken", [register_nan_predicting, register_without_pickle],
+                         ids=["predicts NaN", "artifact missing"])
+def test_broken_champion_is_refused_and_old_one_kept(server, registry, models, champion_restored, register_broken):
+    register_broken(registry)
+    failed_before = value(metrics(server), "housing_model_reloads_total", result="failed")
+
+    response = reload(server)
+    assert response.status_code == 502
+    assert response.json()["result"] == "failed"
+    assert response.json()["model"] == {"name": "served", "version": models["first"]}
+    assert served_version(server) == models["first"]
+    assert predict(server, GOOD).json()["model"]["version"] == models["first"]
+    assert value(metrics(server), "housing_model_reloads_total", result="failed") == failed_before + 1
+
+
+def test_reload_needs_the_token(server):
+    assert reload(server, token=None).status_code == 401
+    assert reload(server, token=None).headers["WWW-Authenticate"] == "Bearer"
+    assert httpx.post(server.url + "/reload", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+    assert reload(server, token="guess").status_code == 403
+    assert reload(server).json()["result"] == "unchanged"
+
+
+def test_model_endpoint_describes_the_served_version(server, registry, models):
+    described = httpx.get(server.url + "/model").json()
+    run_id = registry.client.get_model_version("served", models["first"]).run_id
+    assert described["name"] == "served"
+    assert described["version"] == models["first"]
+    assert described["alias"] == "champion"
+    assert described["run_id"] == run_id
+    assert datetime.fromisoformat(described["loaded_at"]).tzinfo is not None
+    assert described["metrics"] == registry.client.get_run(run_id).data.metrics
+
+
+@pytest.fixture(scope="module")
+def polling_server(registry, tmp_path_factory) -> Iterator[ServerProcess]:
+    """Follows "polled"@champion every 0.3 s; starts before any such model exists; no RELOAD_TOKEN."""
+    tmp = tmp_path_factory.mktemp("polling")
+    env = serve_env(registry, tmp, MODEL_NAME="polled", RELOAD_INTERVAL_S="0.3")
+    yield from running(env, tmp / "serve.log", ready=False)
+
+
+def test_without_a_model_it_answers_503_until_a_champion_appears(polling_server, registry):
+    for path in ("/ready", "/model"):
+        response = httpx.get(polling_server.url + path)
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "5"
+    response = predict(polling_server, GOOD)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert httpx.get(polling_server.url + "/health").status_code == 200
+
+    def looked_twice() -> bool:
+        return value(metrics(polling_server), "housing_model_reloads_total", result="unavailable") >= 2
+
+    wait_for(looked_twice, 60, "the server to look for a champion, and look again")
+    version = registry.register("polled", fitted(GBDT, seed=1))
+    wait_for(lambda: httpx.get(polling_server.url + "/ready").status_code == 200, 60, "/ready to turn 200")
+    assert predict(polling_server, GOOD).json()["model"] == {"name": "polled", "version": version}
+
+
+def test_polling_picks_up_a_new_champion_without_failing_a_request(polling_server, registry):
+    old = served_version(polling_server)
+    with SteadyClient(polling_server.url, records(1)[0]) as client:
+        wait_for(lambda: len(client.answers) >= 20, 30, "answers from the first model")
+        new = registry.register("polled", fitted(RIDGE, seed=1))
+        wait_for(lambda: client.versions_seen().count(new) >= 20, 60, "answers from the new champion")
+    assert served_version(polling_server) == new
+    assert_clean_switch(client, registry, "polled", old, new)
+
+
+def test_reload_is_disabled_without_a_token(polling_server):
+    response = reload(polling_server)
+    assert response.status_code == 404
+    assert "RELOAD_TOKEN" in response.json()["error"]
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated:FutureWarning")
+def test_stage_and_uri_settings_choose_the_model(registry, models, tmp_path):
+    registry.client.transition_model_version_stage("served", models["second"], "Production")
+    local = mlflow.artifacts.download_artifacts(f"models:/served/{models['first']}", dst_path=str(tmp_path / "model"))
+    staged = start_serve(serve_env(registry, tmp_path, MODEL_NAME="served", MODEL_STAGE="Production"),
+                         tmp_path / "staged.log")
+    pinned = start_serve(serve_env(registry, tmp_path, MODEL_NAME="served", MODEL_URI=local), tmp_path / "pinned.log")
+    try:
+        for server in (staged, pinned):
+            wait_until_answering(server, "/ready")
+        staged_model = httpx.get(staged.url + "/model").json()
+        pinned_model = httpx.get(pinned.url + "/model").json()
+        pinned_prediction = predict(pinned, GOOD).json()
+    finally:
+        staged.stop()
+        pinned.stop()
+    assert (staged_model["version"], staged_model["stage"]) == (models["second"], "Production")
+    assert (pinned_model["version"], pinned_model["uri"]) == (None, local)
+    expected = registry.predictions("served", models["first"], records_frame([GOOD]))[0]
+    assert pinned_prediction["prediction"] == pytest.approx(expected, rel=1e-6)
+
+
+# --- the rest of the surface ---------------------------------------------------------------------------------
+
+
+def test_health_and_openapi(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    document = httpx.get(server.url + "/openapi.json").json()
+    record = document["components"]["schemas"]["Record"]
+    assert list(record["properties"]) == list(FEATURES)
+    assert record["properties"]["ocean_proximity"]["enum"] == list(CATEGORIES)
+    assert set(record["required"]) == set(FEATURES) - OPTIONAL_FEATURES
+    assert set(document["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "413", "415", "422", "503"}
+    assert document["components"]["schemas"]["Batch"]["properties"]["instances"]["maxItems"] == MAX_BATCH_ROWS
