@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -71,6 +72,20 @@ def project_copy(destination: Path) -> Path:
 
 def run_make(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """`make ARGS` in `project` with this checkout's virtualenv and only the given settings."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_", "DATA_URL"))}
     return subprocess.run(["make", "--no-print-directory", *args, f"VENV={ROOT / '.venv'}"], cwd=project,
-                          env={**clean, **env}, capture_output=True, text=True, timeout=600)
+                          env={**clean_environment(), **env}, capture_output=True, text=True, timeout=600)
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without any AWS, MLflow, DVC or data settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_", "DATA_URL"))}
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A real moto server (S3, Secrets Manager, CloudFormation, ... over HTTP) on loopback, one per test module."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

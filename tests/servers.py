@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -33,14 +34,18 @@ class ServerProcess:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL it after 30 s, and any children the leader left behind."""
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
         except ProcessLookupError:
             return
+        try:
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        self.process.wait()
 
 
 def free_port() -> int:

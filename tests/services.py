@@ -1,57 +1,30 @@
 """Real local services as subprocesses on 127.0.0.1, for end-to-end tests.
 
 `LocalServices` runs `scripts/services.sh up|down` (moto for S3 + Secrets Manager, an MLflow server whose artifacts
-live in a moto bucket) with its own state directory and free ports. `ServingApp` runs `python serve.py`. Each
+live in a moto bucket) with its own state directory and free ports; `serving_app` runs `python serve.py`. Each
 process tree gets its own session and is stopped by its process group, whatever happened in the test.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import boto3
-import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import clean_environment
+from tests.servers import ROOT, ServerProcess, free_port, start_serve, wait_until_answering
+
 SERVICES_SCRIPT = ROOT / "scripts" / "services.sh"
 DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 REGION = "us-east-1"
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.2) -> T:
-    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(poll_s)
-
-
-def clean_environment() -> dict[str, str]:
-    """This process's environment without any AWS, MLflow, DVC or data settings."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_", "DATA_URL"))}
 
 
 @dataclass(frozen=True)
@@ -125,62 +98,12 @@ class LocalServices:
         log.info("services.sh %s:\n%s", command, result.stderr.strip())
 
 
-class ServingApp:
-    """`python serve.py` from this checkout, in its own process group, on a free port."""
-
-    def __init__(self, settings: Mapping[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.settings = {**settings, "HOST": "127.0.0.1", "PORT": str(self.port)}
-        self.log_path = log_path
-        self._process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Self:
-        with self.log_path.open("w") as output:
-            self._process = subprocess.Popen(
-                [sys.executable, "serve.py"],
-                cwd=ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**clean_environment(), **self.settings},
-            )
-        try:
-            wait_for(self._healthy, 60, f"serve.py answering /health on {self.url} (log: {self.log_path})")
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._process is not None:
-            stop_group(self._process)
-
-    def _healthy(self) -> bool:
-        if self._process is not None and self._process.poll() is not None:
-            raise RuntimeError(f"serve.py exited with {self._process.returncode}; see {self.log_path}")
-        try:
-            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-
-def stop_group(process: subprocess.Popen, grace_s: float = 15) -> None:
-    """SIGTERM the process group led by `process` (started with start_new_session), SIGKILL after `grace_s`."""
+@contextmanager
+def serving_app(settings: Mapping[str, str], log_path: Path) -> Iterator[ServerProcess]:
+    """`python serve.py` with only `settings` (no ambient AWS/MLflow variables), once it answers /health."""
+    server = start_serve({**clean_environment(), **settings, "HOST": "127.0.0.1"}, log_path)
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        log.warning("process group %d ignored SIGTERM for %.0f s: killing it", process.pid, grace_s)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # children the leader left behind
-    except ProcessLookupError:
-        pass
-    process.wait()
+        wait_until_answering(server, timeout=60)
+        yield server
+    finally:
+        server.stop()

@@ -39,9 +39,10 @@ from mlflow.tracking import MlflowClient
 import dispatch_lambda
 from features import TARGET
 from scripts.split import holdout_mask
-from tests.conftest import project_copy, synthetic_housing
+from tests.conftest import clean_environment, project_copy, synthetic_housing
 from tests.fake_github import Dispatch, FakeGitHub
-from tests.services import ROOT, LocalServices, ServingApp, clean_environment, wait_for
+from tests.servers import ROOT, ServerProcess, wait_for
+from tests.services import LocalServices, serving_app
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,7 @@ class PredictionClient(threading.Thread):
 @dataclass
 class DataLoop:
     services: LocalServices
-    app: ServingApp
+    app: ServerProcess
     runner: ActionsRunner
     github: FakeGitHub
     origin: Path
@@ -417,7 +418,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingApp]:
+def app(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("serving")
     settings = {
         "MLFLOW_TRACKING_URI": services.mlflow_url,
@@ -427,13 +428,13 @@ def app(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) -> It
         "RELOAD_TOKEN": RELOAD_TOKEN,
         "PREDICTION_LOG_DIR": str(folder / "log"),
     }
-    with ServingApp(settings, folder / "serve.log") as serving:
+    with serving_app(settings, folder / "serve.log") as serving:
         yield serving
 
 
 @pytest.fixture(scope="module")
 def loop(
-    services: LocalServices, origin: Path, app: ServingApp, tmp_path_factory: pytest.TempPathFactory
+    services: LocalServices, origin: Path, app: ServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DataLoop]:
     runner = ActionsRunner(
         origin,

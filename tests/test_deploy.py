@@ -21,7 +21,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "scripts" / "deploy.sh"
@@ -314,15 +313,6 @@ def test_leftover_container_of_an_interrupted_release_is_replaced(serving: Host)
     assert result.returncode == 0, result.stderr
     assert serving.containers()[GREEN]["image"] == f"{IMAGE}:v2"
     assert serving.served_image() == f"{IMAGE}:v2 by {GREEN}"
-
-
-@pytest.fixture
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def test_reload_token_comes_from_secrets_manager_and_stays_off_command_lines(serving: Host, moto_endpoint: str):

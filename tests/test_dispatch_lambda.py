@@ -16,7 +16,6 @@ from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 import dispatch_lambda
 from tests.fake_github import Dispatch, FakeGitHub, declared_inputs
@@ -25,15 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RETRAIN_WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
 TOKEN = "ghp_" + "T0k3n" * 7
 ETAG = "b1946ac92492d2347c6235b4d2611184"
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture

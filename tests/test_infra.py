@@ -16,14 +16,12 @@ import os
 import re
 import subprocess
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from cfnlint.decode import cfn_yaml
-from moto.server import ThreadedMotoServer
 
 # Expected, and described above: moto warns about each resource type its CloudFormation does not implement.
 pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS.* but it's not supported:UserWarning")
@@ -40,19 +38,14 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def aws(endpoint: str) -> Any:
+def aws(moto_endpoint: str) -> Any:
     """aws("s3") -> a boto3 client of the moto server."""
     return lambda service: boto3.client(
-        service, endpoint_url=endpoint, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+        service,
+        endpoint_url=moto_endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
 
 
@@ -63,10 +56,10 @@ def network(aws) -> dict[str, str]:
     return {"VPC_ID": vpc, "SUBNET_ID": subnet}
 
 
-def infra_deploy(endpoint: str, **settings: str) -> subprocess.CompletedProcess:
+def infra_deploy(moto_endpoint: str, **settings: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
-        AWS_ENDPOINT_URL=endpoint,
+        AWS_ENDPOINT_URL=moto_endpoint,
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_REGION=REGION,
@@ -78,9 +71,9 @@ def infra_deploy(endpoint: str, **settings: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def stack(endpoint: str, aws, network: dict[str, str]) -> dict[str, str]:
+def stack(moto_endpoint: str, aws, network: dict[str, str]) -> dict[str, str]:
     """`make infra-deploy` against moto; the stack's resources by logical id."""
-    result = infra_deploy(endpoint, **SETTINGS, **network)
+    result = infra_deploy(moto_endpoint, **SETTINGS, **network)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Successfully created/updated stack - {STACK}" in result.stdout
     summaries = aws("cloudformation").list_stack_resources(StackName=STACK)["StackResourceSummaries"]
@@ -98,11 +91,11 @@ def statements(aws, role: str, policy: str) -> list[dict[str, Any]]:
     return document["Statement"]
 
 
-def test_infra_deploy_needs_its_settings(endpoint: str, network: dict[str, str]):
-    result = infra_deploy(endpoint, GITHUB_OWNER="acme")
+def test_infra_deploy_needs_its_settings(moto_endpoint: str, network: dict[str, str]):
+    result = infra_deploy(moto_endpoint, GITHUB_OWNER="acme")
     assert result.returncode == 2
     assert "set GITHUB_REPO SERVING_IMAGE SERVING_TRACKING_URI VPC_ID SUBNET_ID" in result.stderr
-    result = infra_deploy(endpoint, **{**SETTINGS, **network, "SERVING_TRACKING_URI": "sqlite:///mlflow.db"})
+    result = infra_deploy(moto_endpoint, **{**SETTINGS, **network, "SERVING_TRACKING_URI": "sqlite:///mlflow.db"})
     assert result.returncode == 2
     assert "SERVING_TRACKING_URI must be an MLflow server's http(s):// URL" in result.stderr
 
