@@ -46,9 +46,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: find the repo's schema
-from features import FEATURES
-
 APP_PORT = 8000
 SLOW_READY_S = 1.0
 LOAD_ERROR = (
@@ -56,6 +53,17 @@ LOAD_ERROR = (
     "RESOURCE_DOES_NOT_EXIST: Registered model alias champion not found."
 )
 NGINX_CONF_DIR = "/etc/nginx/conf.d"
+FEATURES = (
+    "longitude",
+    "latitude",
+    "housing_median_age",
+    "total_rooms",
+    "total_bedrooms",
+    "population",
+    "households",
+    "median_income",
+    "ocean_proximity",
+)
 RESTARTING_POLICIES = re.compile(r"always|unless-stopped|on-failure(:\d+)?")
 DOCKER_COMMANDS = frozenset(
     "attach build builder buildx commit compose config container context cp create diff events exec export history "
