@@ -53,6 +53,8 @@ LOAD_ERROR = (
     "RESOURCE_DOES_NOT_EXIST: Registered model alias champion not found."
 )
 NGINX_CONF_DIR = "/etc/nginx/conf.d"
+# The app's input fields (features.FEATURES), listed here: importing features.py (numpy, scipy, scikit-learn)
+# would cost every `docker` call a second.
 FEATURES = (
     "longitude",
     "latitude",
