@@ -18,7 +18,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy
+.PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,13 +42,17 @@ retrain: venv dvc-remote ## fetch, validate, split, train, register + gated prom
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
 
-lint: venv ## ruff, actionlint + workflow schema, shellcheck, hadolint, cfn-lint
+lint: venv ## ruff, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema
 	ruff check .
 	actionlint
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 	shellcheck scripts/*.sh tests/fake_docker/docker .ci/run
 	hadolint Dockerfile
 	cfn-lint infra/*.yml
+	promtool check config prometheus.yml
+	promtool check rules prometheus/rules/*.yml
+	promtool test rules prometheus/tests/*.yml
 
 test: venv lint ## lint, then the whole test suite
 	python -m pytest -q
@@ -64,6 +68,12 @@ services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server on 1
 
 services-down: ## stop what services-up started
 	@scripts/services.sh down
+
+monitoring-up: venv ## Prometheus (Debian package) on 127.0.0.1:9090 scraping `make serve`, with the alert rules
+	@scripts/monitoring.sh up
+
+monitoring-down: ## stop what monitoring-up started
+	@scripts/monitoring.sh down
 
 image: venv ## build the serving image without a Docker engine (buildah) and smoke-test it
 	@scripts/build_image.sh

@@ -173,6 +173,7 @@ def _neighbourhood(tree: cKDTree, log_target: np.ndarray, income: np.ndarray, nu
 # Population Stability Index over bins fixed at training time (deciles of each numeric field, one bin per
 # category, missing values in a bin of their own).
 PROFILE_BINS = 10
+PROFILE_FILE = "reference_profile.json"  # stored with every model, in MLflow's extra_files/
 PSI_FLOOR = 1e-4  # empty bins would make the log-ratio infinite
 
 

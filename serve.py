@@ -16,6 +16,8 @@ Settings come from the environment:
     MAX_BATCH_ROWS       records per request (10000)
     MAX_BODY_BYTES       request body size (8388608)
     PREDICTION_LOG_DIR   JSON lines of every prediction, one size-rotated file per worker (logs/)
+    DRIFT_WINDOW         records per worker whose inputs and predictions are compared with the served model's training
+                         data (1000); see DriftWindow. The drift alert needs 500 of them (prometheus/rules)
 
 With WORKERS>1, `python serve.py` runs prometheus-client in multiprocess mode in PROMETHEUS_MULTIPROC_DIR (a new
 temporary directory unless set; its *.db files are deleted at start). Plain `uvicorn --workers N serve:app` does not.
@@ -67,7 +69,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from threadpoolctl import threadpool_limits
 
-from features import CATEGORICAL_FEATURE, CATEGORIES, FEATURES, NUMERIC_FEATURES, OPTIONAL_FEATURES, category_codes
+from features import (
+    CATEGORICAL_FEATURE,
+    CATEGORIES,
+    FEATURES,
+    NUMERIC_FEATURES,
+    OPTIONAL_FEATURES,
+    PROFILE_FILE,
+    bin_indices,
+    category_codes,
+    psi,
+)
 
 log = logging.getLogger("housing.serve")
 
@@ -84,6 +96,9 @@ PREDICTION_LOG_BUFFER = 100_000  # entries waiting to be written
 PREDICTION_LOG_FLUSH_S = 0.2
 # Real coordinates; far beyond them the neighbourhood features of features.py fail.
 COORDINATE_BOUNDS = {"longitude": (-180.0, 180.0), "latitude": (-90.0, 90.0)}
+REFERENCE_PROFILE = Path("extra_files", PROFILE_FILE)  # in the model directory, from train.log_pipeline
+DRIFT_FIELDS = (*FEATURES, "prediction")
+DRIFT_UPDATE_S = 1.0  # how often each worker bins its new records and publishes its drift scores
 
 
 @dataclass(frozen=True)
@@ -100,6 +115,7 @@ class Settings:
     max_batch_rows: int = 10_000
     max_body_bytes: int = 8 * 1024 * 1024
     prediction_log_dir: Path = Path("logs")
+    drift_window: int = 1000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -116,7 +132,7 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_batch_rows", "max_body_bytes"):
+        for name in ("workers", "max_batch_rows", "max_body_bytes", "drift_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
         if self.reload_interval_s < 0:
@@ -145,12 +161,28 @@ MODEL_INFO = Gauge("housing_model_info", "1 for the model version being served, 
                    ["name", "version"], multiprocess_mode="livemax", registry=METRICS)
 MODEL_LOADED = Gauge("housing_model_loaded", "1 when a model is loaded (in every worker: the minimum).",
                      multiprocess_mode="livemin", registry=METRICS)
-RELOADS = Counter("housing_model_reloads", "Registry checks by result: loaded, unchanged, failed, unavailable.",
+RELOAD_RESULTS = ("loaded", "unchanged", "failed", "unavailable")
+RELOADS = Counter("housing_model_reloads", f"Registry checks by result: {', '.join(RELOAD_RESULTS)}.",
                   ["result"], registry=METRICS)
 LAST_RELOAD = Gauge("housing_model_last_reload_timestamp_seconds", "Unix time the served model was loaded.",
                     multiprocess_mode="livemax", registry=METRICS)
 LOG_DROPPED = Counter("housing_prediction_log_dropped", "Prediction log entries lost (queue full or write error).",
                       registry=METRICS)
+# The series the alerts watch exist at 0 from the start: rate() and increase() cannot count the value a series is
+# born with, so a first burst of failures would go unseen.
+for result in RELOAD_RESULTS:
+    RELOADS.labels(result)
+for status in ("200", "400", "413", "415", "422", "500", "503"):  # what /predict answers
+    REQUESTS.labels("/predict", "POST", status)
+for field in (*FEATURES, "body", "instances", "unknown"):  # see Problem.field
+    VALIDATION_FAILURES.labels(field)
+# One series per worker ("liveall": a pid label with WORKERS>1). A PSI belongs to one worker's window, and windows do
+# not add up; prometheus/rules takes the maximum over the windows that hold enough records.
+DRIFT_PSI = Gauge("housing_drift_psi", "Population Stability Index of the drift window against the served model's "
+                  "training data, per input field and for the predictions; NaN while the window is empty.", ["field"],
+                  multiprocess_mode="liveall", registry=METRICS)
+DRIFT_ROWS = Gauge("housing_drift_window_rows", "Records in the drift window (DRIFT_WINDOW at most).",
+                   multiprocess_mode="liveall", registry=METRICS)
 
 
 def multiprocess_metrics() -> bool:
@@ -288,6 +320,7 @@ class ServedModel:
     requested: dict[str, str]  # {"alias": ...} or {"stage": ...}; empty for MODEL_URI
     pipeline: Pipeline
     trees: FlatTrees | None
+    drift: DriftWindow | None  # None: the model came without a reference profile
     run_id: str | None
     metrics: dict[str, float]
     loaded_at: datetime
@@ -437,13 +470,27 @@ def load(ref: ModelRef, settings: Settings, registry: Callable[[], MlflowClient]
         metadata = Model.load(local)
         check_schema(metadata)
         pipeline = mlflow.sklearn.load_model(local)
+        drift = drift_window(ref, Path(local) / REFERENCE_PROFILE, settings.drift_window)
     if not hasattr(pipeline.steps[0][1], "transform_arrays"):
         raise ModelRefused("the first pipeline step is not features.HousingFeatures")
     model = ServedModel(ref=ref, name=settings.model_name, requested=requested_model(settings), pipeline=pipeline,
-                        trees=flatten(pipeline), run_id=metadata.run_id,
+                        trees=flatten(pipeline), drift=drift, run_id=metadata.run_id,
                         metrics=training_metrics(registry, metadata.run_id), loaded_at=datetime.now(UTC))
     smoke_test(model)
     return model
+
+
+def drift_window(ref: ModelRef, profile: Path, size: int) -> DriftWindow | None:
+    """An empty drift window against the model's reference profile; None, logged, without a usable profile."""
+    if not profile.is_file():
+        log.warning("drift is not measured for %s: it has no %s", ref.uri, REFERENCE_PROFILE)
+        return None
+    try:
+        return DriftWindow(orjson.loads(profile.read_bytes()), size)
+    except (KeyError, TypeError, ValueError) as error:
+        log.warning("drift is not measured for %s: unusable %s (%s: %s)", ref.uri, REFERENCE_PROFILE,
+                    type(error).__name__, error)
+        return None
 
 
 def requested_model(settings: Settings) -> dict[str, str]:
@@ -573,6 +620,106 @@ class Poller:
         if self._keeper.current is None:
             return min(self._interval_s, RETRY_S) if self._interval_s else RETRY_S
         return self._interval_s or None
+
+
+# --- drift ---------------------------------------------------------------------------------------------------
+
+
+class DriftWindow:
+    """The last `size` records one model predicted, in the bins of its reference profile (features.py), and their PSI.
+
+    PSI (Population Stability Index) because it is the usual score of model monitoring, with conventional thresholds
+    (below 0.1 stable, above 0.25 a significant shift), it treats numeric and categorical fields alike, and over bins
+    fixed at training time it needs only a bin index per value: a window is a ring of small integers, and its scores
+    are bin counts. A request only queues its arrays (`add`, one deque append); `update`, on the drift thread, bins
+    them into the ring and `scores` compares the ring's bin fractions with the training fractions.
+    """
+
+    def __init__(self, profile: dict, size: int) -> None:
+        self.size = size
+        self._numeric = [profile["fields"][name] for name in NUMERIC_FEATURES]
+        self._prediction = profile["prediction"]
+        if any(len(p["fractions"]) != len(p["edges"]) + 2 for p in (*self._numeric, self._prediction)):
+            raise ValueError("a numeric profile needs a fraction per bin: len(edges) + 1, and one for missing values")
+        category = profile["fields"][CATEGORICAL_FEATURE]
+        # The profile's bin of each of this server's category codes; its last bin is for unknown categories.
+        self._category_bins = np.array([category["categories"].index(c) if c in category["categories"]
+                                        else len(category["categories"]) for c in CATEGORIES])
+        self._expected = [np.asarray(p["fractions"], dtype=float) for p in (*self._numeric, category, self._prediction)]
+        self._bins = np.zeros((size, len(DRIFT_FIELDS)), dtype=np.intp)
+        self._written = 0
+        # At most `size` entries of at least one record each: always the newest `size` records, if the thread lags.
+        self._queued: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=size)
+
+    @property
+    def rows(self) -> int:
+        return min(self._written, self.size)
+
+    def add(self, numeric: np.ndarray, codes: np.ndarray, predictions: np.ndarray) -> None:
+        self._queued.append((numeric, codes, predictions))
+
+    def update(self) -> None:
+        """Move the queued records into the ring, overwriting the oldest."""
+        batches = [self._queued.popleft() for _ in range(len(self._queued))]
+        if not batches:
+            return
+        numeric, codes, predictions = (np.concatenate(parts)[-self.size:] for parts in zip(*batches, strict=True))
+        bins = np.column_stack([*(bin_indices(p, numeric[:, i]) for i, p in enumerate(self._numeric)),
+                                self._category_bins[codes.astype(np.intp)], bin_indices(self._prediction, predictions)])
+        self._bins[(self._written + np.arange(len(bins))) % self.size] = bins
+        self._written += len(bins)
+
+    def scores(self) -> dict[str, float]:
+        """PSI of each of DRIFT_FIELDS; NaN for an empty window."""
+        window = self._bins[:self.rows]
+        if not len(window):
+            return dict.fromkeys(DRIFT_FIELDS, math.nan)
+        return {field: psi(expected, np.bincount(window[:, i], minlength=len(expected)) / len(window))
+                for i, (field, expected) in enumerate(zip(DRIFT_FIELDS, self._expected, strict=True))}
+
+
+class DriftMonitor:
+    """Every DRIFT_UPDATE_S, brings the served model's drift window up to date and publishes its scores.
+
+    A new model comes with a new, empty window. A model without a reference profile gets no PSI series and a window
+    of 0 records; if one with a profile served before it in this worker, its PSI series turn NaN (multiprocess mode
+    cannot remove series).
+    """
+
+    def __init__(self, keeper: ModelKeeper) -> None:
+        self._keeper = keeper
+        self._published = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drift", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(DRIFT_UPDATE_S):
+            try:
+                self.publish()
+            except Exception:  # like the poller: a surprise must not end drift monitoring silently
+                log.exception("drift update failed")
+
+    def publish(self) -> None:
+        model = self._keeper.current
+        window = model.drift if model is not None else None
+        if window is not None:
+            window.update()
+            scores, rows = window.scores(), window.rows
+        elif self._published:
+            scores, rows = dict.fromkeys(DRIFT_FIELDS, math.nan), 0
+        else:
+            return
+        for field, score in scores.items():
+            DRIFT_PSI.labels(field).set(score)
+        DRIFT_ROWS.set(rows)
+        self._published = True
 
 
 # --- prediction log ------------------------------------------------------------------------------------------
@@ -723,6 +870,7 @@ class Service:
         self.keeper = ModelKeeper(settings)
         self.poller = Poller(self.keeper, 0 if settings.model_uri else settings.reload_interval_s)
         self.prediction_log = PredictionLog(settings.prediction_log_dir)
+        self.drift = DriftMonitor(self.keeper)
         self.openapi = openapi_document(settings)
         # The cores this worker may use; with WORKERS>1 they are shared out.
         self.parallelism = max(1, len(os.sched_getaffinity(0)) // settings.workers)
@@ -733,9 +881,11 @@ class Service:
         one_openmp_thread()  # small batches are predicted on this, the event loop's thread
         self.prediction_log.start()
         self.poller.start()
+        self.drift.start()
         try:
             yield
         finally:
+            self.drift.stop()
             self.poller.stop()
             self._pool.shutdown()
             self.prediction_log.stop()
@@ -755,7 +905,10 @@ class Service:
         model = self.keeper.current
         if model is None:
             return not_loaded()
-        values = (await self._predict(model, numeric, codes)).tolist()
+        predictions = await self._predict(model, numeric, codes)
+        if model.drift is not None:
+            model.drift.add(numeric, codes, predictions)
+        values = predictions.tolist()
         identity = request_id(request)
         self._record(identity, model, records, values)
         content = {"predictions": values} if batch else {"prediction": values[0]}

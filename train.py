@@ -40,6 +40,7 @@ from features import (
     FEATURES,
     NUMERIC_FEATURES,
     OPTIONAL_FEATURES,
+    PROFILE_FILE,
     TARGET,
     HousingFeatures,
     reference_profile,
@@ -57,7 +58,6 @@ ESTIMATORS = {
     "hist_gradient_boosting": HistGradientBoostingRegressor,
     "random_forest": RandomForestRegressor,
 }
-PROFILE_FILE = "reference_profile.json"
 MODEL_REQUIREMENTS = ("scikit-learn", "scipy", "numpy", "pandas", "cloudpickle")
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("double", name, required=name not in OPTIONAL_FEATURES) for name in NUMERIC_FEATURES]

@@ -1,0 +1,417 @@
+"""Monitoring as code: the rules and dashboard, checked statically, then against a real Prometheus scraping the app.
+
+The live part starts `python serve.py` twice (a healthy app with WORKERS=2, one whose model never appears) and
+Prometheus through scripts/monitoring.sh (`make monitoring-up`) with a 1 s scrape and evaluation interval and a third
+target where nothing listens. It sends valid, invalid, batched and finally drifted traffic, switches the model
+version and offers a broken one, then evaluates every expression of every dashboard panel and rule through the
+Prometheus HTTP API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
+from threadpoolctl import threadpool_limits
+
+import train
+from features import FEATURES, NUMERIC_FEATURES, TARGET, reference_profile
+from scripts import render_metrics
+from tests.conftest import synthetic_housing
+from tests.servers import ROOT, ServerProcess, free_port, start_serve, wait_for, wait_until_answering
+
+pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
+
+RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
+PROMTOOL_TESTS = sorted((ROOT / "prometheus" / "tests").glob("*.yml"))
+DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
+DATASOURCES = sorted((ROOT / "grafana" / "provisioning" / "datasources").glob("*.yml"))
+GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
+RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
+SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
+                  "RELOAD_TOKEN", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR", "DRIFT_WINDOW")
+RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
+EVERY_ALERT = {"HousingServeTargetDown", "HousingNoModelLoaded", "HousingHighErrorRatio", "HousingHighLatency",
+               "HousingModelReloadFailed", "HousingFeatureDrift", "HousingPredictionDrift", "HousingNoPredictions"}
+
+
+def rules() -> list[dict]:
+    return [rule for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
+            for rule in group["rules"]]
+
+
+def alerts() -> list[dict]:
+    return [rule for rule in rules() if "alert" in rule]
+
+
+def panels(dashboard: dict) -> list[dict]:
+    return [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel query and annotation of every dashboard."""
+    found = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        found += [(f"{path.name}: panel {panel['title']!r}", target["expr"])
+                  for panel in panels(dashboard) for target in panel["targets"]]
+        found += [(f"{path.name}: annotation {annotation['name']!r}", annotation["expr"])
+                  for annotation in dashboard["annotations"]["list"]]
+    return found
+
+
+def non_filtering(expr: str) -> str:
+    """`expr` with each comparison as `bool`: it returns 0 or 1 for every series instead of dropping the false ones,
+    so a result proves the expression's metrics, labels and joins exist, whether or not the alert holds."""
+    return re.sub(r"\s(==|!=|>=|<=|>|<)\s+(?!bool\b)", r" \1 bool ", expr)
+
+
+# --- static checks -------------------------------------------------------------------------------------------
+
+
+def test_rule_files_are_the_ones_prometheus_loads():
+    config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
+    loaded = sorted({path for pattern in config["rule_files"] for path in ROOT.glob(pattern)})
+    assert loaded == RULE_FILES
+    assert {rule["alert"] for rule in alerts()} == EVERY_ALERT
+
+
+def test_promtool_unit_tests_pass():
+    result = subprocess.run(["promtool", "test", "rules", *PROMTOOL_TESTS], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_fires_and_stays_silent_in_the_unit_tests():
+    fires, silent = set(), set()
+    for path in PROMTOOL_TESTS:
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fires if check.get("exp_alerts") else silent).add(check["alertname"])
+    assert fires == EVERY_ALERT
+    assert silent == EVERY_ALERT
+
+
+@pytest.mark.parametrize("alert", alerts(), ids=lambda alert: alert["alert"])
+def test_every_alert_says_how_bad_what_and_what_to_do(alert):
+    assert alert["labels"]["severity"] in ("critical", "warning")
+    assert alert["annotations"]["summary"]
+    assert len(alert["annotations"]["runbook"]) > 40
+
+
+def test_dashboards_are_well_formed():
+    datasources = {source["uid"] for path in DATASOURCES for source in yaml.safe_load(path.read_text())["datasources"]}
+    dashboards = [json.loads(path.read_text()) for path in DASHBOARDS]
+    assert dashboards
+    uids = [dashboard["uid"] for dashboard in dashboards]
+    assert len(set(uids)) == len(uids)
+    for dashboard in dashboards:
+        ids = [panel["id"] for panel in dashboard["panels"]]
+        assert len(set(ids)) == len(ids), dashboard["uid"]
+        references = [annotation["datasource"] for annotation in dashboard["annotations"]["list"]]
+        for panel in panels(dashboard):
+            assert panel["targets"], panel["title"]
+            assert all(target["expr"].strip() for target in panel["targets"]), panel["title"]
+            refs = [target["refId"] for target in panel["targets"]]
+            assert len(set(refs)) == len(refs), panel["title"]
+            references += [panel["datasource"], *(target["datasource"] for target in panel["targets"])]
+        assert {reference["uid"] for reference in references} <= datasources
+        assert {reference["type"] for reference in references} == {"prometheus"}
+        assert_grid_without_overlap(dashboard["panels"])
+
+
+def assert_grid_without_overlap(items: list[dict]) -> None:
+    cells = {}
+    for item in items:
+        grid = item["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, item["title"]
+        for cell in itertools.product(range(grid["x"], grid["x"] + grid["w"]), range(grid["y"], grid["y"] + grid["h"])):
+            assert cell not in cells, f"{item['title']!r} overlaps {cells[cell]!r}"
+            cells[cell] = item["title"]
+
+
+def test_compose_mounts_what_prometheus_and_grafana_load():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"serve", "mlflow", "prometheus", "grafana"}
+    mounts = {name: dict(volume.split(":")[:2] for volume in service.get("volumes", []) if volume.startswith("./"))
+              for name, service in services.items()}
+    assert all((ROOT / source).exists() for by_service in mounts.values() for source in by_service)
+    # Prometheus: this prometheus.yml, its rules, and a target file where its file_sd looks, naming serve:8000.
+    config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
+    config_dir = Path(mounts["prometheus"]["./prometheus.yml"]).parent
+    for pattern in config["rule_files"]:
+        assert str(config_dir / Path(pattern).parent) == mounts["prometheus"]["./" + str(Path(pattern).parent)]
+    (target,) = services["prometheus"]["configs"]
+    (job,) = config["scrape_configs"]
+    (sd_pattern,) = job["file_sd_configs"][0]["files"]
+    assert Path(target["target"]).match(str(config_dir / sd_pattern))
+    assert yaml.safe_load(compose["configs"][target["source"]]["content"]) == [{"targets": ["serve:8000"]}]
+    # Grafana: the provisioning, the dashboards where the provider reads them, the datasource at the prometheus service.
+    assert mounts["grafana"]["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    (provider,) = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/housing.yml").read_text())["providers"]
+    assert mounts["grafana"]["./grafana/dashboards"] == provider["options"]["path"]
+    (datasource,) = yaml.safe_load(DATASOURCES[0].read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+
+
+# --- against a real Prometheus -------------------------------------------------------------------------------
+
+
+@dataclass
+class Live:
+    prometheus: str
+    healthy: ServerProcess  # WORKERS=2, follows "housing"@champion every second
+    unloaded: ServerProcess  # its model never appears
+    dead: str  # host:port where nothing listens
+    started: float
+    calm: float  # when Prometheus had recorded the drift of training-like traffic
+    drifted: float  # ... and of drifted traffic
+    predicted: int  # records the healthy app predicted
+    answered: int  # its /predict requests answered 200
+
+    def instance(self, server: ServerProcess) -> str:
+        return f"127.0.0.1:{server.port}"
+
+
+def query(prometheus: str, expr: str, at: float | None = None) -> list[dict]:
+    params = {"query": expr} if at is None else {"query": expr, "time": at}
+    answer = httpx.get(f"{prometheus}/api/v1/query", params=params, timeout=30).json()
+    assert answer["status"] == "success", (expr, answer)
+    return answer["data"]["result"]
+
+
+def by_label(result: list[dict], label: str) -> dict[str, float]:
+    return {series["metric"].get(label, ""): float(series["value"][1]) for series in result}
+
+
+def app_metrics(server: ServerProcess) -> list:
+    text = httpx.get(server.url + "/metrics", headers={"Connection": "close"}, timeout=10).text
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def app_value(server: ServerProcess, name: str, **labels: str) -> float:
+    return sum(sample.value for sample in app_metrics(server)
+               if sample.name == name and labels.items() <= sample.labels.items())
+
+
+def json_records(frame: pd.DataFrame) -> list[dict]:
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+class Traffic:
+    """Requests to one app on new connections (so that both workers answer), counting what was predicted."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.url = server.url + "/predict"
+        self.predicted = self.answered = 0
+
+    def send(self, body: object, status: int = 200, **kwargs) -> None:
+        response = httpx.post(self.url, json=body, headers={"Connection": "close"}, timeout=30, **kwargs)
+        assert response.status_code == status, response.text
+        if status == 200:
+            self.answered += 1
+            self.predicted += len(body["instances"]) if "instances" in body else 1
+
+    def batches(self, frame: pd.DataFrame, size: int = 100) -> None:
+        rows = json_records(frame)
+        for start in range(0, len(rows), size):
+            self.send({"instances": rows[start:start + size]})
+
+
+def register(experiment_id: str, spec: dict, broken: bool = False) -> str:
+    """A version of model "housing", with its reference profile as train.py makes it; `broken`: a ridge predicting
+    NaN, which the app refuses."""
+    data, holdout = synthetic_housing(seed=0), synthetic_housing(500, seed=1)
+    with threadpool_limits(1, "openmp"):
+        pipeline = train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
+    reference = None
+    if broken:
+        pipeline.named_steps["model"].coef_[:] = np.nan
+    else:
+        reference = reference_profile(data[list(FEATURES)], pipeline.predict(holdout[list(FEATURES)]))
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = train.log_pipeline(pipeline, holdout[list(FEATURES)].head(3), reference)
+    return str(mlflow.register_model(info.model_uri, "housing").version)
+
+
+def monitoring(command: str, env: dict[str, str]) -> None:
+    result = subprocess.run([str(ROOT / "scripts" / "monitoring.sh"), command], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    tmp = tmp_path_factory.mktemp("monitoring")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        client = MlflowClient(uri)
+        experiment_id = mlflow.create_experiment("monitoring", artifact_location=(tmp / "artifacts").as_uri())
+        first, second = (register(experiment_id, GBDT) for _ in range(2))
+        client.set_registered_model_alias("housing", "champion", first)
+
+        env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
+        env |= {"MLFLOW_TRACKING_URI": uri, "PREDICTION_LOG_DIR": str(tmp / "predictions")}
+        healthy = start_serve({**env, "MODEL_NAME": "housing", "WORKERS": "2", "RELOAD_INTERVAL_S": "1"},
+                              tmp / "healthy.log")
+        unloaded = start_serve({**env, "MODEL_NAME": "never-registered"}, tmp / "unloaded.log")
+        refusing = socket.socket()  # bound and never listening: connections are refused, and the port stays taken
+        refusing.bind(("127.0.0.1", 0))
+        dead, port = f"127.0.0.1:{refusing.getsockname()[1]}", free_port()
+        monitoring_env = {**env, "MONITORING_DIR": str(tmp / "prometheus"), "PROMETHEUS_PORT": str(port),
+                          "SCRAPE_INTERVAL": "1s",
+                          "MONITORING_TARGETS": f"127.0.0.1:{healthy.port} 127.0.0.1:{unloaded.port} {dead}"}
+        try:
+            started = time.time()
+            monitoring("up", monitoring_env)
+            wait_until_answering(healthy, "/ready")
+            wait_until_answering(unloaded, "/health")
+            yield drive(f"http://127.0.0.1:{port}", healthy, unloaded, dead, started, client, experiment_id,
+                        (first, second))
+        finally:
+            monitoring("down", monitoring_env)
+            healthy.stop()
+            unloaded.stop()
+            refusing.close()
+
+
+def drive(prometheus: str, healthy: ServerProcess, unloaded: ServerProcess, dead: str, started: float,
+          client: MlflowClient, experiment_id: str, versions: tuple[str, str]) -> Live:
+    """The traffic and model changes the live tests look at, in order."""
+    first, second = versions
+    wait_for(lambda: app_value(healthy, "housing_model_loaded") == 1, 60, "both workers to load the model")
+    traffic, calm_frame = Traffic(healthy), synthetic_housing(3500, seed=2)[list(FEATURES)]
+    rows = json_records(calm_frame)
+    for record in rows[:60]:
+        traffic.send(record)
+    sizes = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+    for size, start in zip(sizes, itertools.accumulate(sizes, initial=60), strict=False):
+        traffic.send({"instances": rows[start:start + size]})
+    traffic.batches(calm_frame.iloc[1000:])
+    good = rows[0]
+    for body in ({**good, "median_income": "8.3"}, {**good, "ocean_proximity": "MOON"},
+                 {"instances": [good, {**good, "latitude": None, "households": True}]}, {**good, "rooms": 3}):
+        traffic.send(body, 422)
+    assert httpx.post(traffic.url, content=b"{", headers={"Content-Type": "application/json"}).status_code == 400
+    for _ in range(20):
+        Traffic(unloaded).send(good, 503)
+    calm = wait_for(lambda: len(result := query(prometheus, "job_field:housing_drift_psi:max")) == len(FEATURES) + 1
+                    and result[0]["value"][0], 60, "Prometheus to record drift scores of the calm traffic")
+
+    client.set_registered_model_alias("housing", "champion", second)  # a new version: empty drift windows
+    wait_for(lambda: app_value(healthy, "housing_model_info", version=first) == 0, 60, "both workers to reload")
+    client.set_registered_model_alias("housing", "champion", register(experiment_id, RIDGE, broken=True))
+    wait_for(lambda: app_value(healthy, "housing_model_reloads_total", result="failed") > 0, 60, "a refused model")
+    client.set_registered_model_alias("housing", "champion", second)
+
+    shifted = synthetic_housing(3000, seed=3)[list(FEATURES)]
+    shifted = shifted.assign(median_income=shifted.median_income * 2, ocean_proximity="INLAND")
+    traffic.batches(shifted)
+
+    def both_windows_filling() -> bool:
+        windows = [s.value for s in app_metrics(healthy) if s.name == "housing_drift_window_rows"]
+        if len(windows) == 2 and min(windows) > 0:
+            return True
+        traffic.batches(shifted.head(100))
+        return False
+
+    wait_for(both_windows_filling, 60, "drifted records in the window of each worker")
+    drifted = wait_for(lambda: (result := query(prometheus, 'job_field:housing_drift_psi:max{field="median_income"}'
+                                                            " > 0.25")) and result[0]["value"][0],
+                       60, "Prometheus to record the drift")
+    return Live(prometheus, healthy, unloaded, dead, started, calm, drifted, traffic.predicted, traffic.answered)
+
+
+def test_counters_add_up_across_two_workers(live):
+    instance = live.instance(live.healthy)
+    # Every request is answered before it is counted, and Prometheus scrapes every second.
+    wait_for(lambda: by_label(query(live.prometheus, f'housing_predictions_total{{instance="{instance}"}}'), "")
+             == {"": live.predicted}, 30, f"housing_predictions_total == {live.predicted} in Prometheus")
+    answered = query(live.prometheus, f'sum(housing_http_requests_total{{instance="{instance}", route="/predict", '
+                                      'status="200"})')
+    assert by_label(answered, "") == {"": live.answered}
+    # Each worker answered, and reports its own window (labelled pid).
+    wait_for(lambda: len(query(live.prometheus, f'housing_drift_window_rows{{instance="{instance}"}} > 0')) == 2, 30,
+             "a drift window with records from each worker in Prometheus")
+
+
+def test_training_like_traffic_keeps_drift_low_in_prometheus(live):
+    scores = by_label(query(live.prometheus, "job_field:housing_drift_psi:max", at=live.calm), "field")
+    assert set(scores) == {*FEATURES, "prediction"}
+    assert max(scores.values()) < 0.1, scores
+
+
+def test_drifted_traffic_raises_the_shifted_fields_only(live):
+    scores = by_label(query(live.prometheus, "job_field:housing_drift_psi:max", at=live.drifted), "field")
+    assert scores["median_income"] > 0.25 and scores["ocean_proximity"] > 0.25, scores
+    assert all(scores[name] < 0.1 for name in NUMERIC_FEATURES if name != "median_income"), scores
+    assert scores["prediction"] > 0.25, scores  # income drives the price
+
+
+def test_alerts_follow_the_traffic(live):
+    """Pending or firing, by alert: what the traffic should trigger, and nothing else."""
+    healthy, unloaded = live.instance(live.healthy), live.instance(live.unloaded)
+    expected = {
+        "HousingServeTargetDown": {live.dead},
+        "HousingNoModelLoaded": {unloaded},
+        "HousingNoPredictions": {unloaded},
+        "HousingModelReloadFailed": {healthy},
+        "HousingHighErrorRatio": {""},  # per job: 503s from the instance without a model
+        "HousingFeatureDrift": {"median_income", "ocean_proximity"},
+        "HousingPredictionDrift": {"prediction"},
+    }
+
+    def active() -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {}
+        for series in query(live.prometheus, 'ALERTS{alertname=~"Housing.+"}'):
+            labels = series["metric"]
+            found.setdefault(labels["alertname"], set()).add(labels.get("field", labels.get("instance", "")))
+        return found
+
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: active() == expected, 30, "the alerts of the traffic")
+    assert active() == expected
+    firing = query(live.prometheus, 'ALERTS{alertname="HousingModelReloadFailed", alertstate="firing"}')
+    assert firing  # `for: 0`: at once
+
+
+EXPRESSIONS = [(rule.get("record") or rule["alert"], rule["expr"]) for rule in rules()] + dashboard_expressions()
+
+
+@pytest.mark.parametrize(("where", "expr"), EXPRESSIONS, ids=[where for where, _ in EXPRESSIONS])
+def test_every_rule_and_panel_expression_returns_data(live, where, expr):
+    """Each expression as Grafana runs it (a range query over the test's traffic) parses and returns series.
+    Alert expressions are made non-filtering: an alert that should stay silent returns its series too."""
+    if where in EVERY_ALERT:
+        expr = non_filtering(expr)
+    answer = httpx.get(f"{live.prometheus}/api/v1/query_range", timeout=30, params={
+        "query": expr.replace("$__rate_interval", RATE_INTERVAL), "start": live.started, "end": time.time(),
+        "step": 1}).json()
+    assert answer["status"] == "success", answer
+    assert any(series["values"] for series in answer["data"]["result"]), f"{where}: no data for {expr}"
+
+
+def test_key_series_render_to_a_png(live, tmp_path):
+    drawn = render_metrics.render(live.prometheus, live.started, time.time(), tmp_path / "monitoring.png",
+                                  RATE_INTERVAL)
+    assert set(drawn) == set(render_metrics.PANELS)
+    assert min(drawn.values()) > 0, drawn
+    assert (tmp_path / "monitoring.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
