@@ -590,21 +590,36 @@ class ModelKeeper:
         LAST_RELOAD.set(model.loaded_at.timestamp())
 
 
-class Poller:
-    """Loads the first model (retrying until one loads), then asks the registry every interval."""
+class BackgroundThread:
+    """A daemon thread running `_run` until `stop()` sets `_stop`; subclasses name it and write `_run`."""
 
-    def __init__(self, keeper: ModelKeeper, interval_s: float) -> None:
-        self._keeper = keeper
-        self._interval_s = interval_s
+    name = "background"
+    join_timeout_s = 5.0
+
+    def __init__(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="model-poller", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=self.join_timeout_s)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Poller(BackgroundThread):
+    """Loads the first model (retrying until one loads), then asks the registry every interval."""
+
+    name = "model-poller"
+
+    def __init__(self, keeper: ModelKeeper, interval_s: float) -> None:
+        super().__init__()
+        self._keeper = keeper
+        self._interval_s = interval_s
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -678,7 +693,7 @@ class DriftWindow:
                 for i, (field, expected) in enumerate(zip(DRIFT_FIELDS, self._expected, strict=True))}
 
 
-class DriftMonitor:
+class DriftMonitor(BackgroundThread):
     """Every DRIFT_UPDATE_S, brings the served model's drift window up to date and publishes its scores.
 
     A new model comes with a new, empty window. A model without a reference profile gets no PSI series and a window
@@ -686,18 +701,12 @@ class DriftMonitor:
     cannot remove series).
     """
 
+    name = "drift"
+
     def __init__(self, keeper: ModelKeeper) -> None:
+        super().__init__()
         self._keeper = keeper
         self._published = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="drift", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
     def _run(self) -> None:
         while not self._stop.wait(DRIFT_UPDATE_S):
@@ -730,7 +739,7 @@ class _CountedFailures(RotatingFileHandler):
         LOG_DROPPED.inc()
 
 
-class PredictionLog:
+class PredictionLog(BackgroundThread):
     """One JSON line per prediction request, written by a background thread.
 
     A request only appends its entry to a bounded in-memory buffer, which the thread writes out every
@@ -739,20 +748,14 @@ class PredictionLog:
     but never delays or fails a prediction. Each worker writes its own file.
     """
 
+    name = "prediction-log"
+    join_timeout_s = 10.0  # stopping writes what is pending
+
     def __init__(self, directory: Path, max_bytes: int = PREDICTION_LOG_MAX_BYTES) -> None:
+        super().__init__()
         self.path = directory / f"predictions-{os.getpid()}.jsonl"
         self.max_bytes = max_bytes
         self._pending: deque[dict] = deque()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Write what is pending, then stop."""
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def append(self, entry: dict) -> None:
         if len(self._pending) >= PREDICTION_LOG_BUFFER:
