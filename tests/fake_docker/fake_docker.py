@@ -662,7 +662,7 @@ def logs(store: Store, args: list[str]) -> int:
     if tail != "all":
         if not tail.lstrip("-").isdigit():
             raise DockerError(f'invalid argument "{tail}" for "-n, --tail" flag', 125)
-        lines = lines[len(lines) - int(tail) :] if int(tail) >= 0 else lines
+        lines = lines[-int(tail) :] if int(tail) > 0 else [] if int(tail) == 0 else lines
     for line in lines:
         print(line)
     return 0
