@@ -22,20 +22,11 @@ SCRAPE_INTERVAL=${SCRAPE_INTERVAL:-15s}
 MONITORING_DIR=${MONITORING_DIR:-$root/.monitoring}
 MONITORING_TIMEOUT_S=${MONITORING_TIMEOUT_S:-30}
 PROMETHEUS_URL=http://127.0.0.1:$PROMETHEUS_PORT
-pidfile=$MONITORING_DIR/prometheus.pgid
 
 log() { echo "monitoring: $*" >&2; }
 die() { log "$*"; exit 1; }
-
-# The recorded process group, if it still has a live process.
-running_group() {
-  [ -f "$pidfile" ] || return 1
-  local pgid
-  pgid=$(<"$pidfile")
-  kill -0 -- "-$pgid" 2>/dev/null && echo "$pgid"
-}
-
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=scripts/process_group.sh
+source "$root/scripts/process_group.sh"
 
 # prometheus.yml with absolute rule paths, the interval, and its targets file pointed at ours (file_sd: edit
 # $MONITORING_DIR/targets.yml while it runs to change what it scrapes).
@@ -62,7 +53,7 @@ EOF
 
 up() {
   local pgid target
-  if pgid=$(running_group); then
+  if pgid=$(running_group "$MONITORING_DIR" prometheus); then
     log "already up (process group $pgid): $PROMETHEUS_URL"
     return
   fi
@@ -71,21 +62,12 @@ up() {
   port_in_use "$PROMETHEUS_PORT" && die "port $PROMETHEUS_PORT on 127.0.0.1 is taken: free it or choose PROMETHEUS_PORT"
   mkdir -p "$MONITORING_DIR/data"
   write_config
-  # The session leader writes its own pid, which is the group id, whether or not setsid had to fork.
-  # shellcheck disable=SC2016 # $$, $0 and $@ are for the inner shell
-  setsid bash -c 'echo $$ >"$0" && exec "$@"' "$pidfile" prometheus \
+  trap 'log "start-up failed; stopping prometheus"; down' EXIT
+  start_group "$MONITORING_DIR" prometheus prometheus \
     --config.file="$MONITORING_DIR/prometheus.yml" --storage.tsdb.path="$MONITORING_DIR/data" \
-    --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
-    >"$MONITORING_DIR/prometheus.log" 2>&1 </dev/null &
-  local deadline=$((SECONDS + MONITORING_TIMEOUT_S))
-  until curl -fsS -o /dev/null --max-time 2 "$PROMETHEUS_URL/-/ready" 2>/dev/null; do
-    if [ -s "$pidfile" ] && ! running_group >/dev/null; then
-      tail -n 20 "$MONITORING_DIR/prometheus.log" >&2
-      die "prometheus exited during start-up; its log is $MONITORING_DIR/prometheus.log"
-    fi
-    ((SECONDS < deadline)) || { down; die "prometheus not ready after ${MONITORING_TIMEOUT_S}s; see $MONITORING_DIR/prometheus.log"; }
-    sleep 0.2
-  done
+    --web.listen-address="127.0.0.1:$PROMETHEUS_PORT"
+  wait_answering "$MONITORING_DIR" prometheus "$PROMETHEUS_URL/-/ready" "$MONITORING_TIMEOUT_S"
+  trap - EXIT
   for target in $MONITORING_TARGETS; do
     curl -fsS -o /dev/null --max-time 2 "http://$target/health" 2>/dev/null ||
       log "nothing answers on $target yet (start it with \`make serve\`): HousingServeTargetDown until it does"
@@ -100,19 +82,7 @@ Grafana needs Docker: docker compose up -d (see docker-compose.yml). Stop this o
 EOF
 }
 
-down() {
-  local pgid
-  if ! pgid=$(running_group); then
-    rm -f "$pidfile"
-    return
-  fi
-  kill -TERM -- "-$pgid"
-  local deadline=$((SECONDS + 15))
-  while kill -0 -- "-$pgid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-  kill -0 -- "-$pgid" 2>/dev/null && kill -KILL -- "-$pgid"
-  rm -f "$pidfile"
-  log "stopped prometheus (process group $pgid)"
-}
+down() { stop_group "$MONITORING_DIR" prometheus; }
 
 case "${1:-}" in
   up) up ;;

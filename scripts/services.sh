@@ -32,20 +32,8 @@ SERVICES=(moto mlflow)
 
 log() { echo "services: $*" >&2; }
 die() { log "$*"; exit 1; }
-
-pidfile() { echo "$SERVICES_DIR/$1.pgid"; }
-
-# The process group recorded for service $1, if that group still has a live process.
-running_group() {
-  local file
-  file=$(pidfile "$1")
-  [ -f "$file" ] || return 1
-  local pgid
-  pgid=$(<"$file")
-  kill -0 -- "-$pgid" 2>/dev/null && echo "$pgid"
-}
-
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=scripts/process_group.sh
+source "$root/scripts/process_group.sh"
 
 require_tools() {
   local tool
@@ -54,52 +42,21 @@ require_tools() {
   done
 }
 
-# Start "$@" as service $name in a new session (its own process group) with its log in the state dir. The
-# session leader writes its own pid, which is the group id, whether or not setsid had to fork.
-start_group() {
-  local name=$1
-  shift
-  local file
-  file=$(pidfile "$name")
-  rm -f "$file"
-  # shellcheck disable=SC2016 # $$, $0 and $@ are for the inner shell
-  setsid bash -c 'echo $$ >"$0" && exec "$@"' "$file" "$@" >"$SERVICES_DIR/$name.log" 2>&1 </dev/null &
-  local deadline=$((SECONDS + 10))
-  until [ -s "$file" ]; do
-    ((SECONDS < deadline)) || die "$name did not start; see $SERVICES_DIR/$name.log"
-    sleep 0.05
-  done
-}
-
-# Poll $url until it answers 200, while service $name is alive, for at most SERVICES_TIMEOUT_S.
-wait_healthy() {
-  local name=$1 url=$2
-  local deadline=$((SECONDS + SERVICES_TIMEOUT_S))
-  until curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
-    if ! running_group "$name" >/dev/null; then
-      tail -n 20 "$SERVICES_DIR/$name.log" >&2
-      die "$name exited during start-up; its log is $SERVICES_DIR/$name.log"
-    fi
-    ((SECONDS < deadline)) || die "$name not healthy at $url after ${SERVICES_TIMEOUT_S}s; see $SERVICES_DIR/$name.log"
-    sleep 0.25
-  done
-}
-
 start_moto() {
-  start_group moto moto_server -H 127.0.0.1 -p "$MOTO_PORT"
-  wait_healthy moto "$MOTO_URL/moto-api/"
+  start_group "$SERVICES_DIR" moto moto_server -H 127.0.0.1 -p "$MOTO_PORT"
+  wait_answering "$SERVICES_DIR" moto "$MOTO_URL/moto-api/" "$SERVICES_TIMEOUT_S"
   log "moto (S3, Secrets Manager) on $MOTO_URL"
 }
 
 start_mlflow() {
   rm -f "$SERVICES_DIR/mlflow.db"  # its artifacts lived in the previous moto's memory
-  start_group mlflow env MLFLOW_S3_ENDPOINT_URL="$MOTO_URL" AWS_ENDPOINT_URL="$MOTO_URL" \
+  start_group "$SERVICES_DIR" mlflow env MLFLOW_S3_ENDPOINT_URL="$MOTO_URL" AWS_ENDPOINT_URL="$MOTO_URL" \
     AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION="$REGION" \
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
     mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
     --backend-store-uri "sqlite:///$SERVICES_DIR/mlflow.db" \
     --artifacts-destination "s3://$MLFLOW_BUCKET/artifacts"
-  wait_healthy mlflow "$MLFLOW_URL/health"
+  wait_answering "$SERVICES_DIR" mlflow "$MLFLOW_URL/health" "$SERVICES_TIMEOUT_S"
   log "mlflow server on $MLFLOW_URL (artifacts in s3://$MLFLOW_BUCKET/artifacts)"
 }
 
@@ -152,7 +109,7 @@ up() {
   mkdir -p "$SERVICES_DIR"
   local name port secret_arn alive=()
   for name in "${SERVICES[@]}"; do
-    running_group "$name" >/dev/null && alive+=("$name")
+    running_group "$SERVICES_DIR" "$name" >/dev/null && alive+=("$name")
   done
   if [ ${#alive[@]} -eq ${#SERVICES[@]} ] && [ -f "$SERVICES_DIR/env" ]; then
     log "already up"
@@ -173,24 +130,10 @@ up() {
   print_usage
 }
 
-stop_group() {
-  local name=$1 pgid
-  if ! pgid=$(running_group "$name"); then
-    rm -f "$(pidfile "$name")"
-    return
-  fi
-  kill -TERM -- "-$pgid"
-  local deadline=$((SECONDS + 15))
-  while kill -0 -- "-$pgid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
-  kill -0 -- "-$pgid" 2>/dev/null && kill -KILL -- "-$pgid"
-  rm -f "$(pidfile "$name")"
-  log "stopped $name (process group $pgid)"
-}
-
 down() {
   local name
   for name in mlflow moto; do
-    stop_group "$name"
+    stop_group "$SERVICES_DIR" "$name"
   done
   rm -f "$SERVICES_DIR/env"
 }
