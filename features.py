@@ -7,7 +7,10 @@ the serving app never re-implements a transformation.
 
 from __future__ import annotations
 
+from typing import Any, TypedDict
+
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from scipy.spatial import cKDTree
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -29,6 +32,8 @@ FEATURES = (*NUMERIC_FEATURES, CATEGORICAL_FEATURE)
 OPTIONAL_FEATURES = frozenset({"total_bedrooms"})
 TARGET = "median_house_value"
 COLUMNS = (*FEATURES[:-1], TARGET, CATEGORICAL_FEATURE)  # the CSV's column order
+
+FloatArray = npt.NDArray[np.float64]  # records as the model takes them: NUMERIC_FEATURES, category codes, predictions
 
 _CATEGORY_INDEX = pd.Index(CATEGORIES)
 _LON, _LAT, _AGE, _ROOMS, _BEDROOMS, _POPULATION, _HOUSEHOLDS, _INCOME = range(len(NUMERIC_FEATURES))
@@ -175,6 +180,22 @@ def _neighbourhood(tree: cKDTree, log_target: np.ndarray, income: np.ndarray, nu
 PROFILE_BINS = 10
 PROFILE_FILE = "reference_profile.json"  # stored with every model, in MLflow's extra_files/
 PSI_FLOOR = 1e-4  # empty bins would make the log-ratio infinite
+
+
+class NumericProfile(TypedDict):
+    edges: list[float]
+    fractions: list[float]  # one per bin (len(edges) + 1), then one for missing values
+
+
+class CategoryProfile(TypedDict):
+    categories: list[str]
+    fractions: list[float]  # one per category, then one for unknown categories
+
+
+class ReferenceProfile(TypedDict):
+    fields: dict[str, Any]  # a NumericProfile for each of NUMERIC_FEATURES, a CategoryProfile for CATEGORICAL_FEATURE
+    prediction: NumericProfile
+    rows: int
 
 
 def _numeric_profile(values: np.ndarray) -> dict:

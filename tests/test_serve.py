@@ -21,9 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-import serve
 import train
 from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
+from serving.metrics import METRICS
+from serving.prediction_log import PredictionLog
+from serving.schema import to_arrays
+from serving.trees import flatten
 from tests.conftest import synthetic_housing
 from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
 
@@ -221,10 +224,10 @@ def test_flattened_trees_predict_exactly_what_sklearn_predicts(spec):
     data = data[data["ocean_proximity"] != "ISLAND"]  # a category the model never saw
     with threadpool_limits(1, "openmp"):
         pipeline = train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
-    trees = serve.flatten(pipeline)
+    trees = flatten(pipeline)
     assert trees is not None
     frame = records_frame(records(300, seed=9))
-    numeric, codes = serve.to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"), batch=True)
+    numeric, codes = to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"), batch=True)
     features = pipeline.steps[0][1].transform_arrays(numeric, codes)
     assert np.array_equal(trees.predict(features), pipeline.predict(frame))
 
@@ -305,7 +308,7 @@ def test_wrong_method_and_unknown_path_are_json_errors(server):
 
 
 def test_prediction_log_rotates_by_size(tmp_path):
-    log = serve.PredictionLog(tmp_path, max_bytes=2_000)
+    log = PredictionLog(tmp_path, max_bytes=2_000)
     log.start()
     for number in range(20):
         log.append({"request_id": f"r{number}", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
@@ -319,12 +322,12 @@ def test_prediction_log_rotates_by_size(tmp_path):
 
 def test_prediction_log_that_cannot_write_drops_and_counts(tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    log = serve.PredictionLog(tmp_path / "file" / "logs")
-    dropped = serve.METRICS.get_sample_value("housing_prediction_log_dropped_total")
+    log = PredictionLog(tmp_path / "file" / "logs")
+    dropped = METRICS.get_sample_value("housing_prediction_log_dropped_total")
     log.start()
     log.append({"request_id": "r", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
     log.stop()
-    assert serve.METRICS.get_sample_value("housing_prediction_log_dropped_total") == dropped + 1
+    assert METRICS.get_sample_value("housing_prediction_log_dropped_total") == dropped + 1
 
 
 # --- metrics -------------------------------------------------------------------------------------------------
