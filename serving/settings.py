@@ -32,7 +32,7 @@ class Settings:
         for setting in fields(cls):
             raw = environ.get(setting.name.upper(), "")
             if raw:
-                kind = type(setting.default)
+                kind: type[Any] = type(setting.default)  # every field has a default
                 try:
                     values[setting.name] = kind(raw)
                 except ValueError:
