@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import threading
@@ -28,7 +29,7 @@ from serving.prediction_log import PredictionLog
 from serving.schema import to_arrays
 from serving.trees import flatten
 from tests.conftest import synthetic_housing
-from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
+from tests.servers import ROOT, ServerProcess, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
@@ -588,3 +589,25 @@ def test_health_and_openapi(server):
     assert set(record["required"]) == set(FEATURES) - OPTIONAL_FEATURES
     assert set(document["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "413", "415", "422", "503"}
     assert document["components"]["schemas"]["Batch"]["properties"]["instances"]["maxItems"] == MAX_BATCH_ROWS
+
+
+# --- the code ------------------------------------------------------------------------------------------------
+
+# serving/'s modules in layers: each imports only from layers before its own, so app → model → trees, never back.
+LAYERS = [
+    {"settings", "metrics", "background", "trees"},
+    {"schema", "registry", "drift", "prediction_log"},
+    {"body", "model"},
+    {"app"},
+]
+
+
+def test_serving_modules_import_only_from_the_layers_below_them():
+    layer_of = {name: number for number, names in enumerate(LAYERS) for name in names}
+    modules = {path.stem: path for path in (ROOT / "serving").glob("*.py") if path.stem != "__init__"}
+    assert set(modules) == set(layer_of), "put each module of serving/ in one of LAYERS"
+    for name, path in modules.items():
+        imported = {node.module.removeprefix("serving.") for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("serving.")}
+        upward = {other for other in imported if layer_of[other] >= layer_of[name]}
+        assert not upward, f"serving/{name}.py imports {upward}, from its own layer or above"
