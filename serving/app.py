@@ -89,17 +89,17 @@ class Service:
             worker_stopped()
 
     async def predict(self, request: Request) -> Response:
-        given = await read_predict_input(request, self.settings)
+        inputs = await read_predict_input(request, self.settings)
         model = self.keeper.current
         if model is None:
             return not_loaded()
-        predictions = await self._predict(model, given.numeric, given.codes)
+        predictions = await self._predict(model, inputs.numeric, inputs.codes)
         if model.drift is not None:
-            model.drift.add(given.numeric, given.codes, predictions)
+            model.drift.add(inputs.numeric, inputs.codes, predictions)
         values: list[float] = predictions.tolist()
         identity = request_id(request)
-        self._record(identity, model, given.records, values)
-        content = {"predictions": values} if given.batch else {"prediction": values[0]}
+        self._record(identity, model, inputs.records, values)
+        content = {"predictions": values} if inputs.batch else {"prediction": values[0]}
         return json_response({**content, "model": model.label}, headers={"X-Request-ID": identity})
 
     async def _predict(self, model: ServedModel, numeric: FloatArray, codes: FloatArray) -> FloatArray:
