@@ -42,8 +42,9 @@ retrain: venv dvc-remote ## fetch, validate, split, train, register + gated prom
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
 
-lint: venv ## ruff, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema
+lint: venv ## ruff, mypy, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema
 	ruff check .
+	mypy
 	actionlint
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
