@@ -29,6 +29,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,14 @@ import yaml
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
-from matplotlib.dates import DateFormatter
+from matplotlib.dates import DateFormatter, date2num
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from matplotlib.textpath import TextPath
 from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.transforms import Bbox
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "grafana" / "dashboards"
@@ -71,7 +75,6 @@ class Series:
 
 @dataclass
 class Drawn:
-    dashboard: str
     title: str
     type: str
     series: int  # series, rows or bars drawn; 0 for "No data" or a type not drawn
@@ -121,8 +124,9 @@ class Prometheus:
                 with urllib.request.urlopen(address, timeout=TIMEOUT_S) as response:
                     answer = json.loads(response.read())
                 break
-            except urllib.error.HTTPError as refused:  # 4xx/5xx with Prometheus's own error text
-                answer = json.loads(refused.read() or b"{}")
+            except urllib.error.HTTPError as refused:  # 4xx/5xx, with Prometheus's own error text if it answered
+                body = refused.read().decode(errors="replace")
+                answer = json.loads(body) if body.startswith("{") else {"error": f"HTTP {refused.code}: {body[:200]}"}
                 break
             except (urllib.error.URLError, TimeoutError) as failure:
                 if attempt == ATTEMPTS:
@@ -175,7 +179,7 @@ def format_value(value: float, unit: str | None, decimals: int | None = None) ->
         return "NaN"
     if unit == "percentunit":
         return f"{value * 100:.{1 if decimals is None else decimals}f}%"
-    if unit == "s":
+    if unit == "s" and value:
         for scale, suffix in ((1e-6, "µs"), (1e-3, "ms"), (1, "s")):
             if abs(value) < scale * 1000 or suffix == "s":
                 return f"{number(value / scale, decimals)} {suffix}"
@@ -212,7 +216,7 @@ def mapped(value: float, mappings: Sequence[dict]) -> dict[str, str]:
         options = mapping["options"]
         if mapping["type"] == "value":
             for key, result in options.items():
-                if float(key) == value:
+                if re.fullmatch(r"-?\d+(\.\d+)?", key) and float(key) == value:
                     return result
         elif mapping["type"] == "range":
             low, high = options.get("from"), options.get("to")
@@ -245,9 +249,10 @@ def fetch(prometheus: Prometheus, panel: dict, window: Window) -> list[Series]:
     for target in panel.get("targets", []):
         if target.get("hide"):
             continue
-        expr = window.expand(target["expr"])
+        own = replace(window, min_step_s=duration_s(target["interval"])) if target.get("interval") else window
+        expr = own.expand(target["expr"])
         instant = target.get("instant") and not target.get("range", False)
-        results = prometheus.instant(expr, window.end) if instant else prometheus.range(expr, window)
+        results = prometheus.instant(expr, own.end) if instant else prometheus.range(expr, own)
         for series in results:
             series.name = legend(target.get("legendFormat", ""), series.labels)
             found.append(series)
@@ -274,7 +279,7 @@ def style_axes(axes: Axes, unit: str | None, decimals: int | None) -> None:
 
 
 def draw_timeseries(panel: dict, series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
-    defaults = panel["fieldConfig"]["defaults"]
+    defaults = panel.get("fieldConfig", {}).get("defaults", {})
     custom = defaults.get("custom", {})
     per_row = max(1, int(place.width / 2.0))
     legend_in = 0.17 * math.ceil(len(series) / per_row) + 0.05 if series else 0
@@ -308,7 +313,8 @@ def draw_timeseries(panel: dict, series: list[Series], place: Place, window: Win
                 axes.axhspan(low, high, color=color(step["color"]), alpha=0.12, linewidth=0)
     for mark in marks:
         for moment in mark.moments:
-            axes.axvline(np.datetime64(int(moment * 1000), "ms"), color=mark.color, linewidth=0.8, linestyle=":")
+            axes.axvline(date2num(np.datetime64(int(moment * 1000), "ms")), color=mark.color, linewidth=0.8,
+                         linestyle=":")
     if series:
         handles = [Line2D([], [], color=CLASSIC_PALETTE[i % len(CLASSIC_PALETTE)], linewidth=2) for i in
                    range(len(series))]
@@ -321,7 +327,7 @@ def draw_timeseries(panel: dict, series: list[Series], place: Place, window: Win
 
 
 def draw_stat(panel: dict, series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
-    defaults = panel["fieldConfig"]["defaults"]
+    defaults = panel.get("fieldConfig", {}).get("defaults", {})
     options = panel.get("options", {})
     axes = place.axes(bottom_in=0.06, left_in=0.06, right_in=0.06)
     axes.set_axis_off()
@@ -349,29 +355,27 @@ def draw_stat(panel: dict, series: list[Series], place: Place, window: Window, m
         ink = "white" if background else fill
         if name and value_text:  # the name small above the value
             axes.text(x + width / 2, y + height * 0.72, name, transform=axes.transAxes, ha="center", va="center",
-                      fontsize=min(9.0, fitting_font([name], box_w, box_h * 0.3)), color=ink)
+                      fontsize=min(9.0, fitting_font(name, box_w, box_h * 0.3)), color=ink)
             axes.text(x + width / 2, y + height * 0.35, value_text, transform=axes.transAxes, ha="center",
-                      va="center", fontsize=fitting_font([value_text], box_w, box_h * 0.5), fontweight="bold",
+                      va="center", fontsize=fitting_font(value_text, box_w, box_h * 0.5), fontweight="bold",
                       color=ink)
         elif name or value_text:
             axes.text(x + width / 2, y + height / 2, name or value_text, transform=axes.transAxes, ha="center",
-                      va="center", fontsize=fitting_font([name or value_text], box_w, box_h), fontweight="bold",
+                      va="center", fontsize=fitting_font(name or value_text, box_w, box_h), fontweight="bold",
                       color=ink)
     return count
 
 
-def fitting_font(lines: Sequence[str], width_in: float, height_in: float) -> float:
-    """The largest font size (points, at most 26) at which `lines` fit a box of width x height inches."""
-    if not lines:
-        return 10
-    longest = max(len(line) for line in lines)
-    by_width = 72 * width_in * 0.8 / (0.72 * max(longest, 1))  # bold capitals are about 0.7 em wide
-    by_height = 72 * height_in * 0.8 / (1.25 * len(lines))
+def fitting_font(text: str, width_in: float, height_in: float) -> float:
+    """The largest bold font size (points, 5 to 26) at which `text` fits 80% of a box of width x height inches."""
+    extents = TextPath((0, 0), text, size=1, prop=FontProperties(weight="bold")).get_extents()
+    by_width = 72 * width_in * 0.8 / max(extents.width, 0.01)
+    by_height = 72 * height_in * 0.8 / 1.2
     return max(5.0, min(26.0, by_width, by_height))
 
 
 def draw_bargauge(panel: dict, series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
-    defaults = panel["fieldConfig"]["defaults"]
+    defaults = panel.get("fieldConfig", {}).get("defaults", {})
     axes = place.axes(bottom_in=0.08, left_in=0.08, right_in=0.08)
     axes.set_axis_off()
     if not series:
@@ -416,15 +420,15 @@ def draw_table(panel: dict, series: list[Series], place: Place, window: Window, 
     for order in reversed(panel.get("options", {}).get("sortBy", [])):
         if order["displayName"] in columns:
             where = columns.index(order["displayName"])
-            rows.sort(key=lambda row, where=where: row[where], reverse=order.get("desc", False))
+            rows.sort(key=itemgetter(where), reverse=order.get("desc", False))
     fits = max(1, int((place.height - TITLE_IN - 0.1) / 0.2) - 1)
     shown = rows if len(rows) <= fits else [*rows[:fits - 1], [f"… {len(rows) - fits + 1} more", *[""] * (
         len(columns) - 1)]]
     header = panel.get("options", {}).get("showHeader", True)
     row_height = 0.2 / (place.height - TITLE_IN - 0.1)  # 0.2 in per row, in axes coordinates
     height = row_height * (len(shown) + header)
-    table = axes.table(cellText=shown, colLabels=columns if header else None, bbox=(0, 1 - height, 1, height),
-                       cellLoc="left", colLoc="left", edges="horizontal")
+    table = axes.table(cellText=shown, colLabels=columns if header else None, cellLoc="left", colLoc="left",
+                       edges="horizontal", bbox=Bbox.from_bounds(0, 1 - height, 1, height))
     table.auto_set_font_size(False)
     table.set_fontsize(7.5)
     widths = np.array([max(len(str(cell)) for cell in [name, *(row[i] for row in shown)]) + 2
@@ -570,10 +574,10 @@ def render(dashboard_path: Path, prometheus: Prometheus, start: float, end: floa
         if drawer is None:
             frame.text(0.5, 0.5, f"panel type {panel['type']!r} is not drawn here", transform=frame.transAxes,
                        ha="center", va="center", color=DIM, fontsize=9)
-            drawn.append(Drawn(title, panel["title"], panel["type"], 0))
+            drawn.append(Drawn(panel["title"], panel["type"], 0))
             continue
         count = drawer(panel, fetch(prometheus, panel, window), place, window, marks)
-        drawn.append(Drawn(title, panel["title"], panel["type"], count))
+        drawn.append(Drawn(panel["title"], panel["type"], count))
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=DPI, facecolor=BACKGROUND)
     return drawn
