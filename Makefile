@@ -18,7 +18,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down docs-picture dashboard-png
+.PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -91,6 +91,7 @@ infra-deploy: ## create or update the AWS stack in infra/ (aws cloudformation de
 # The pictures in docs/: drawn from sources in the repository, never by hand.
 PICTURE_DIR ?= docs
 DASHBOARD_PNG_DIR ?= .monitoring/dashboards
+.PHONY: docs-picture dashboard-png
 
 docs-picture: ## docs/architecture.svg and .png from docs/architecture.dot (Graphviz `dot`)
 	@command -v dot >/dev/null || { echo "dot not found: install Graphviz (sudo apt-get install graphviz)" >&2; exit 1; }
