@@ -692,7 +692,7 @@ LAYERS = [
     {"settings", "metrics", "background", "trees"},
     {"schema", "registry", "drift", "prediction_log"},
     {"body", "model"},
-    {"app"},
+    {"app", "docs"},
 ]
 
 
