@@ -31,7 +31,10 @@ from serving.schema import SMOKE_RECORDS
 from tests.conftest import synthetic_housing
 from tests.servers import ROOT, ServerProcess, start_serve, wait_until_answering
 
-pytestmark = pytest.mark.integration  # a uvicorn process and a browser
+pytestmark = [
+    pytest.mark.integration,  # a uvicorn process and a browser
+    pytest.mark.filterwarnings("ignore:Operation with range is deprecated"),  # inside MLflow, logging the model
+]
 
 ARTIFACTS = ROOT / "test-artifacts"
 RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
@@ -111,10 +114,12 @@ def requested_urls(browser: WebDriver) -> set[str]:
     return urls
 
 
-def test_openapi_document_carries_the_example_record(server):
+def test_openapi_document_carries_the_example_record_and_each_example_is_answered(server):
     document = httpx.get(server.url + "/openapi.json", timeout=10).json()
     examples = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["examples"]
     assert next(iter(examples.values()))["value"] == SMOKE_RECORDS[0]  # the first is the one "Try it out" shows
+    for example in examples.values():
+        assert httpx.post(server.url + "/predict", json=example["value"], timeout=10).status_code == 200
 
 
 def test_docs_page_lists_every_endpoint_from_this_server_alone_without_console_errors(browser, server):
