@@ -184,6 +184,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/health": {"get": {"summary": "The process is alive", "responses": plain}},
             "/ready": {"get": {"summary": "A model is loaded", "responses": {**plain, "503": answer("not yet")}}},
             "/model": {"get": {"summary": "The served model: version, run, training metrics",
+                               "description": "not_serving: the version the registry points at instead, if it was "
+                                              "refused (not promoted by the gate or a person) or failed, and why",
                                "responses": {**plain, "503": answer("no model loaded yet")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": plain}},
             "/reload": {"post": {"summary": "Ask the registry now; load the version it points at if new",
