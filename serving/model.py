@@ -167,7 +167,8 @@ class NotServing(TypedDict):
 
 
 class ModelKeeper:
-    """Holds the served model; replaces it only with one that loaded and passed the smoke test.
+    """Holds the served model; replaces it only with one the registry records as promoted (PROMOTION_TAG), that
+    loaded and passed the smoke test.
 
     A request reads `current` once and finishes on that model, so swapping is one assignment.
     """
@@ -198,7 +199,8 @@ class ModelKeeper:
         if self.current is not None and self.current.ref == ref:
             self.not_serving = None
             return Reload("unchanged")
-        if not self.settings.model_uri:  # read again at every look: a later approval takes effect
+        # Before anything is downloaded or unpickled; asked again at every look, so a later approval takes effect.
+        if not self.settings.model_uri:  # MODEL_URI is an explicit choice
             try:
                 refusal = promotion_refusal(ref, self._registry.version_tags(ref))
             except (mlflow.MlflowException, OSError) as error:
