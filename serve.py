@@ -36,6 +36,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from serving import docs
 from serving.app import EXCEPTION_HANDLERS, Service
 from serving.metrics import MetricsMiddleware, prepare_multiprocess_metrics
 from serving.settings import Settings
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", service.metrics),
         Route("/reload", service.reload, methods=["POST"]),
         Route("/openapi.json", service.openapi_json),
+        *docs.routes(),  # GET /docs: Swagger UI for /openapi.json
     ]
     app = Starlette(routes=routes, lifespan=service.lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.add_middleware(MetricsMiddleware, routes=frozenset(route.path for route in routes))

@@ -128,8 +128,11 @@ class Service:
         return json_response({"status": "ready", "model": model.label}) if model else not_loaded()
 
     async def model(self, request: Request) -> Response:
-        model = self.keeper.current
-        return json_response(model.describe()) if model else not_loaded()
+        """The served model; `not_serving`: the version the registry points at instead, refused or failed, and why."""
+        model, not_serving = self.keeper.current, self.keeper.not_serving
+        if model is None:
+            return error(503, "no model loaded yet", headers={"Retry-After": str(RETRY_S)}, not_serving=not_serving)
+        return json_response({**model.describe(), "not_serving": not_serving})
 
     async def metrics(self, request: Request) -> Response:
         return Response(metrics_text(), media_type=CONTENT_TYPE_LATEST)
@@ -146,7 +149,7 @@ class Service:
         outcome = await run_in_threadpool(self.keeper.refresh)
         model = self.keeper.current
         content = {"result": outcome.result, "detail": outcome.detail, "model": model.label if model else None}
-        return json_response(content, 502 if outcome.result in ("failed", "unavailable") else 200)
+        return json_response(content, 502 if outcome.result in ("failed", "unavailable", "refused") else 200)
 
     async def openapi_json(self, request: Request) -> Response:
         return json_response(self.openapi)

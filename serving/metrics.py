@@ -20,8 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from features import FEATURES
 
 # What one registry check came to: loaded (a new model serves), unchanged, failed (the model was refused),
-# unavailable (a registry error, or no such model).
-ReloadResult = Literal["loaded", "unchanged", "failed", "unavailable"]
+# unavailable (a registry error, or no such model), refused (the registry does not record the version as promoted by
+# the gate or approved by a person: serving/model.py, PROMOTION_TAG).
+ReloadResult = Literal["loaded", "unchanged", "failed", "unavailable", "refused"]
 RELOAD_RESULTS: tuple[ReloadResult, ...] = get_args(ReloadResult)
 
 METRICS = CollectorRegistry()

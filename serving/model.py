@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,13 @@ log = logging.getLogger("housing.serve")
 
 RETRY_S = 5  # how soon to look again while no model is loaded; also the Retry-After of a 503
 REFERENCE_PROFILE = Path("extra_files", PROFILE_FILE)  # in the model directory, from train.log_pipeline
+
+# How a registered version got where it is, as the promotion pipeline records it on the version (scripts/register.py,
+# `make promote`; docs/serving.md): `gate` when the gate promoted it, `human` when a person approved it, `rejected`
+# when the gate refused it. A version the alias or stage leads to is loaded only with a trusted value: anyone who can
+# move an alias could otherwise serve any model. MODEL_URI, an explicit choice, is loaded without this record.
+PROMOTION_TAG = "promotion"
+TRUSTED_PROMOTIONS = ("gate", "human")
 
 
 class ModelLabel(TypedDict):
@@ -119,6 +127,21 @@ def check_schema(metadata: Model) -> None:
         raise ModelRefused(f"model inputs {actual} differ from the served schema {expected}")
 
 
+def promotion_refusal(ref: ModelRef, tags: Mapping[str, str]) -> str | None:
+    """Why the registry's record does not let `ref` serve; None when the gate promoted it or a person approved it."""
+    promotion = tags.get(PROMOTION_TAG)
+    if promotion in TRUSTED_PROMOTIONS:
+        return None
+    if promotion is None:
+        why = f"has no {PROMOTION_TAG} tag: neither the gate nor a person promoted it"
+    elif promotion == "rejected":
+        why = f"is tagged {PROMOTION_TAG}=rejected: the gate refused it"
+    else:
+        why = f"is tagged {PROMOTION_TAG}={promotion!r}, not one of {', '.join(TRUSTED_PROMOTIONS)}"
+    return (f"{ref.uri} {why}. Point the alias back (`make rollback`), or approve this version: "
+            f"`make promote VERSION={ref.version} REASON=\"...\"`")
+
+
 def smoke_test(model: ServedModel) -> None:
     fast = model.predict(*to_arrays(list(SMOKE_RECORDS), batch=True))
     reference = model.pipeline.predict(pd.DataFrame(list(SMOKE_RECORDS), columns=list(FEATURES)))
@@ -134,8 +157,18 @@ class Reload:
     detail: str = ""
 
 
+class NotServing(TypedDict):
+    """The version the registry points at, which this server refused or failed to load, and why (in /model)."""
+
+    version: str | None
+    uri: str
+    result: ReloadResult
+    reason: str
+
+
 class ModelKeeper:
-    """Holds the served model; replaces it only with one that loaded and passed the smoke test.
+    """Holds the served model; replaces it only with one the registry records as promoted (PROMOTION_TAG), that
+    loaded and passed the smoke test.
 
     A request reads `current` once and finishes on that model, so swapping is one assignment.
     """
@@ -143,6 +176,7 @@ class ModelKeeper:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.current: ServedModel | None = None
+        self.not_serving: NotServing | None = None  # None while the registry points at the served model
         self._registry = Registry(settings)
         self._lock = threading.Lock()
 
@@ -163,15 +197,35 @@ class ModelKeeper:
             log.warning("cannot tell which model to serve: %s", error)
             return Reload("unavailable", str(error))
         if self.current is not None and self.current.ref == ref:
+            self.not_serving = None
             return Reload("unchanged")
+        # Before anything is downloaded or unpickled; asked again at every look, so a later approval takes effect.
+        if not self.settings.model_uri:  # MODEL_URI is an explicit choice
+            try:
+                refusal = promotion_refusal(ref, self._registry.version_tags(ref))
+            except (mlflow.MlflowException, OSError) as error:
+                log.warning("cannot read the promotion record of %s: %s", ref.uri, error)
+                return Reload("unavailable", str(error))
+            if refusal:
+                self._not_serving(ref, "refused", refusal)
+                return Reload("refused", refusal)
         try:
             model = load(ref, self.settings, self._registry)
         except Exception as error:  # whatever went wrong, keep serving the model we have
             log.exception("refused %s", ref.uri)
-            return Reload("failed", f"{ref.uri}: {type(error).__name__}: {error}")
+            reason = f"{ref.uri}: {type(error).__name__}: {error}"
+            self._not_serving(ref, "failed", reason)
+            return Reload("failed", reason)
+        self.not_serving = None
         self._swap(model)
         log.info("serving %s version %s (%s)", model.name, model.ref.version, ref.uri)
         return Reload("loaded", ref.uri)
+
+    def _not_serving(self, ref: ModelRef, result: ReloadResult, reason: str) -> None:
+        noted: NotServing = {"version": ref.version, "uri": ref.uri, "result": result, "reason": reason}
+        if noted != self.not_serving and result == "refused":  # once, not at every poll
+            log.warning("not serving %s", reason)
+        self.not_serving = noted
 
     def _swap(self, model: ServedModel) -> None:
         previous, self.current = self.current, model

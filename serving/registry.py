@@ -58,6 +58,10 @@ class Registry:
         local: str = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=directory)
         return local
 
+    def version_tags(self, ref: ModelRef) -> dict[str, str]:
+        """The registry's tags on the version `ref` names, e.g. how it was promoted; raises MlflowException."""
+        return dict(self._registry().get_model_version(self.settings.model_name, str(ref.version)).tags)
+
     def training_metrics(self, run_id: str | None) -> dict[str, float]:
         if not run_id:
             return {}

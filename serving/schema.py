@@ -161,7 +161,11 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     predict = {
         "summary": "Predict median house values (USD) for one record or a batch",
         "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
-            {"$ref": "#/components/schemas/Record"}, {"$ref": "#/components/schemas/Batch"}]}}}},
+            {"$ref": "#/components/schemas/Record"}, {"$ref": "#/components/schemas/Batch"}]},
+            # The first fills the body of "Try it out" on /docs.
+            "examples": {"record": {"summary": "one district", "value": SMOKE_RECORDS[0]},
+                         "batch": {"summary": "a batch of districts, one without total_bedrooms",
+                                   "value": {"instances": [SMOKE_RECORDS[1], SMOKE_RECORDS[4]]}}}}}},
         "responses": {
             "200": answer("a prediction for a record, predictions for a batch", "Prediction"),
             "400": answer("malformed JSON"),
@@ -180,6 +184,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/health": {"get": {"summary": "The process is alive", "responses": plain}},
             "/ready": {"get": {"summary": "A model is loaded", "responses": {**plain, "503": answer("not yet")}}},
             "/model": {"get": {"summary": "The served model: version, run, training metrics",
+                               "description": "not_serving: the version the registry points at instead, if it was "
+                                              "refused (not promoted by the gate or a person) or failed, and why",
                                "responses": {**plain, "503": answer("no model loaded yet")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": plain}},
             "/reload": {"post": {"summary": "Ask the registry now; load the version it points at if new",
