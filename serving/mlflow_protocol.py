@@ -96,7 +96,7 @@ def columns_to_records(columns: dict[str, Any], where: str) -> list[dict[str, An
 def parse(body: bytes, media_type: str, max_rows: int) -> tuple[list[Any], Any, Any]:
     """Body → (records, numeric, codes); InvalidInput, HTTPException or ValueError (unreadable) when it cannot."""
     if media_type == "text/csv":
-        records, where = csv_records(body.decode("utf-8")), "rows"
+        records, where = csv_records(body.decode("utf-8-sig")), "rows"  # -sig: a leading BOM is no column
         if not records:
             raise InvalidInput([Problem("body", "body", "holds no rows below the header")])
         if len(records) > max_rows:
