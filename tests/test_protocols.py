@@ -139,7 +139,8 @@ def bodies(frame: pd.DataFrame) -> dict[str, tuple[bytes, str]]:
     # json.dumps writes NaN for pandas' missing values, as MLflow's client does; orjson would write null.
     cases = {name: (json.dumps(body).encode(), "application/json") for name, body in as_json.items()}
     cases["csv"] = (frame.to_csv(index=False).encode(), "text/csv")
-    cases["csv; charset=utf-8"] = (frame.to_csv(index=False).encode(), "text/csv; charset=utf-8")
+    cases["csv; charset=utf-8, with a byte order mark"] = (frame.to_csv(index=False).encode("utf-8-sig"),
+                                                          "text/csv; charset=utf-8")
     return cases
 
 
