@@ -211,9 +211,11 @@ PROTOCOL_SCHEMAS: dict[str, Any] = {
                           "properties": {"predictions": {"type": "array", "items": {"type": "number"}}}},
     "V2Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "V2Tensor": {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
-        "name": {"type": "string"}, "datatype": {"type": "string"},
-        "shape": {"type": "array", "items": {"type": "integer"}},
-        "data": {"type": "array"}}},
+        "name": {"enum": list(FEATURES)},
+        "datatype": {"enum": ["BYTES", "FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16",
+                              "UINT32", "UINT64"]},
+        "shape": {"type": "array", "minItems": 1, "maxItems": 2, "items": {"type": "integer", "minimum": 0}},
+        "data": {"type": "array"}, "parameters": {"type": "object"}}},
 }
 
 
