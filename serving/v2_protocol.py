@@ -205,6 +205,9 @@ class OpenInferenceProtocol:
 
     async def infer(self, request: Request) -> Response:
         service = self.service
+        model = self._model(request)  # another model's name is a 404 whatever the body holds
+        if isinstance(model, Response):
+            return model
         try:
             body = await read_body(request, service.settings.max_body_bytes)
             header_length = request.headers.get("inference-header-content-length")
@@ -218,9 +221,6 @@ class OpenInferenceProtocol:
             count_problems(invalid.problems)
             shown = "; ".join(f"{p.path}: {p.message}" for p in invalid.problems[:MAX_REPORTED_PROBLEMS])
             return v2_error(400, f"{len(invalid.problems)} problem(s) in the request: {shown}")
-        model = self._model(request)
-        if isinstance(model, Response):
-            return model
         identity = request_id(request)
         values = await service.score(request, identity, model, records, numeric, codes)
         answer: dict[str, Any] = {"model_name": model.name, "model_version": model.ref.version or "",

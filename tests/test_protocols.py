@@ -293,9 +293,11 @@ def test_v2_binary_data_is_checked_too(server):
     assert "longitude: binary_data_size 16 runs past the end of the body" in response.json()["error"]
 
 
-def test_tritonclient_hears_unknown_models_and_versions_as_errors(v2_client, frame):
+def test_unknown_models_and_versions_are_404_whatever_the_body(server, v2_client, frame):
     with pytest.raises(InferenceServerException, match="unknown model 'elsewhere'"):
         v2_client.infer("elsewhere", triton_inputs(frame.head(1), binary=True))
+    response = httpx.post(server.url + "/v2/models/elsewhere/infer", content=b"not even JSON", timeout=30)
+    assert response.status_code == 404
     with pytest.raises(InferenceServerException, match="version '999' of 'served' is not served"):
         v2_client.get_model_metadata("served", "999")
 
