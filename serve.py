@@ -25,7 +25,8 @@ prometheus-client switches to multiprocess mode whenever that variable exists, e
 
 The parts live in serving/: settings, schema (records → arrays, the OpenAPI document), body (reading a /predict
 request), registry, model (load, check, keep, reload), trees (the fast path), drift, prediction_log, metrics, and
-app (the endpoints).
+app (the endpoints); tabular, mlflow_protocol and v2_protocol speak MLflow's scoring protocol and the Open Inference
+Protocol v2 on the same model (docs/protocols.md).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from starlette.routing import Route
 from serving import docs
 from serving.app import EXCEPTION_HANDLERS, Service
 from serving.metrics import MetricsMiddleware, prepare_multiprocess_metrics
+from serving.mlflow_protocol import MlflowProtocol
 from serving.settings import Settings
+from serving.v2_protocol import OpenInferenceProtocol
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -53,10 +56,29 @@ def create_app(settings: Settings) -> Starlette:
         Route("/reload", service.reload, methods=["POST"]),
         Route("/openapi.json", service.openapi_json),
         *docs.routes(),  # GET /docs: Swagger UI for /openapi.json
+        *protocol_routes(service),
     ]
     app = Starlette(routes=routes, lifespan=service.lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.add_middleware(MetricsMiddleware, routes=frozenset(route.path for route in routes))
     return app
+
+
+def protocol_routes(service: Service) -> list[Route]:
+    """MLflow's scoring protocol and the Open Inference Protocol v2, beside /predict (docs/protocols.md)."""
+    mlflow, v2 = MlflowProtocol(service), OpenInferenceProtocol(service)
+    model = "/v2/models/{name}"
+    routes = [
+        Route("/invocations", mlflow.invocations, methods=["POST"]),
+        Route("/ping", mlflow.ping),
+        Route("/version", mlflow.version),
+        Route("/v2", v2.server_metadata),
+        Route("/v2/health/live", v2.live),
+        Route("/v2/health/ready", v2.ready),
+    ]
+    for prefix in (model, model + "/versions/{version}"):
+        routes += [Route(prefix, v2.model_metadata), Route(prefix + "/ready", v2.model_ready),
+                   Route(prefix + "/infer", v2.infer, methods=["POST"])]
+    return routes
 
 
 LOG_CONFIG: dict[str, Any] = {

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from threadpoolctl import threadpool_limits
 
 from features import FloatArray
@@ -29,7 +30,7 @@ from serving.drift import DriftMonitor
 from serving.metrics import BATCH_SIZE, PREDICTED_VALUE, PREDICTIONS, VALIDATION_FAILURES, metrics_text, worker_stopped
 from serving.model import RETRY_S, ModelKeeper, Poller, ServedModel
 from serving.prediction_log import PredictionLog
-from serving.schema import InvalidInput, openapi_document
+from serving.schema import InvalidInput, Problem, openapi_document
 from serving.settings import Settings
 
 PARALLEL_MIN_ROWS = 256  # from this batch size, chunks are predicted in parallel threads
@@ -52,6 +53,12 @@ def error(status: int, message: str, headers: Mapping[str, str] | None = None, *
 
 def not_loaded() -> Response:
     return error(503, "no model loaded yet", headers={"Retry-After": str(RETRY_S)})
+
+
+def route_of(request: Request) -> str:
+    """The path template of the route that answers: one label for /v2/models/{name}/infer, whatever the name."""
+    route = request.scope.get("route")
+    return route.path if isinstance(route, Route) else request.url.path
 
 
 def request_id(request: Request) -> str:
@@ -93,14 +100,20 @@ class Service:
         model = self.keeper.current
         if model is None:
             return not_loaded()
-        predictions = await self._predict(model, inputs.numeric, inputs.codes)
-        if model.drift is not None:
-            model.drift.add(inputs.numeric, inputs.codes, predictions)
-        values: list[float] = predictions.tolist()
         identity = request_id(request)
-        self._record(identity, model, inputs.records, values)
+        values = await self.score(request, identity, model, inputs.records, inputs.numeric, inputs.codes)
         content = {"predictions": values} if inputs.batch else {"prediction": values[0]}
         return json_response({**content, "model": model.label}, headers={"X-Request-ID": identity})
+
+    async def score(self, request: Request, identity: str, model: ServedModel, records: list[Any],
+                    numeric: FloatArray, codes: FloatArray) -> list[float]:
+        """Every protocol's one path from checked arrays to predictions: drift, metrics and the prediction log."""
+        predictions = await self._predict(model, numeric, codes)
+        if model.drift is not None:
+            model.drift.add(numeric, codes, predictions)
+        values: list[float] = predictions.tolist()
+        self._record(identity, route_of(request), model, records, values)
+        return values
 
     async def _predict(self, model: ServedModel, numeric: FloatArray, codes: FloatArray) -> FloatArray:
         """Small batches inline (a thread hop costs more than it saves); large ones in chunks, in parallel."""
@@ -112,13 +125,13 @@ class Service:
                                        for rows in chunks))
         return np.concatenate(parts)
 
-    def _record(self, identity: str, model: ServedModel, records: list[Any], values: list[float]) -> None:
+    def _record(self, identity: str, route: str, model: ServedModel, records: list[Any], values: list[float]) -> None:
         PREDICTIONS.inc(len(values))
         BATCH_SIZE.observe(len(values))
         for value in values:
             PREDICTED_VALUE.observe(value)
         self.prediction_log.append({"request_id": identity, "time": time.time(), "model": model.label,
-                                    "inputs": records, "outputs": values})
+                                    "route": route, "inputs": records, "outputs": values})
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -160,10 +173,14 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, exc.detail, headers=exc.headers)
 
 
+def count_problems(problems: list[Problem]) -> None:
+    for field, count in Tally(problem.field for problem in problems).items():
+        VALIDATION_FAILURES.labels(field).inc(count)
+
+
 async def invalid_input(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, InvalidInput)
-    for field, count in Tally(problem.field for problem in exc.problems).items():
-        VALIDATION_FAILURES.labels(field).inc(count)
+    count_problems(exc.problems)
     reported = [{"path": p.path, "message": p.message} for p in exc.problems[:MAX_REPORTED_PROBLEMS]]
     return error(422, f"{len(exc.problems)} problem(s) in the request body", problems=reported)
 

@@ -15,7 +15,7 @@ import mlflow.sklearn
 import numpy as np
 import orjson
 import pandas as pd
-from mlflow.models import Model
+from mlflow.models import Model, ModelSignature
 from sklearn.pipeline import Pipeline
 
 from features import FEATURES, OPTIONAL_FEATURES, PROFILE_FILE, FloatArray
@@ -58,6 +58,7 @@ class ServedModel:
     run_id: str | None
     metrics: dict[str, float]
     loaded_at: datetime
+    signature: ModelSignature | None = None  # as logged; check_schema made sure its inputs are FEATURES
 
     @property
     def label(self) -> ModelLabel:
@@ -92,7 +93,8 @@ def load(ref: ModelRef, settings: Settings, registry: Registry) -> ServedModel:
         raise ModelRefused("the first pipeline step is not features.HousingFeatures")
     model = ServedModel(ref=ref, name=settings.model_name, requested=requested_model(settings), pipeline=pipeline,
                         trees=flatten(pipeline), drift=drift, run_id=metadata.run_id,
-                        metrics=registry.training_metrics(metadata.run_id), loaded_at=datetime.now(UTC))
+                        metrics=registry.training_metrics(metadata.run_id), loaded_at=datetime.now(UTC),
+                        signature=metadata.signature)
     smoke_test(model)
     return model
 

@@ -28,6 +28,7 @@ class PredictionEntry(TypedDict):
     request_id: str
     time: float  # Unix time; written as ISO 8601 in UTC
     model: Mapping[str, object]  # model.ModelLabel
+    route: str  # the endpoint that answered, e.g. /predict, /invocations, /v2/models/{name}/infer
     inputs: list[Any]  # the records as sent
     outputs: list[float]
 

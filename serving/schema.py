@@ -4,6 +4,7 @@ found on the way, and the OpenAPI document that describes the same rules."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from features import (
     FEATURES,
     NUMERIC_FEATURES,
     OPTIONAL_FEATURES,
+    TARGET,
     FloatArray,
     category_codes,
 )
@@ -176,6 +178,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         },
     }
     plain = {"200": {"description": "OK"}}
+    paths = {**mlflow_paths(settings, answer), **v2_paths(settings, answer)}
     return {
         "openapi": "3.1.0",
         "info": {"title": "California housing price regressor", "version": "1"},
@@ -193,9 +196,99 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                  "responses": {**plain, "401": answer("no bearer token"), "403": answer("wrong token"),
                                                "404": answer("RELOAD_TOKEN is not set"),
                                                "502": answer("the new version was refused, or the registry failed")}}},
+            **paths,
         },
         "components": {
-            "schemas": {"Record": record, "Batch": batch, "Prediction": prediction, "Error": failure},
+            "schemas": {"Record": record, "Batch": batch, "Prediction": prediction, "Error": failure,
+                        **PROTOCOL_SCHEMAS},
             "securitySchemes": {"reloadToken": {"type": "http", "scheme": "bearer"}},
         },
+    }
+
+
+# The two other protocols (docs/protocols.md). Their request schemas describe the shapes a schema can pin down: record
+# lists for /invocations (its column forms, dataframe_split and text/csv are described in words), and tensors whose
+# name, datatype and shape fit a column for v2 (equal lengths across tensors are not expressible).
+PROTOCOL_SCHEMAS: dict[str, Any] = {
+    "MlflowError": {"type": "object", "required": ["error_code", "message"], "properties": {
+        "error_code": {"type": "string"}, "message": {"type": "string"},
+        "problems": {"type": "array", "items": {"type": "object"}}}},
+    "MlflowPredictions": {"type": "object", "required": ["predictions"],
+                          "properties": {"predictions": {"type": "array", "items": {"type": "number"}}}},
+    "V2Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "V2Tensor": {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+        "name": {"enum": list(FEATURES)},
+        "datatype": {"enum": ["BYTES", "FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16",
+                              "UINT32", "UINT64"]},
+        "shape": {"type": "array", "minItems": 1, "maxItems": 2, "items": {"type": "integer", "minimum": 0}},
+        "data": {"type": "array"}, "parameters": {"type": "object"}}},
+}
+
+
+def mlflow_paths(settings: Settings, answer: Callable[[str, str], dict[str, Any]]) -> dict[str, Any]:
+    records = {"type": "array", "minItems": 1, "maxItems": settings.max_batch_rows,
+               "items": {"$ref": "#/components/schemas/Record"}}
+    formats = [{"type": "object", "additionalProperties": False, "required": [name],
+                "properties": {name: records, "params": {"type": "object"}}}
+               for name in ("dataframe_records", "instances", "inputs")]
+    invocations = {
+        "summary": "MLflow's scoring protocol: predictions for a table of records",
+        "description": "A JSON object with exactly one of dataframe_split ({\"columns\": [...], \"data\": [[...]]}), "
+                       "dataframe_records, instances or inputs (records, or for the last two an object of equally long "
+                       "columns), as `mlflow models serve` accepts them; or Content-Type: text/csv with a header row.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": formats}}}},
+        "responses": {
+            "200": answer("the predictions, in the order of the records", "MlflowPredictions"),
+            "400": answer("malformed JSON or CSV, or records that do not match the schema; each problem named",
+                          "MlflowError"),
+            "413": answer("body larger than MAX_BODY_BYTES, or more records than MAX_BATCH_ROWS", "MlflowError"),
+            "415": answer("Content-Type is neither application/json nor text/csv", "MlflowError"),
+            "503": answer("no model loaded yet; retry after Retry-After seconds", "MlflowError"),
+        },
+    }
+    as_mlflow = {"description": "as `mlflow models serve` answers it", "content": {"application/json": {}}}
+    return {
+        "/invocations": {"post": invocations},
+        "/ping": {"get": {"summary": "MLflow's health check: 200 once a model is loaded",
+                          "responses": {"200": as_mlflow, "503": answer("no model loaded yet", "MlflowError")}}},
+        "/version": {"get": {"summary": "The MLflow version whose scoring protocol this speaks (bare text)",
+                             "responses": {"200": as_mlflow}}},
+    }
+
+
+def v2_paths(settings: Settings, answer: Callable[[str, str], dict[str, Any]]) -> dict[str, Any]:
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+            "example": settings.model_name}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    infer_request = {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/V2Tensor"}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                                "properties": {"name": {"const": TARGET}}}}}}
+    unknown = answer("no such model, or not this version", "V2Error")
+    not_loaded = answer("no model loaded yet", "V2Error")
+    ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+
+    def model_paths(prefix: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
+        infer = {"summary": "Open Inference Protocol v2: one named tensor per column (BYTES for ocean_proximity)",
+                 "parameters": parameters,
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": infer_request}}},
+                 "responses": {"200": ok, "400": answer("malformed request or values; each problem names its tensor",
+                                                        "V2Error"),
+                               "404": unknown, "413": answer("too large", "V2Error"), "503": not_loaded}}
+        return {
+            prefix: {"get": {"summary": "Model metadata: inputs and outputs with datatypes and shapes, versions",
+                             "parameters": parameters, "responses": {"200": ok, "404": unknown, "503": not_loaded}}},
+            prefix + "/ready": {"get": {"summary": "The model is ready", "parameters": parameters,
+                                        "responses": {"200": ok, "404": unknown, "503": not_loaded}}},
+            prefix + "/infer": {"post": infer},
+        }
+
+    ready = {"200": ok, "503": {"description": "not ready", "content": {"application/json": {}}}}
+    return {
+        "/v2": {"get": {"summary": "Server metadata", "responses": {"200": ok}}},
+        "/v2/health/live": {"get": {"summary": "The server is live", "responses": {"200": ok}}},
+        "/v2/health/ready": {"get": {"summary": "The server is ready (a model is loaded)", "responses": ready}},
+        **model_paths("/v2/models/{name}", [name]),
+        **model_paths("/v2/models/{name}/versions/{version}", [name, version]),
     }

@@ -691,8 +691,9 @@ def test_health_and_openapi(server):
 LAYERS = [
     {"settings", "metrics", "background", "trees"},
     {"schema", "registry", "drift", "prediction_log"},
-    {"body", "model"},
+    {"body", "model", "tabular"},
     {"app", "docs"},
+    {"mlflow_protocol", "v2_protocol"},
 ]
 
 
