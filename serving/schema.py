@@ -165,14 +165,14 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "responses": {
             "200": answer("a prediction for a record, predictions for a batch", "Prediction"),
             "400": answer("malformed JSON"),
-            "413": answer("body larger than MAX_BODY_BYTES, or more records than MAX_BATCH_ROWS"),
+            "413": answer("body larger than MAX_BODY_BYTES, or more records (or JSON values) than MAX_BATCH_ROWS"),
             "415": answer("Content-Type is not application/json"),
             "422": answer("records that do not match the schema; each problem names its path"),
             "503": answer("no model loaded yet; retry after Retry-After seconds"),
         },
     }
     plain = {"200": {"description": "OK"}}
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "California housing price regressor", "version": "1"},
         "paths": {
@@ -186,10 +186,16 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                  "security": [{"reloadToken": []}],
                                  "responses": {**plain, "401": answer("no bearer token"), "403": answer("wrong token"),
                                                "404": answer("RELOAD_TOKEN is not set"),
-                                               "502": answer("the new version was refused, or the registry failed")}}},
+                                               "502": answer("the new version was refused; the served model stays"),
+                                               "503": answer("the registry is unavailable or has no such model, or "
+                                                             "did not answer in time; retry after Retry-After")}}},
         },
         "components": {
             "schemas": {"Record": record, "Batch": batch, "Prediction": prediction, "Error": failure},
             "securitySchemes": {"reloadToken": {"type": "http", "scheme": "bearer"}},
         },
     }
+    if settings.admin_port:  # the public port's document; /reload and /metrics answer 404 there (admin.py)
+        for path in ("/reload", "/metrics"):
+            del document["paths"][path]
+    return document
