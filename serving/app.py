@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import os
 import time
@@ -81,6 +82,9 @@ class Service:
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         one_openmp_thread()  # small batches are predicted on this, the event loop's thread
+        # The objects of every imported module are long-lived: out of the garbage collector's full passes, which
+        # would otherwise walk them all, holding the GIL (and stalling the event loop) for a few hundred ms.
+        gc.freeze()
         self.prediction_log.start()
         self.poller.start()
         self.drift.start()
@@ -177,7 +181,7 @@ async def invalid_input(request: Request, exc: Exception) -> Response:
     for field, count in Tally(problem.field for problem in exc.problems).items():
         VALIDATION_FAILURES.labels(field).inc(count)
     reported = [{"path": p.path, "message": p.message} for p in exc.problems[:MAX_REPORTED_PROBLEMS]]
-    return error(422, f"{len(exc.problems)} problem(s) in the request body", problems=reported)
+    return error(422, str(exc), problems=reported)
 
 
 EXCEPTION_HANDLERS = {HTTPException: http_error, InvalidInput: invalid_input}
