@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.integration,
 
 TOKEN = "schemathesis-reload-token"
 MIN_CASES = 1000
-EXAMPLES_PER_OPERATION = 1000 # /predict and /reload reach it; the endpoints without inputs need a few
+EXAMPLES_PER_OPERATION = 1000  # /predict and /reload reach it; the endpoints without inputs need a few
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
