@@ -90,6 +90,8 @@ def main() -> int:
                         help="CSV to train the two models on and take the request's record from")
     args = parser.parse_args()
 
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data} not found: run `make retrain` (it fetches the data), or pass --data CSV")
     data = pd.read_csv(args.data)
     scratch = Path(tempfile.mkdtemp(prefix="housing-soak-"))
     uri = f"sqlite:///{scratch}/mlflow.db"
