@@ -157,7 +157,8 @@ class Service:
                 outcome = await anyio.to_thread.run_sync(self.keeper.refresh, abandon_on_cancel=True)
         except TimeoutError:
             outcome = Reload("unavailable", f"the model registry at {self.keeper.registry_address} did not answer "
-                                            f"within {RELOAD_ANSWER_S:g} s; the check goes on in the background")
+                                            f"within {RELOAD_ANSWER_S:g} s (or a new version is still loading); the "
+                                            "check goes on in the background, GET /model shows what is served")
         model = self.keeper.current
         content = {"result": outcome.result, "detail": outcome.detail, "model": model.label if model else None}
         if outcome.result == "unavailable":  # the registry's outage, not this server's: ask again later

@@ -202,7 +202,7 @@ class Poller(BackgroundThread):
         self._interval_s = interval_s
 
     def _run(self) -> None:
-        failures = 0  # checks in a row that loaded nothing and found nothing to keep
+        failures = 0  # checks in a row that failed (registry unavailable, or the new version refused)
         while not self._stop.is_set():
             try:
                 result = self._keeper.refresh().result
