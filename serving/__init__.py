@@ -2,7 +2,8 @@
 
 One concept per module, in layers; a module imports only from the layers before its own (tests/test_serve.py checks):
 
-    settings, metrics, background, trees      the settings object; every metric; the thread base; the fast path
+    settings, metrics, background, trees,     the settings object; every metric; the thread base; the fast path;
+    admin                                     which endpoints answer on which port
     schema, registry, drift, prediction_log   records → arrays and OpenAPI; every MLflow call; PSI; the JSON lines
     body, model, tabular                      reading a /predict request; load, check, keep and reload the model;
                                               records in other protocols' shapes

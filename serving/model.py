@@ -22,7 +22,7 @@ from features import FEATURES, OPTIONAL_FEATURES, PROFILE_FILE, FloatArray
 from serving.background import BackgroundThread
 from serving.drift import DriftWindow
 from serving.metrics import LAST_RELOAD, MODEL_INFO, MODEL_LOADED, RELOADS, ReloadResult
-from serving.registry import ModelRef, Registry
+from serving.registry import ModelRef, Registry, RegistryUnavailable
 from serving.schema import SMOKE_RECORDS, to_arrays
 from serving.settings import Settings
 from serving.trees import FLAT_TREES_MAX_ROWS, FlatTrees, flatten
@@ -30,6 +30,7 @@ from serving.trees import FLAT_TREES_MAX_ROWS, FlatTrees, flatten
 log = logging.getLogger("housing.serve")
 
 RETRY_S = 5  # how soon to look again while no model is loaded; also the Retry-After of a 503
+MAX_RETRY_S = 60  # the longest wait between checks while no model is loaded and polling is off
 REFERENCE_PROFILE = Path("extra_files", PROFILE_FILE)  # in the model directory, from train.log_pipeline
 
 # How a registered version got where it is, as the promotion pipeline records it on the version (scripts/register.py,
@@ -188,6 +189,10 @@ class ModelKeeper:
         RELOADS.labels(outcome.result).inc()
         return outcome
 
+    @property
+    def registry_address(self) -> str:
+        return self._registry.address
+
     def drift_window(self) -> DriftWindow | None:
         model = self.current
         return model.drift if model is not None else None
@@ -195,8 +200,7 @@ class ModelKeeper:
     def _refresh(self) -> Reload:
         try:
             ref = self._registry.locate()
-        except (mlflow.MlflowException, LookupError, OSError) as error:
-            log.warning("cannot tell which model to serve: %s", error)
+        except RegistryUnavailable as error:  # logged by the registry, once per change of its state
             return Reload("unavailable", str(error))
         if self.current is not None and self.current.ref == ref:
             self.not_serving = None
@@ -239,7 +243,12 @@ class ModelKeeper:
 
 
 class Poller(BackgroundThread):
-    """Loads the first model (retrying until one loads), then asks the registry every interval."""
+    """Loads the first model, then asks the registry every interval.
+
+    Until a model loads it retries sooner, backing off: RETRY_S, twice that, and so on, up to the interval (up to
+    MAX_RETRY_S with polling off). With a model loaded it never waits longer than the interval, failures or not, so
+    a registry that comes back has its champion served within two intervals.
+    """
 
     name = "model-poller"
 
@@ -249,16 +258,20 @@ class Poller(BackgroundThread):
         self._interval_s = interval_s
 
     def _run(self) -> None:
+        failures = 0  # checks in a row that failed (registry unavailable, or the new version refused)
         while not self._stop.is_set():
             try:
-                self._keeper.refresh()
+                result = self._keeper.refresh().result
             except Exception:  # the poller must outlive any surprise, or reloading would stop silently
                 log.exception("model refresh failed")
-            wait = self._next_wait()
+                result = "failed"
+            failures = failures + 1 if result in ("failed", "unavailable") else 0
+            wait = self._next_wait(failures)
             if wait is None or self._stop.wait(wait):
                 return
 
-    def _next_wait(self) -> float | None:
+    def _next_wait(self, failures: int) -> float | None:
         if self._keeper.current is None:
-            return min(self._interval_s, RETRY_S) if self._interval_s else RETRY_S
+            ceiling = self._interval_s or MAX_RETRY_S
+            return float(min(ceiling, RETRY_S * 2 ** min(max(failures - 1, 0), 8)))
         return self._interval_s or None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -58,10 +59,16 @@ class Problem:
     message: str
 
 
+# Checking a body stops at this many problems: describing every field of 10,000 wrong records would cost the
+# server about a second of CPU, for an answer that shows the first 100 anyway.
+MAX_PROBLEMS = 1000
+
+
 class InvalidInput(Exception):
     def __init__(self, problems: list[Problem]) -> None:
-        super().__init__(f"{len(problems)} problem(s) in the request body")
-        self.problems = problems
+        counted = f"{len(problems)}" if len(problems) < MAX_PROBLEMS else f"{MAX_PROBLEMS} or more"
+        super().__init__(f"{counted} problem(s) in the request body")
+        self.problems = problems[:MAX_PROBLEMS]
 
 
 def records_in(payload: Any, max_rows: int) -> tuple[list[Any], bool]:
@@ -94,8 +101,11 @@ def to_arrays(records: list[Any], batch: bool) -> tuple[FloatArray, FloatArray]:
         rows.append([_number(record, name, where, problems) for name in NUMERIC_FEATURES])
         codes.append(_category(record, where, problems))
         if not _FIELDS.issuperset(record):
+            unknown = (name for name in record if name not in _FIELDS)
             problems += [Problem(_path(where, name), "unknown", "unknown field")
-                         for name in record if name not in _FIELDS]
+                         for name in islice(unknown, MAX_PROBLEMS)]
+        if len(problems) >= MAX_PROBLEMS:
+            break
     if problems:
         raise InvalidInput(problems)
     return np.array(rows, dtype=float), np.array(codes, dtype=float)
@@ -171,7 +181,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "responses": {
             "200": answer("a prediction for a record, predictions for a batch", "Prediction"),
             "400": answer("malformed JSON"),
-            "413": answer("body larger than MAX_BODY_BYTES, or more records than MAX_BATCH_ROWS"),
+            "413": answer("body larger than MAX_BODY_BYTES, or more records (or JSON values) than MAX_BATCH_ROWS"),
             "415": answer("Content-Type is not application/json"),
             "422": answer("records that do not match the schema; each problem names its path"),
             "503": answer("no model loaded yet; retry after Retry-After seconds"),
@@ -179,7 +189,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     }
     plain = {"200": {"description": "OK"}}
     paths = {**mlflow_paths(settings, answer), **v2_paths(settings, answer)}
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "California housing price regressor", "version": "1"},
         "paths": {
@@ -195,7 +205,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                  "security": [{"reloadToken": []}],
                                  "responses": {**plain, "401": answer("no bearer token"), "403": answer("wrong token"),
                                                "404": answer("RELOAD_TOKEN is not set"),
-                                               "502": answer("the new version was refused, or the registry failed")}}},
+                                               "502": answer("the new version was refused; the served model stays"),
+                                               "503": answer("the registry is unavailable or has no such model, or "
+                                                             "did not answer in time; retry after Retry-After")}}},
             **paths,
         },
         "components": {
@@ -204,6 +216,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "securitySchemes": {"reloadToken": {"type": "http", "scheme": "bearer"}},
         },
     }
+    if settings.admin_port:  # the public port's document; /reload and /metrics answer 404 there (admin.py)
+        for path in ("/reload", "/metrics"):
+            del document["paths"][path]
+    return document
 
 
 # The two other protocols (docs/protocols.md). Their request schemas describe the shapes a schema can pin down: record
