@@ -342,8 +342,8 @@ def best_feasible(study: optuna.Study) -> FrozenTrial | None:
 class Progress:
     """One terminal line per trial: trial n of N, its score and cost, the best feasible so far, time used."""
 
-    def __init__(self, n_trials: int, minutes: float, out: Any = sys.stdout) -> None:
-        self.n_trials, self.budget_s, self.out = n_trials, minutes * 60, out
+    def __init__(self, n_trials: int, minutes: float) -> None:
+        self.n_trials, self.budget_s = n_trials, minutes * 60
         self.started = time.monotonic()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -360,7 +360,7 @@ class Progress:
         best_text = f"best #{best.number} {best.value:,.0f}" if best else "no feasible trial yet"
         elapsed = time.monotonic() - self.started
         print(f"trial {len(finished(study))} of {self.n_trials} (#{trial.number}): {score}{latency}{flag}  |  "
-              f"{best_text}  |  {elapsed / 60:.1f} of {self.budget_s / 60:.0f} min", file=self.out, flush=True)
+              f"{best_text}  |  {elapsed / 60:.1f} of {self.budget_s / 60:.0f} min", flush=True)
 
 
 def run_study(study: optuna.Study, config: TuneConfig, settings: Settings, X: pd.DataFrame, y: np.ndarray) -> None:
