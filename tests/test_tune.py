@@ -34,7 +34,7 @@ def project(tmp_path, monkeypatch):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     gbdt = params["train"]["candidates"]["gbdt"]
     gbdt["features"]["neighbours"] = [4, 16]
-    gbdt["params"].update(max_iter=10, max_leaf_nodes=7)
+    gbdt["params"].update(max_iter=10, max_leaf_nodes=7, learning_rate=0.1, max_features=0.7)  # inside SMALL_SPACE
     params["tune"].update(space=SMALL_SPACE, n_trials=4, cv_folds=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     frame = synthetic_housing(rows=600, seed=3)
@@ -132,16 +132,20 @@ def test_apply_without_a_study_names_the_fix(project):
 
 def test_a_proposal_changes_only_the_searched_values_and_keeps_the_comments():
     text = (ROOT / "params.yaml").read_text()
-    spec = yaml.safe_load(text)["train"]["candidates"]["gbdt"]
-    spec = tune.candidate_spec(spec, {"learning_rate": 0.123, "max_iter": 700, "neighbours": [8, 32]})
+    today = yaml.safe_load(text)["train"]["candidates"]["gbdt"]
+    spec = tune.candidate_spec(today, {"learning_rate": 0.123, "max_iter": 7, "neighbours": [8, 32]})
     proposed = tune.proposed_params(text, "gbdt", spec, {"learning_rate": {}, "max_iter": {}, "neighbours": {}})
     diff = tune.params_diff(text, proposed)
     changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
-    assert sorted(changed) == sorted(["-      features: {neighbours: [4, 16, 64], folds: 10, encoding: ordinal}",
-                                      "+      features: {neighbours: [8, 32], folds: 10, encoding: ordinal}",
-                                      "-        max_iter: 1500", "+        max_iter: 700",
-                                      "-        learning_rate: 0.05", "+        learning_rate: 0.123"])
+    features = ", ".join(f"{k}: {v}" for k, v in today["features"].items() if k != "neighbours")
+    assert sorted(changed) == sorted([
+        f"-      features: {{neighbours: {today['features']['neighbours']}, {features}}}",
+        f"+      features: {{neighbours: [8, 32], {features}}}",
+        f"-        max_iter: {today['params']['max_iter']}", "+        max_iter: 7",
+        f"-        learning_rate: {today['params']['learning_rate']}", "+        learning_rate: 0.123"])
     assert yaml.safe_load(proposed)["train"]["candidates"]["gbdt"] == spec
+    assert [line for line in text.splitlines() if "#" in line] == [
+        line for line in proposed.splitlines() if "#" in line]
 
 
 def test_an_over_budget_trial_is_never_proposed_however_good():
