@@ -281,25 +281,29 @@ class Objective:
             mlflow.log_params({"model": spec["model"], **{f"features.{k}": v for k, v in spec["features"].items()},
                                **spec["params"]})
             scores: list[float] = []
-            try:
-                for fold, (fit_rows, score_rows) in enumerate(self.folds):
-                    fit_started = time.process_time()  # CPU time: other processes' load does not count
-                    pipeline = build_pipeline(spec).fit(self.X.iloc[fit_rows], self.y[fit_rows])
-                    if fold == 0:  # the cost of the first fold's model stands for the trial's
-                        self._record_cost(trial, pipeline, time.process_time() - fit_started)
-                    scores.append(float(root_mean_squared_error(
-                        self.y[score_rows], pipeline.predict(self.X.iloc[score_rows]))))
-                    mlflow.log_metric("fold_rmse", scores[-1], step=fold)
-                    trial.report(float(np.mean(scores)), fold)
-                    if trial.should_prune():
-                        mlflow.set_tag("state", "pruned")
-                        raise optuna.TrialPruned(f"running CV RMSE {np.mean(scores):,.0f} after fold {fold + 1}")
-            finally:
-                mlflow.log_metric("duration_seconds", time.perf_counter() - started)
+            pruned = False
+            for fold, (fit_rows, score_rows) in enumerate(self.folds):
+                fit_started = time.process_time()  # CPU time: other processes' load does not count
+                pipeline = build_pipeline(spec).fit(self.X.iloc[fit_rows], self.y[fit_rows])
+                if fold == 0:  # the cost of the first fold's model stands for the trial's
+                    self._record_cost(trial, pipeline, time.process_time() - fit_started)
+                scores.append(float(root_mean_squared_error(
+                    self.y[score_rows], pipeline.predict(self.X.iloc[score_rows]))))
+                mlflow.log_metric("fold_rmse", scores[-1], step=fold)
+                trial.report(float(np.mean(scores)), fold)
+                if trial.should_prune():
+                    pruned = True
+                    break
             mean, std = float(np.mean(scores)), float(np.std(scores))
-            trial.set_user_attr("cv_rmse_std", std)
-            mlflow.log_metrics({"cv_rmse_mean": mean, "cv_rmse_std": std})
-            mlflow.set_tags({"state": "complete", "feasible": str(trial.user_attrs["feasible"]).lower()})
+            mlflow.log_metric("duration_seconds", time.perf_counter() - started)
+            mlflow.set_tags({"state": "pruned" if pruned else "complete",
+                             "feasible": str(trial.user_attrs["feasible"]).lower()})
+            if not pruned:
+                trial.set_user_attr("cv_rmse_std", std)
+                mlflow.log_metrics({"cv_rmse_mean": mean, "cv_rmse_std": std})
+        # Raised outside the run, which MLflow would otherwise end as FAILED: a pruned trial is a finished one.
+        if pruned:
+            raise optuna.TrialPruned(f"running CV RMSE {mean:,.0f} after fold {len(scores)}")
         return mean
 
     def _record_cost(self, trial: optuna.Trial, pipeline: Pipeline, fit_seconds: float) -> None:
@@ -485,10 +489,11 @@ def log_plots(study: optuna.Study, config: TuneConfig) -> None:
         mlflow.log_figure(axis.figure, "plots/optimization_history.png")
         pyplot.close(axis.figure)
         try:
+            warnings.simplefilter("error", UserWarning)  # "too few trials": Optuna would plot equal importances
             axis = optuna.visualization.matplotlib.plot_param_importances(study)
             mlflow.log_figure(axis.figure, "plots/param_importances.png")
             pyplot.close(axis.figure)
-        except (RuntimeError, ValueError) as problem:  # too few complete trials, or no variation yet
+        except (RuntimeError, ValueError, UserWarning) as problem:  # too few complete trials, or no variation yet
             log.warning("no parameter-importance plot yet: %s", problem)
     mlflow.log_figure(plot_rmse_vs_latency(study, config), "plots/rmse_vs_latency.png")
 

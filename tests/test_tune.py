@@ -101,11 +101,24 @@ def test_a_study_records_every_trial_in_mlflow_under_one_parent_run_and_resumes(
     assert len(parents) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
     assert sorted(children["tags.trial"].astype(int)) == [0, 1, 2, 3]
+    assert set(children["status"]) == {"FINISHED"}
     cost = study.trials[0].user_attrs["cost"]
     assert cost["latency_path"] in {"serving.trees.flatten", "serve.flatten"}  # the serving app's tree walker
     assert cost["latency_ms_1_row"] > 0 and cost["latency_ms_per_row_1000"] > 0
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parents["run_id"].iloc[0], "plots")}
     assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/rmse_vs_latency.png"} <= artifacts
+
+
+def test_a_pruned_trial_stops_after_the_fold_that_condemned_it_and_its_run_still_finishes(project, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.setenv("TUNE_TRIALS", "2")
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda trial: trial.number >= 1)
+    assert tune.main([]) == 0
+    assert "trial 2 of 2 (#1): pruned after fold 1" in capsys.readouterr().out
+    pruned = stored_study().trials[1]
+    assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [0]
+    runs = mlflow.search_runs(experiment_names=["california-housing-tune"], filter_string="tags.trial = '1'")
+    assert list(runs["tags.state"]) == ["pruned"] and list(runs["status"]) == ["FINISHED"]
 
 
 def test_apply_writes_the_best_feasible_trial_into_params_yaml_and_nothing_else(project, monkeypatch, capsys):
