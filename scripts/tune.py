@@ -482,15 +482,23 @@ def plot_rmse_vs_latency(study: optuna.Study, config: TuneConfig) -> Figure:
     return figure
 
 
+def _fit_labels(axis: Any) -> None:
+    """Optuna's figures are 6.4 x 4.8 in without a layout: long parameter names would be cut off."""
+    axis.figure.set_size_inches(9, 5)
+    axis.figure.tight_layout()
+
+
 def log_plots(study: optuna.Study, config: TuneConfig) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         axis = optuna.visualization.matplotlib.plot_optimization_history(study)
+        _fit_labels(axis)
         mlflow.log_figure(axis.figure, "plots/optimization_history.png")
         pyplot.close(axis.figure)
         try:
             warnings.simplefilter("error", UserWarning)  # "too few trials": Optuna would plot equal importances
             axis = optuna.visualization.matplotlib.plot_param_importances(study)
+            _fit_labels(axis)
             mlflow.log_figure(axis.figure, "plots/param_importances.png")
             pyplot.close(axis.figure)
         except (RuntimeError, ValueError, UserWarning) as problem:  # too few complete trials, or no variation yet
