@@ -49,8 +49,9 @@ tune: venv ## Optuna study (k-fold CV on the training split) in MLflow; proposes
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
 
-lint: venv ## ruff, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema
+lint: venv ## ruff, mypy, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema
 	ruff check .
+	mypy
 	actionlint
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
@@ -94,3 +95,16 @@ rollback-deploy: ## on the host: go back to the previously deployed image tag
 
 infra-deploy: ## create or update the AWS stack in infra/ (aws cloudformation deploy)
 	@scripts/infra_deploy.sh
+
+# The pictures in docs/: drawn from sources in the repository, never by hand.
+PICTURE_DIR ?= docs
+DASHBOARD_PNG_DIR ?= .monitoring/dashboards
+.PHONY: docs-picture dashboard-png
+
+docs-picture: ## docs/architecture.svg and .png from docs/architecture.dot (Graphviz `dot`)
+	@command -v dot >/dev/null || { echo "dot not found: install Graphviz (sudo apt-get install graphviz)" >&2; exit 1; }
+	dot -Tsvg docs/architecture.dot -o $(PICTURE_DIR)/architecture.svg
+	dot -Tpng -Gdpi=96 docs/architecture.dot -o $(PICTURE_DIR)/architecture.png
+
+dashboard-png: venv ## each Grafana dashboard, panel by panel, as a PNG from Prometheus (`make monitoring-up`)
+	@python -m scripts.render_dashboard --out-dir $(DASHBOARD_PNG_DIR)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import threading
@@ -21,11 +22,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-import serve
 import train
 from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
+from serving.metrics import METRICS
+from serving.prediction_log import PredictionLog
+from serving.schema import to_arrays
+from serving.trees import flatten
 from tests.conftest import synthetic_housing
-from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
+from tests.servers import ROOT, ServerProcess, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
@@ -49,10 +53,13 @@ class Registry:
     downloads: Path
     _loaded: dict[str, mlflow.pyfunc.PyFuncModel] = field(default_factory=dict)
 
-    def register(self, name: str, pipeline: Pipeline, champion: bool = True) -> str:
+    def register(self, name: str, pipeline: Pipeline, champion: bool = True, promotion: str | None = "gate") -> str:
+        """A new version of `name`, tagged as scripts/register.py tags them (`promotion`: gate, human, rejected or
+        None for no tag); `champion` moves the alias to it, by hand."""
         with mlflow.start_run(experiment_id=self.experiment_id):
             info = train.log_pipeline(pipeline, synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)])
-        version = str(mlflow.register_model(info.model_uri, name).version)
+        tags = {"promotion": promotion} if promotion else {}
+        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
         if champion:
             self.client.set_registered_model_alias(name, "champion", version)
         return version
@@ -221,10 +228,10 @@ def test_flattened_trees_predict_exactly_what_sklearn_predicts(spec):
     data = data[data["ocean_proximity"] != "ISLAND"]  # a category the model never saw
     with threadpool_limits(1, "openmp"):
         pipeline = train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
-    trees = serve.flatten(pipeline)
+    trees = flatten(pipeline)
     assert trees is not None
     frame = records_frame(records(300, seed=9))
-    numeric, codes = serve.to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"), batch=True)
+    numeric, codes = to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"), batch=True)
     features = pipeline.steps[0][1].transform_arrays(numeric, codes)
     assert np.array_equal(trees.predict(features), pipeline.predict(frame))
 
@@ -305,7 +312,7 @@ def test_wrong_method_and_unknown_path_are_json_errors(server):
 
 
 def test_prediction_log_rotates_by_size(tmp_path):
-    log = serve.PredictionLog(tmp_path, max_bytes=2_000)
+    log = PredictionLog(tmp_path, max_bytes=2_000)
     log.start()
     for number in range(20):
         log.append({"request_id": f"r{number}", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
@@ -319,12 +326,12 @@ def test_prediction_log_rotates_by_size(tmp_path):
 
 def test_prediction_log_that_cannot_write_drops_and_counts(tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    log = serve.PredictionLog(tmp_path / "file" / "logs")
-    dropped = serve.METRICS.get_sample_value("housing_prediction_log_dropped_total")
+    log = PredictionLog(tmp_path / "file" / "logs")
+    dropped = METRICS.get_sample_value("housing_prediction_log_dropped_total")
     log.start()
     log.append({"request_id": "r", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
     log.stop()
-    assert serve.METRICS.get_sample_value("housing_prediction_log_dropped_total") == dropped + 1
+    assert METRICS.get_sample_value("housing_prediction_log_dropped_total") == dropped + 1
 
 
 # --- metrics -------------------------------------------------------------------------------------------------
@@ -354,6 +361,9 @@ def test_metrics_move_with_traffic(server, models):
     assert value(after, "housing_model_info", name="served", version=models["first"]) == 1
     assert value(after, "housing_model_loaded") == 1
     assert value(after, "housing_model_last_reload_timestamp_seconds") > 1.7e9
+    # The reload outcomes the alerts watch exist from the start, at 0 until one happens.
+    for result in ("loaded", "unchanged", "failed", "unavailable", "refused"):
+        assert ("housing_model_reloads_total", frozenset({("result", result)})) in after
 
 
 @pytest.fixture(scope="module")
@@ -487,6 +497,94 @@ def test_broken_champion_is_refused_and_old_one_kept(server, registry, models, c
     assert served_version(server) == models["first"]
     assert predict(server, GOOD).json()["model"]["version"] == models["first"]
     assert value(metrics(server), "housing_model_reloads_total", result="failed") == failed_before + 1
+    assert httpx.get(server.url + "/model").json()["not_serving"]["result"] == "failed"
+
+
+# --- only what the gate passed ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("promotion", "why"), [
+    (None, "has no promotion tag: neither the gate nor a person promoted it"),
+    ("rejected", "is tagged promotion=rejected: the gate refused it"),
+    ("self-approved", "is tagged promotion='self-approved', not one of gate, human"),
+], ids=["no record", "rejected by the gate", "unknown value"])
+def test_alias_moved_by_hand_to_a_version_nobody_promoted_is_refused(server, registry, models, champion_restored,
+                                                                       promotion, why):
+    version = registry.register("served", fitted(RIDGE, seed=2), promotion=promotion)
+    refused_before = value(metrics(server), "housing_model_reloads_total", result="refused")
+
+    response = reload(server)
+    assert response.status_code == 502
+    assert response.json()["result"] == "refused"
+    assert response.json()["model"] == {"name": "served", "version": models["first"]}
+    reason = response.json()["detail"]
+    assert reason.startswith(f"models:/served/{version} {why}")
+    assert f"`make promote VERSION={version} REASON=" in reason
+    described = httpx.get(server.url + "/model").json()
+    assert described["version"] == models["first"]
+    assert described["not_serving"] == {"version": version, "uri": f"models:/served/{version}", "result": "refused",
+                                        "reason": reason}
+    assert predict(server, GOOD).json()["model"]["version"] == models["first"]
+    assert value(metrics(server), "housing_model_reloads_total", result="refused") == refused_before + 1
+
+
+@pytest.mark.parametrize("promotion", ["gate", "human"])
+def test_version_promoted_by_the_gate_or_approved_by_a_person_is_served(server, registry, champion_restored,
+                                                                        promotion):
+    version = registry.register("served", fitted(RIDGE, seed=3), promotion=promotion)
+
+    response = reload(server)
+    assert response.status_code == 200, response.text
+    assert response.json()["result"] == "loaded"
+    assert served_version(server) == version
+    assert httpx.get(server.url + "/model").json()["not_serving"] is None
+
+
+def test_refused_version_is_served_once_a_person_approves_it(server, registry, champion_restored):
+    version = registry.register("served", fitted(RIDGE, seed=4), promotion="rejected")
+    assert reload(server).json()["result"] == "refused"
+
+    registry.client.set_model_version_tag("served", version, "promotion", "human")  # what `make promote` records
+    assert reload(server).json()["result"] == "loaded"
+    assert served_version(server) == version
+
+
+def test_pointing_the_alias_back_clears_the_refusal(server, registry, models, champion_restored):
+    registry.register("served", fitted(RIDGE, seed=2), promotion=None)
+    assert reload(server).json()["result"] == "refused"
+
+    registry.client.set_registered_model_alias("served", "champion", models["first"])  # what `make rollback` does
+    assert reload(server).json()["result"] == "unchanged"
+    assert httpx.get(server.url + "/model").json()["not_serving"] is None
+
+
+def test_unpromoted_champion_is_not_served_at_start_unless_model_uri_names_it(registry, tmp_path):
+    version = registry.register("unpromoted", fitted(RIDGE, seed=5), promotion=None)
+    uri = f"models:/unpromoted/{version}"
+    following = start_serve(serve_env(registry, tmp_path, MODEL_NAME="unpromoted", RELOAD_INTERVAL_S="0.3"),
+                            tmp_path / "following.log")
+    pinned = start_serve(serve_env(registry, tmp_path, MODEL_NAME="unpromoted", MODEL_URI=uri), tmp_path / "pinned.log")
+    try:
+        wait_until_answering(pinned, "/ready")  # MODEL_URI is an explicit choice: no promotion record is asked for
+        assert predict(pinned, GOOD).status_code == 200
+        assert httpx.get(pinned.url + "/model").json()["uri"] == uri
+
+        wait_until_answering(following, "/health")
+        wait_for(lambda: value(metrics(following), "housing_model_reloads_total", result="refused") >= 2, 60,
+                 "the server to refuse the champion, and refuse it again")
+        assert predict(following, GOOD).status_code == 503
+        unloaded = httpx.get(following.url + "/model")
+        assert unloaded.status_code == 503
+        assert unloaded.json()["not_serving"]["uri"] == uri
+        assert "has no promotion tag" in unloaded.json()["not_serving"]["reason"]
+
+        registry.client.set_model_version_tag("unpromoted", version, "promotion", "human")
+        wait_for(lambda: httpx.get(following.url + "/ready").status_code == 200, 60, "the approved version to load")
+        assert httpx.get(following.url + "/model").json()["not_serving"] is None
+        assert predict(following, GOOD).json()["model"] == {"name": "unpromoted", "version": version}
+    finally:
+        following.stop()
+        pinned.stop()
 
 
 def test_reload_needs_the_token(server):
@@ -585,3 +683,25 @@ def test_health_and_openapi(server):
     assert set(record["required"]) == set(FEATURES) - OPTIONAL_FEATURES
     assert set(document["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "413", "415", "422", "503"}
     assert document["components"]["schemas"]["Batch"]["properties"]["instances"]["maxItems"] == MAX_BATCH_ROWS
+
+
+# --- the code ------------------------------------------------------------------------------------------------
+
+# serving/'s modules in layers: each imports only from layers before its own, so app → model → trees, never back.
+LAYERS = [
+    {"settings", "metrics", "background", "trees"},
+    {"schema", "registry", "drift", "prediction_log"},
+    {"body", "model"},
+    {"app", "docs"},
+]
+
+
+def test_serving_modules_import_only_from_the_layers_below_them():
+    layer_of = {name: number for number, names in enumerate(LAYERS) for name in names}
+    modules = {path.stem: path for path in (ROOT / "serving").glob("*.py") if path.stem != "__init__"}
+    assert set(modules) == set(layer_of), "put each module of serving/ in one of LAYERS"
+    for name, path in modules.items():
+        imported = {node.module.removeprefix("serving.") for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("serving.")}
+        upward = {other for other in imported if layer_of[other] >= layer_of[name]}
+        assert not upward, f"serving/{name}.py imports {upward}, from its own layer or above"
