@@ -210,8 +210,8 @@ def serving_predictor(pipeline: Pipeline) -> tuple[Callable[[np.ndarray, np.ndar
     def predict(numeric: np.ndarray, codes: np.ndarray) -> np.ndarray:
         matrix = features.transform_arrays(numeric, codes)
         if trees is not None and len(matrix) <= max_rows and not np.isnan(matrix).any():
-            return trees.predict(matrix)
-        return model.predict(matrix)
+            return np.asarray(trees.predict(matrix))
+        return np.asarray(model.predict(matrix))
 
     return predict, path
 
@@ -340,9 +340,16 @@ def finished(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
+def score(trial: FrozenTrial) -> float:
+    """A complete trial's CV RMSE."""
+    if trial.value is None:
+        raise ValueError(f"trial {trial.number} has no CV RMSE: it is {trial.state.name.lower()}")
+    return trial.value
+
+
 def best_feasible(study: optuna.Study) -> FrozenTrial | None:
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)]
-    return min(complete, key=lambda t: t.value, default=None)
+    return min(complete, key=score, default=None)
 
 
 class Progress:
@@ -428,7 +435,7 @@ def propose(study: optuna.Study, config: TuneConfig, apply: bool) -> str:
                f"CV RMSE {best.value:,.0f} ± {best.user_attrs['cv_rmse_std']:,.0f}")
     if baseline is not None and baseline.value is not None:
         summary += (f" vs today's params {baseline.value:,.0f} ± {baseline.user_attrs['cv_rmse_std']:,.0f} "
-                    f"({(best.value / baseline.value - 1) * 100:+.1f}%)")
+                    f"({(score(best) / baseline.value - 1) * 100:+.1f}%)")
     print(summary)
     if not diff:
         print("tune: params.yaml already holds the best feasible values; nothing to change")
@@ -460,7 +467,7 @@ def plot_rmse_vs_latency(study: optuna.Study, config: TuneConfig) -> Figure:
     figure = Figure(figsize=(12, 5), layout="tight")
     for axis, key, label in zip(figure.subplots(1, 2), ("latency_ms_1_row", "latency_ms_per_row_1000"),
                                 ("1 row (ms)", "1,000 rows (ms per row)"), strict=True):
-        points = [(t.user_attrs["cost"][key], t.value) for t in complete]
+        points = [(float(t.user_attrs["cost"][key]), score(t)) for t in complete]
         feasible = [is_feasible(t) for t in complete]
         for ok, colour, name in ((True, "tab:blue", "within budget"), (False, "tab:gray", "over budget")):
             chosen = [p for p, f in zip(points, feasible, strict=True) if f == ok]
@@ -494,15 +501,16 @@ def log_plots(study: optuna.Study, config: TuneConfig) -> None:
         axis = optuna.visualization.matplotlib.plot_optimization_history(study)
         _fit_labels(axis)
         mlflow.log_figure(axis.figure, "plots/optimization_history.png")
-        pyplot.close(axis.figure)
+        pyplot.close("all")
         try:
             warnings.simplefilter("error", UserWarning)  # "too few trials": Optuna would plot equal importances
             axis = optuna.visualization.matplotlib.plot_param_importances(study)
             _fit_labels(axis)
             mlflow.log_figure(axis.figure, "plots/param_importances.png")
-            pyplot.close(axis.figure)
+            pyplot.close("all")
         except (RuntimeError, ValueError, UserWarning) as problem:  # too few complete trials, or no variation yet
             log.warning("no parameter-importance plot yet: %s", problem)
+            pyplot.close("all")
     mlflow.log_figure(plot_rmse_vs_latency(study, config), "plots/rmse_vs_latency.png")
 
 
@@ -560,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                   for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         mlflow.log_metrics({f"trials_{state.name.lower()}": n for state, n in counts.items()})
         if best is not None:
-            mlflow.log_metrics({"best_cv_rmse_mean": best.value, "best_cv_rmse_std": best.user_attrs["cv_rmse_std"]})
+            mlflow.log_metrics({"best_cv_rmse_mean": score(best), "best_cv_rmse_std": best.user_attrs["cv_rmse_std"]})
             mlflow.set_tag("best_trial", best.number)
         log_plots(study, config)
         diff = propose(study, config, apply=False)
