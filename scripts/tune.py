@@ -36,7 +36,6 @@ import timeit
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,7 @@ from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
 from features import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, TARGET, category_codes
+from serving.trees import FLAT_TREES_MAX_ROWS, flatten
 from train import build_pipeline
 
 log = logging.getLogger("tune")
@@ -190,26 +190,16 @@ def study_name(config: TuneConfig, training_rows: bytes) -> str:
 def serving_predictor(pipeline: Pipeline) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], str]:
     """The serving app's prediction path for this pipeline, and which path it is.
 
-    Mirrors `ServedModel.predict`: the features step's array fast path, then the flattened trees for small batches,
-    sklearn's predict() for large ones. The flattener is imported from wherever the app keeps it (serving/trees.py,
-    or serve.py before the split); without either this measures plain sklearn, and says so.
+    Mirrors ServedModel.predict (serving/model.py): the features step's array fast path, then the flattened trees
+    (serving/trees.py) for small batches, sklearn's predict() for large ones or when the trees cannot be flattened.
     """
-    flatten, max_rows, path = None, 0, "sklearn"
-    for module in ("serving.trees", "serve"):
-        try:
-            found = import_module(module)
-            flatten, max_rows, path = found.flatten, found.FLAT_TREES_MAX_ROWS, f"{module}.flatten"
-            break
-        except (ImportError, AttributeError):
-            continue
     features, model = pipeline.steps[0][1], pipeline[1:]
-    trees = flatten(pipeline) if flatten is not None else None
-    if trees is None:
-        path = "sklearn"
+    trees = flatten(pipeline)
+    path = "serving.trees.flatten" if trees is not None else "sklearn"
 
     def predict(numeric: np.ndarray, codes: np.ndarray) -> np.ndarray:
         matrix = features.transform_arrays(numeric, codes)
-        if trees is not None and len(matrix) <= max_rows and not np.isnan(matrix).any():
+        if trees is not None and len(matrix) <= FLAT_TREES_MAX_ROWS and not np.isnan(matrix).any():
             return np.asarray(trees.predict(matrix))
         return np.asarray(model.predict(matrix))
 
