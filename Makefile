@@ -18,7 +18,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv retrain rollback test lint dvc-remote serve bench soak services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
+.PHONY: help venv retrain rollback test lint dvc-remote serve bench soak services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down tune
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,13 @@ endif
 
 retrain: venv dvc-remote ## fetch, validate, split, train, register + gated promotion; push data to DVC_REMOTE
 	@scripts/retrain.sh
+
+# `make tune`: time budget of one run in minutes; APPLY=1 writes the stored study's proposal into params.yaml.
+TUNE_MINUTES ?= 10
+APPLY ?=
+
+tune: venv ## Optuna study (k-fold CV on the training split) in MLflow; proposes params.yaml changes (APPLY=1 applies)
+	TUNE_MINUTES=$(TUNE_MINUTES) python -m scripts.tune $(if $(filter 1,$(APPLY)),--apply)
 
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
