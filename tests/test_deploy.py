@@ -22,6 +22,8 @@ from pathlib import Path
 import boto3
 import pytest
 
+pytestmark = pytest.mark.integration  # real processes throughout
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "scripts" / "deploy.sh"
 FAKE_DOCKER = ROOT / "tests" / "fake_docker"

@@ -232,6 +232,7 @@ def window_full(server: ServerProcess) -> dict[str, float]:
                     f"{WINDOW} records in the drift window")
 
 
+@pytest.mark.integration
 def test_served_training_distribution_keeps_scores_low(empty_window):
     send(empty_window, districts(WINDOW, seed=2))
     scores = window_full(empty_window)
@@ -239,23 +240,27 @@ def test_served_training_distribution_keeps_scores_low(empty_window):
     assert max(scores[name] for name in (*FEATURES, "prediction")) < LOW, scores
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("shift", "shifted"), SHIFTS, ids=["incomes x 2", "one category dominates"])
 def test_served_shift_raises_its_fields_score_only(empty_window, shift, shifted):
     send(empty_window, shift(districts(WINDOW, seed=2)))
     assert_only_shifted(window_full(empty_window), shifted)
 
 
+@pytest.mark.integration
 def test_incomes_doubled_shift_the_predictions_too(empty_window):
     send(empty_window, incomes_doubled(districts(WINDOW, seed=2)))
     assert window_full(empty_window)["prediction"] > HIGH  # income drives the price
 
 
+@pytest.mark.integration
 def test_single_records_count_like_batches(empty_window):
     send(empty_window, districts(WINDOW // 2, seed=3), batch=1)
     send(empty_window, districts(WINDOW // 2, seed=4), batch=WINDOW // 2)
     assert max(window_full(empty_window)[name] for name in NUMERIC_FEATURES) < LOW
 
 
+@pytest.mark.integration
 def test_switching_to_a_version_without_profile_turns_its_scores_nan(servers, models):
     send(servers.profiled, districts(WINDOW, seed=2))
     switch(servers.profiled, models, models.without_profile)
@@ -267,6 +272,7 @@ def test_switching_to_a_version_without_profile_turns_its_scores_nan(servers, mo
     wait_for(unmeasured, 10, "NaN drift scores and an empty window")
 
 
+@pytest.mark.integration
 def test_a_model_without_reference_profile_exports_no_drift(servers):
     send(servers.plain, districts(50, seed=2))
     assert httpx.get(servers.plain.url + "/metrics").text.count("housing_model_loaded 1.0") == 1

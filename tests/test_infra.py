@@ -91,6 +91,7 @@ def statements(aws, role: str, policy: str) -> list[dict[str, Any]]:
     return document["Statement"]
 
 
+@pytest.mark.integration
 def test_infra_deploy_needs_its_settings(moto_endpoint: str, network: dict[str, str]):
     result = infra_deploy(moto_endpoint, GITHUB_OWNER="acme")
     assert result.returncode == 2
@@ -100,6 +101,7 @@ def test_infra_deploy_needs_its_settings(moto_endpoint: str, network: dict[str, 
     assert "SERVING_TRACKING_URI must be an MLflow server's http(s):// URL" in result.stderr
 
 
+@pytest.mark.integration
 def test_infra_deploy_uploads_the_lambda_code_and_creates_the_stack(aws, stack: dict[str, str]):
     assert aws("cloudformation").describe_stacks(StackName=STACK)["Stacks"][0]["StackStatus"] == "CREATE_COMPLETE"
     assert {
@@ -145,6 +147,7 @@ def test_infra_deploy_uploads_the_lambda_code_and_creates_the_stack(aws, stack: 
     )
 
 
+@pytest.mark.integration
 def test_new_data_rule_sends_new_housing_csvs_and_nothing_else_to_the_lambda(aws, stack: dict[str, str]):
     events = aws("events")
     rule = events.describe_rule(Name=stack["NewDataRule"])
@@ -192,6 +195,7 @@ def test_new_data_rule_sends_new_housing_csvs_and_nothing_else_to_the_lambda(aws
     ]
 
 
+@pytest.mark.integration
 def test_roles_grant_only_what_each_part_needs(aws, stack: dict[str, str]):
     log_group = aws("logs").describe_log_groups(logGroupNamePrefix=f"/aws/lambda/{STACK}-dispatch")["logGroups"][0]
     dispatch = statements(aws, stack["DispatchRole"], "dispatch")
@@ -224,6 +228,7 @@ def test_roles_grant_only_what_each_part_needs(aws, stack: dict[str, str]):
     assert all(s["Resource"] != "*" for sid, s in deploy.items() if sid != "FollowTheDeploy")
 
 
+@pytest.mark.integration
 def test_serving_host_takes_http_on_port_80_and_nothing_else(aws, stack: dict[str, str], network: dict[str, str]):
     [group] = aws("ec2").describe_security_groups(GroupIds=[stack["ServingSecurityGroup"]])["SecurityGroups"]
     assert group["VpcId"] == network["VPC_ID"]
@@ -243,6 +248,7 @@ def test_serving_host_takes_http_on_port_80_and_nothing_else(aws, stack: dict[st
     assert "git clone --branch main https://github.com/acme/housing-mlops.git /opt/housing-mlops" in script
 
 
+@pytest.mark.integration
 def test_outputs_name_every_repository_variable_the_workflows_read(aws, stack: dict[str, str], network: dict[str, str]):
     declared = template()["Outputs"]
     provided = {m for o in declared.values() for m in re.findall(r"Repository variable (\w+)", o["Description"])}

@@ -93,6 +93,7 @@ def test_rule_files_are_the_ones_prometheus_loads():
     assert {rule["alert"] for rule in alerts()} == EVERY_ALERT
 
 
+@pytest.mark.integration
 def test_promtool_unit_tests_pass():
     result = subprocess.run(["promtool", "test", "rules", *PROMTOOL_TESTS], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -340,6 +341,7 @@ def drive(prometheus: str, healthy: ServerProcess, unloaded: ServerProcess, dead
     return Live(prometheus, healthy, unloaded, dead, started, calm, drifted, traffic.predicted, traffic.answered)
 
 
+@pytest.mark.integration
 def test_counters_add_up_across_two_workers(live):
     instance = live.instance(live.healthy)
     # Every request is answered before it is counted, and Prometheus scrapes every second.
@@ -353,12 +355,14 @@ def test_counters_add_up_across_two_workers(live):
              "a drift window with records from each worker in Prometheus")
 
 
+@pytest.mark.integration
 def test_training_like_traffic_keeps_drift_low_in_prometheus(live):
     scores = by_label(query(live.prometheus, "job_field:housing_drift_psi:max", at=live.calm), "field")
     assert set(scores) == {*FEATURES, "prediction"}
     assert max(scores.values()) < 0.1, scores
 
 
+@pytest.mark.integration
 def test_drifted_traffic_raises_the_shifted_fields_only(live):
     scores = by_label(query(live.prometheus, "job_field:housing_drift_psi:max", at=live.drifted), "field")
     assert scores["median_income"] > 0.25 and scores["ocean_proximity"] > 0.25, scores
@@ -366,6 +370,7 @@ def test_drifted_traffic_raises_the_shifted_fields_only(live):
     assert scores["prediction"] > 0.25, scores  # income drives the price
 
 
+@pytest.mark.integration
 def test_alerts_follow_the_traffic(live):
     """Pending or firing, by alert: what the traffic should trigger, and nothing else."""
     healthy, unloaded = live.instance(live.healthy), live.instance(live.unloaded)
@@ -396,6 +401,7 @@ def test_alerts_follow_the_traffic(live):
 EXPRESSIONS = [(rule.get("record") or rule["alert"], rule["expr"]) for rule in rules()] + dashboard_expressions()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("where", "expr"), EXPRESSIONS, ids=[where for where, _ in EXPRESSIONS])
 def test_every_rule_and_panel_expression_returns_data(live, where, expr):
     """Each expression as Grafana runs it (a range query over the test's traffic) parses and returns series.
@@ -409,6 +415,7 @@ def test_every_rule_and_panel_expression_returns_data(live, where, expr):
     assert any(series["values"] for series in answer["data"]["result"]), f"{where}: no data for {expr}"
 
 
+@pytest.mark.integration
 def test_key_series_render_to_a_png(live, tmp_path):
     drawn = render_metrics.render(live.prometheus, live.started, time.time(), tmp_path / "monitoring.png",
                                   RATE_INTERVAL)

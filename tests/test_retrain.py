@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from features import FEATURES
 from tests.conftest import ROOT, project_copy, run_make, synthetic_housing
 
+pytestmark = pytest.mark.integration  # real processes throughout
+
 MODEL = "California_Housing_Regression"
 SMALL_PARAMS = {
     "candidates": {

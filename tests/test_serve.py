@@ -27,7 +27,10 @@ from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
 from tests.conftest import synthetic_housing
 from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
 
-pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
+pytestmark = [
+    pytest.mark.integration,  # most tests talk to real uvicorn processes
+    pytest.mark.filterwarnings("ignore:Operation with range is deprecated"),  # inside MLflow's pyfunc
+]
 
 GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
 RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
