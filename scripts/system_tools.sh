@@ -35,9 +35,10 @@ else
   exit 1
 fi
 echo "tools: installing ${missing[*]} (apt-get)"
-export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -qq
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# sudo drops the environment: the setting goes on the command line. The lock timeout waits for another apt-get.
+apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=300)
+"${apt[@]}" update
+"${apt[@]}" install -y --no-install-recommends "${missing[@]}" >/dev/null
 # The package enables a Prometheus service on 0.0.0.0:9090; the tests and `make monitoring-up` run their own.
 if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
   "${sudo[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true

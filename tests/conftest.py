@@ -54,6 +54,16 @@ def housing_frame() -> pd.DataFrame:
     return synthetic_housing()
 
 
+def json_records(frame: pd.DataFrame) -> list[dict]:
+    """`frame` as the JSON records a client sends: NaN becomes null."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+# Candidate specs (params.yaml's train.candidates shape) small enough to train in a second or two.
+GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
+RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
+
+
 def project_copy(destination: Path) -> Path:
     """The working tree as a fresh git repository: no data, no dvc.lock, no MLflow store."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,

@@ -21,12 +21,11 @@ from threadpoolctl import threadpool_limits
 import serve
 import train
 from features import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, TARGET, reference_profile
-from tests.conftest import synthetic_housing
+from tests.conftest import GBDT, json_records, synthetic_housing
 from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
-GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
 WINDOW = 400
 LOW, HIGH = 0.1, 0.25  # PSI: below LOW stable, above HIGH significant (the alert's threshold)
 SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
@@ -74,10 +73,6 @@ def filled(profile: dict, frame: pd.DataFrame, size: int = 1000, batch: int = 50
         window.add(numeric[rows], codes[rows], predictions[rows])
     window.update()
     return window
-
-
-def json_records(frame: pd.DataFrame) -> list[dict]:
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 def test_training_distribution_keeps_every_score_low(profile):

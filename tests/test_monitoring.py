@@ -34,7 +34,7 @@ from threadpoolctl import threadpool_limits
 import train
 from features import FEATURES, NUMERIC_FEATURES, TARGET, reference_profile
 from scripts import render_metrics
-from tests.conftest import synthetic_housing
+from tests.conftest import GBDT, RIDGE, json_records, synthetic_housing
 from tests.servers import ROOT, ServerProcess, free_port, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
@@ -43,8 +43,6 @@ RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 PROMTOOL_TESTS = sorted((ROOT / "prometheus" / "tests").glob("*.yml"))
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 DATASOURCES = sorted((ROOT / "grafana" / "provisioning" / "datasources").glob("*.yml"))
-GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
-RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
 SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
                   "RELOAD_TOKEN", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR", "DRIFT_WINDOW")
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
@@ -210,10 +208,6 @@ def app_metrics(server: ServerProcess) -> list:
 def app_value(server: ServerProcess, name: str, **labels: str) -> float:
     return sum(sample.value for sample in app_metrics(server)
                if sample.name == name and labels.items() <= sample.labels.items())
-
-
-def json_records(frame: pd.DataFrame) -> list[dict]:
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 class Traffic:

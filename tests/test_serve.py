@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 import serve
 import train
 from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
-from tests.conftest import synthetic_housing
+from tests.conftest import GBDT, RIDGE, synthetic_housing
 from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
 
 pytestmark = [
@@ -32,8 +32,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Operation with range is deprecated"),  # inside MLflow's pyfunc
 ]
 
-GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
-RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
 TOKEN = "s3cret-reload-token"
 MAX_BATCH_ROWS = 1000
 MAX_BODY_BYTES = 400_000
