@@ -18,9 +18,9 @@ import boto3
 import pytest
 
 import dispatch_lambda
+from tests.conftest import ROOT
 from tests.fake_github import Dispatch, FakeGitHub, declared_inputs
 
-ROOT = Path(__file__).resolve().parent.parent
 RETRAIN_WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
 TOKEN = "ghp_" + "T0k3n" * 7
 ETAG = "b1946ac92492d2347c6235b4d2611184"
