@@ -63,6 +63,7 @@ def traffic_window(live, tmp_path_factory) -> Rendered:
     return Rendered(pictures, drawn, end)
 
 
+@pytest.mark.integration
 def test_every_panel_with_a_query_draws_series_from_prometheus(traffic_window):
     for path in DASHBOARDS:
         panels = drawable(path)
@@ -73,6 +74,7 @@ def test_every_panel_with_a_query_draws_series_from_prometheus(traffic_window):
         assert not empty, f"{path.name}: nothing drawn for {empty}"
 
 
+@pytest.mark.integration
 def test_the_panels_show_what_the_traffic_did(traffic_window, live):
     drawn = {one.title: one.series for one in traffic_window.drawn["housing-serve.json"]}
     assert drawn["Targets up"] == 3  # the healthy app, the one without a model, and the dead target
@@ -84,6 +86,7 @@ def test_the_panels_show_what_the_traffic_did(traffic_window, live):
     assert drawn["Records per request"] >= 10  # the batch sizes sent: 1 to 500 records, and 100s
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda path: path.name)
 def test_each_panel_is_a_box_where_its_grid_position_puts_it(traffic_window, path):
     """In the PNG: inside every panel's box the panel colour, just left of it the page's background."""
@@ -108,6 +111,7 @@ def test_each_panel_is_a_box_where_its_grid_position_puts_it(traffic_window, pat
         assert pixels.getpixel(outside) == background, panel["title"]
 
 
+@pytest.mark.integration
 def test_make_dashboard_png_draws_each_dashboard_over_its_own_time_range(live, tmp_path):
     result = subprocess.run(["make", "--no-print-directory", "dashboard-png", f"DASHBOARD_PNG_DIR={tmp_path}"],
                             cwd=ROOT, env={**clean_environment(), "PROMETHEUS_URL": live.prometheus},

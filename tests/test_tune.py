@@ -58,6 +58,7 @@ def stored_study() -> optuna.Study:
     return optuna.load_study(study_name=name, storage="sqlite:///optuna.db")
 
 
+@pytest.mark.integration
 def test_tuning_never_reads_a_holdout_row(project, monkeypatch):
     opened: list[str] = []
     watching = [True]
@@ -83,6 +84,7 @@ def test_tuning_never_reads_a_holdout_row(project, monkeypatch):
     assert not seen & project["holdout_rooms"]  # (it also sees the serving app's random probe rows)
 
 
+@pytest.mark.integration
 def test_a_study_records_every_trial_in_mlflow_under_one_parent_run_and_resumes(project, monkeypatch, capsys):
     monkeypatch.setenv("TUNE_TRIALS", "2")
     assert tune.main([]) == 0
@@ -109,6 +111,7 @@ def test_a_study_records_every_trial_in_mlflow_under_one_parent_run_and_resumes(
     assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/rmse_vs_latency.png"} <= artifacts
 
 
+@pytest.mark.integration
 def test_a_pruned_trial_stops_after_the_fold_that_condemned_it_and_its_run_still_finishes(project, monkeypatch,
                                                                                           capsys):
     monkeypatch.setenv("TUNE_TRIALS", "2")
@@ -121,6 +124,7 @@ def test_a_pruned_trial_stops_after_the_fold_that_condemned_it_and_its_run_still
     assert list(runs["tags.state"]) == ["pruned"] and list(runs["status"]) == ["FINISHED"]
 
 
+@pytest.mark.integration
 def test_apply_writes_the_best_feasible_trial_into_params_yaml_and_nothing_else(project, monkeypatch, capsys):
     monkeypatch.setenv("TUNE_TRIALS", "3")
     before = Path("params.yaml").read_text()
