@@ -7,6 +7,7 @@ it, which lets each test check that port 80 (here a free port) never went withou
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -75,18 +76,18 @@ class Host:
             "STOP_TIMEOUT_S": "5",
         }
 
-    def run(self, *args: str, **settings: str) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RELOAD_TOKEN", "DOCKER_"))}
+    def run(self, *args: str, script: Path = DEPLOY, **settings: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RELOAD_TOKEN", "DOCKER_", "GIT_"))}
         return subprocess.run(
-            ["bash", str(DEPLOY), *args],
+            ["bash", str(script), *args],
             env={**env, **self.settings, **settings},
             capture_output=True,
             text=True,
             timeout=120,
         )
 
-    def deploy(self, tag: str, **settings: str) -> subprocess.CompletedProcess:
-        return self.run("deploy", IMAGE_TAG=tag, **settings)
+    def deploy(self, tag: str, script: Path = DEPLOY, **settings: str) -> subprocess.CompletedProcess:
+        return self.run("deploy", script=script, IMAGE_TAG=tag, **settings)
 
     def docker(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -245,6 +246,123 @@ def test_switch_refused_by_nginx_restores_its_configuration(serving: Host):
     assert set(serving.containers()) == {BLUE, PROXY}
     assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
     assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+
+def test_live_container_is_the_one_nginx_serves_not_the_one_its_conf_file_names(serving: Host):
+    """A reload that never took effect leaves conf.d naming green while nginx serves blue: blue is the live one."""
+    conf = serving.state_dir / "nginx" / "default.conf"
+    conf.write_text(conf.read_text().replace(BLUE, GREEN))
+
+    result = serving.deploy("v2")
+
+    assert result.returncode == 0, result.stderr
+    assert serving.served_image() == f"{IMAGE}:v2 by {GREEN}"
+    assert set(serving.containers()) == {GREEN, PROXY}
+    assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
+
+
+def test_reload_that_nginx_refuses_fails_the_deploy_and_restores_everything(serving: Host):
+    conf = (serving.state_dir / "nginx" / "default.conf").read_text()
+    (serving.docker_state / "nginx-reload-fails").touch()
+
+    result = serving.deploy("v2")
+
+    assert result.returncode == 1
+    assert 'nginx -s reload failed in housing-proxy: nginx: [error] invalid PID number ""' in result.stderr
+    assert f"removed {GREEN}; port {serving.http_port} is served as before, by {BLUE}" in result.stderr
+    assert "ALERT" not in result.stderr
+    assert (serving.state_dir / "nginx" / "default.conf").read_text() == conf
+    assert set(serving.containers()) == {BLUE, PROXY}
+    assert serving.state() == f"CURRENT={IMAGE}:v1\nPREVIOUS=\n"
+    assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
+    assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+
+def test_reload_that_nginx_does_not_apply_fails_the_deploy_and_the_next_one_still_works(serving: Host):
+    conf = (serving.state_dir / "nginx" / "default.conf").read_text()
+    (serving.docker_state / "nginx-reload-ignored").touch()
+
+    result = serving.deploy("v2")
+
+    assert result.returncode == 1
+    assert f"port {serving.http_port} did not answer from {GREEN} within 3s (nginx did not apply" in result.stderr
+    assert (serving.state_dir / "nginx" / "default.conf").read_text() == conf
+    assert set(serving.containers()) == {BLUE, PROXY}
+    assert serving.state() == f"CURRENT={IMAGE}:v1\nPREVIOUS=\n"
+    assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+    (serving.docker_state / "nginx-reload-ignored").unlink()
+    assert serving.deploy("v3").returncode == 0
+    assert serving.served_image() == f"{IMAGE}:v3 by {GREEN}"
+    assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
+
+
+def git(*args: str, cwd: Path) -> str:
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args]
+    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def host_checkout(tmp_path: Path) -> tuple[Path, str, str]:
+    """The host's clone of a bare origin at commit `first`; origin has a later commit `second` whose deploy.sh
+    announces itself. Returns (clone, first, second)."""
+    work, origin, clone = tmp_path / "work", tmp_path / "origin.git", tmp_path / "host-checkout"
+    (work / "scripts").mkdir(parents=True)
+    script = DEPLOY.read_text()
+    (work / "scripts" / "deploy.sh").write_text(script)
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "first", cwd=work)
+    first = git("rev-parse", "HEAD", cwd=work)
+    git("clone", "-q", "--bare", str(work), str(origin), cwd=tmp_path)
+    git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    (work / "scripts" / "deploy.sh").write_text(
+        script.replace("set -euo pipefail\n", 'set -euo pipefail\necho "deploy.sh of the second commit"\n', 1)
+    )
+    git("commit", "-qam", "second", cwd=work)
+    second = git("rev-parse", "HEAD", cwd=work)
+    git("push", "-q", str(origin), "main", cwd=work)
+    return clone, first, second
+
+
+def test_checkout_runs_under_the_lock_and_the_deployed_commits_script_does_the_release(
+    host: Host, host_checkout: tuple[Path, str, str]
+):
+    clone, _, second = host_checkout
+
+    result = host.deploy("v1", script=clone / "scripts" / "deploy.sh", GIT_REF=second)
+
+    assert result.returncode == 0, result.stderr
+    assert f"checked out {second} in {clone}" in result.stdout
+    assert "deploy.sh of the second commit" in result.stdout  # the new script ran, still holding the lock
+    assert git("rev-parse", "HEAD", cwd=clone) == second
+    assert host.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+
+def test_checkout_waits_for_no_one_while_another_deploy_holds_the_lock(
+    host: Host, host_checkout: tuple[Path, str, str]
+):
+    clone, first, second = host_checkout
+    host.state_dir.mkdir(parents=True)
+    with open(host.state_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another deploy is running
+        result = host.deploy("v1", script=clone / "scripts" / "deploy.sh", GIT_REF=second)
+
+    assert result.returncode == 1
+    assert "another deploy holds" in result.stderr
+    assert git("rev-parse", "HEAD", cwd=clone) == first  # not even the checkout happened
+    assert not (host.docker_state / "calls.jsonl").exists()
+
+
+@pytest.mark.parametrize("ref", ["main", "HEAD~1", "--upload-pack=touch${IFS}pwned", "a" * 39, "$(id)"])
+def test_git_ref_must_be_a_full_commit_sha(host: Host, host_checkout: tuple[Path, str, str], ref: str):
+    clone, first, _ = host_checkout
+
+    result = host.deploy("v1", script=clone / "scripts" / "deploy.sh", GIT_REF=ref)
+
+    assert result.returncode == 1
+    assert "GIT_REF must be a full 40-character commit SHA" in result.stderr
+    assert git("rev-parse", "HEAD", cwd=clone) == first
 
 
 def test_first_release_failing_at_the_switch_leaves_nothing_behind(host: Host):
