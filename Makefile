@@ -5,6 +5,7 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
+SCAN_VENV ?= .venv-scan
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # Where housing.csv comes from: s3://bucket/key, http(s)://..., or a local path.
@@ -18,7 +19,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
+.PHONY: help venv scan-venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,6 +29,11 @@ venv: ## create $(VENV) with the pinned requirements (again only when they chang
 	  $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
 	  $(VENV)/bin/pip install -q -r requirements.txt && \
 	  cat requirements.txt requirements-serve.txt constraints.txt > $(VENV)/.requirements; }
+
+scan-venv: ## the scanners' own virtualenv: zizmor, checkov, bandit (requirements-scan.txt, apart from the app's pins)
+	@cmp -s requirements-scan.txt $(SCAN_VENV)/.requirements 2>/dev/null || { \
+	  $(PYTHON) -m venv $(SCAN_VENV) && $(SCAN_VENV)/bin/pip install -q --upgrade pip && \
+	  $(SCAN_VENV)/bin/pip install -q -r requirements-scan.txt && cp requirements-scan.txt $(SCAN_VENV)/.requirements; }
 
 dvc-remote: venv
 ifeq ($(DVC_REMOTE),s3remote)
@@ -42,7 +48,7 @@ retrain: venv dvc-remote ## fetch, validate, split, train, register + gated prom
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
 
-lint: venv ## ruff, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema
+lint: venv scan-venv ## ruff, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema, zizmor, checkov, bandit
 	ruff check .
 	actionlint
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
@@ -53,6 +59,10 @@ lint: venv ## ruff, actionlint + workflow schema, shellcheck, hadolint, cfn-lint
 	promtool check config prometheus.yml
 	promtool check rules prometheus/rules/*.yml
 	promtool test rules prometheus/tests/*.yml
+	check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
+	$(SCAN_VENV)/bin/zizmor --offline .github/workflows/
+	$(SCAN_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -d infra
+	$(SCAN_VENV)/bin/bandit -q -c pyproject.toml -r .
 
 test: venv lint ## lint, then the whole test suite
 	python -m pytest -q
