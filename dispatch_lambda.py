@@ -46,8 +46,6 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from typing import Any
 
-import boto3
-
 logger = logging.getLogger(__name__)
 logger.setLevel(logging.INFO)  # Lambda's root logger stays at WARNING unless its log level is configured
 
@@ -159,13 +157,13 @@ class S3Object:
         return f"s3://{self.bucket}/{self.key} (etag {self.etag or '-'})"
 
 
-def checked_object(bucket: Any, raw_key: Any, etag: Any) -> S3Object:
-    """An S3Object whose names passed the allow-lists, or Refused naming the field (its value quoted, escaped)."""
+def checked_object(bucket: Any, key: Any, etag: Any) -> S3Object:
+    """An S3Object whose names (the key decoded already) passed the allow-lists, or Refused naming the field (its value
+    quoted, escaped). scripts/check_s3_object.py applies the same checks to the retrain workflow's inputs."""
     if not isinstance(bucket, str) or not BUCKET_PATTERN.fullmatch(bucket) or ".." in bucket:
         raise Refused(f"bucket {_quoted(bucket)} is not a valid S3 bucket name")
-    if not isinstance(raw_key, str):
-        raise Refused(f"key {_quoted(raw_key)} is not a string")
-    key = urllib.parse.unquote_plus(raw_key)
+    if not isinstance(key, str):
+        raise Refused(f"key {_quoted(key)} is not a string")
     segments = key.split("/")
     if (
         len(key.encode()) > MAX_KEY_BYTES
@@ -180,6 +178,11 @@ def checked_object(bucket: Any, raw_key: Any, etag: Any) -> S3Object:
     if not isinstance(etag, str) or not (etag == "" or ETAG_PATTERN.fullmatch(etag.strip('"'))):
         raise Refused(f"etag {_quoted(etag)} is not an S3 ETag")
     return S3Object(bucket, key, etag.strip('"'))
+
+
+def _decoded(key: Any) -> Any:
+    """Keys arrive URL-encoded in S3 notifications and EventBridge events alike."""
+    return urllib.parse.unquote_plus(key) if isinstance(key, str) else key
 
 
 def _quoted(value: Any) -> str:
@@ -259,7 +262,8 @@ def _objects_in_event(event: Mapping[str, Any], where: str) -> Iterator[S3Object
     elif event.get("source") == "aws.s3" and event.get("detail-type") == "Object Created":
         try:
             detail = event["detail"]
-            yield checked_object(detail["bucket"]["name"], detail["object"]["key"], detail["object"].get("etag"))
+            key = _decoded(detail["object"]["key"])
+            yield checked_object(detail["bucket"]["name"], key, detail["object"].get("etag"))
         except (KeyError, TypeError, AttributeError):
             logger.warning(
                 "Skipping %s: an Object Created event without detail.bucket.name and detail.object.key", where
@@ -289,7 +293,7 @@ def _object_in_record(record: Any) -> S3Object | None:
         return None
     try:
         s3 = record["s3"]
-        return checked_object(s3["bucket"]["name"], s3["object"]["key"], s3["object"].get("eTag"))
+        return checked_object(s3["bucket"]["name"], _decoded(s3["object"]["key"]), s3["object"].get("eTag"))
     except (KeyError, TypeError, AttributeError):
         raise Refused("an ObjectCreated record without s3.bucket.name and s3.object.key") from None
 
@@ -309,6 +313,8 @@ def _selected(objects: Iterator[S3Object], config: Config) -> list[S3Object]:
 def github_token(secret_arn: str, *, fresh: bool = False) -> str:
     """The GitHub token from Secrets Manager, fetched once per warm Lambda container (again when `fresh`)."""
     if fresh or secret_arn not in _tokens:
+        import boto3  # here, not at the top: scripts/check_s3_object.py imports this module on a bare runner
+
         secret = boto3.client("secretsmanager").get_secret_value(SecretId=secret_arn)["SecretString"]
         _tokens[secret_arn] = _token_from_secret(secret, secret_arn)
     return _tokens[secret_arn]

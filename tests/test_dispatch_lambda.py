@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import traceback
 import urllib.error
 import urllib.request
@@ -17,6 +19,7 @@ from typing import Any
 
 import boto3
 import pytest
+import yaml
 
 import dispatch_lambda
 from tests.fake_github import Dispatch, FakeGitHub, declared_inputs
@@ -625,3 +628,83 @@ def test_fake_github_runs_on_dispatch_after_answering(secrets: Any, monkeypatch:
 
     assert seen == [inputs("landing", "housing.csv")]  # leaving the block waited for the callback
     assert [str(error) for error in fake.callback_errors] == ["make retrain failed"]
+
+
+# --- the retrain workflow's side: names that reach it by hand or by repository_dispatch -----------------------------
+
+WORKFLOW_HOSTILE = {
+    **HOSTILE,
+    "set-output on its own line": "data/x\n::set-output name=promote::true\nhousing.csv",
+    "stop-commands": "data/x\n::stop-commands::token\nhousing.csv",
+}
+
+
+def run_check(bucket: str, key: str, etag: str = ETAG) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_s3_object.py")],
+        env={"PATH": os.environ["PATH"], "S3_BUCKET": bucket, "S3_KEY": key, "S3_ETAG": etag},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize("key", WORKFLOW_HOSTILE.values(), ids=WORKFLOW_HOSTILE.keys())
+def test_workflow_check_refuses_hostile_keys_with_one_escaped_error_line(key: str, tmp_path: Path) -> None:
+    result = run_check("landing", key.replace("$(curl evil.example)", f"$(touch {tmp_path}/pwned)"))
+
+    assert result.returncode == 1
+    [line] = result.stdout.splitlines()  # one line: a newline in the key cannot start a command of its own
+    assert line.startswith("::error::retrain refused: key ") and "is outside the allowed pattern" in line
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_workflow_check_accepts_what_the_lambda_dispatches(github: FakeGitHub) -> None:
+    event = s3_notification(("landing", "data/2026%2B11/new+housing.csv", ETAG))  # "+" encoded, " " as "+"
+    assert dispatch_lambda.handler(event, None) == 1
+    inputs = github.dispatches[0].inputs
+
+    result = run_check(inputs["s3_bucket"], inputs["s3_key"], inputs["s3_etag"])
+
+    assert result.returncode == 0, result.stdout
+    assert result.stdout == f"retrain: s3://landing/data/2026+11/new housing.csv (etag {ETAG})\n"  # decoded once
+
+
+def workflow_step(name: str) -> str:
+    workflow = yaml.safe_load(RETRAIN_WORKFLOW.read_text())
+    [step] = [s for job in workflow["jobs"].values() for s in job["steps"] if s.get("name") == name]
+    return step["run"]
+
+
+@pytest.mark.parametrize("key", WORKFLOW_HOSTILE.values(), ids=WORKFLOW_HOSTILE.keys())
+@pytest.mark.parametrize("step", ["Check the trigger and the settings", "Failure summary"])
+def test_retrain_steps_that_see_the_key_neither_run_it_nor_echo_it_as_a_command(
+    step: str, key: str, tmp_path: Path
+) -> None:
+    """The steps run as GitHub runs them (bash -e, names only in the environment): `$(…)` stays text, and no
+    line they print starts a workflow command they did not write themselves."""
+    summary = tmp_path / "summary.md"
+    key = key.replace("$(curl evil.example)", f"$(touch {tmp_path}/pwned)")
+    env = {
+        "PATH": os.environ["PATH"],
+        "S3_BUCKET": "landing",
+        "S3_KEY": key,
+        "S3_DVC_BUCKET": "dvc",
+        "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
+        "GITHUB_STEP_SUMMARY": str(summary),
+    }
+    script = workflow_step(step)
+    result = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("::")] == []
+    assert not (tmp_path / "pwned").exists()
+    if summary.exists():  # Markdown for the run's page, not a command channel; the key is there as text
+        assert key in summary.read_bytes().decode()
