@@ -203,6 +203,9 @@ def handler(event: Mapping[str, Any], context: object) -> int | dict[str, list[d
     """Lambda entry point. SQS batches get {"batchItemFailures": [...]}; other events the number of dispatches,
     or DispatchError (the reason for each object) so that the event goes to the dead-letter queue."""
     config = Config.from_env()
+    if not isinstance(event, Mapping):
+        logger.warning("Ignoring an event that is not a JSON object: %s", _quoted(event))
+        return 0
     units = list(_units(event, config))
     objects = list(dict.fromkeys(obj for unit in units for obj in unit.objects))  # each distinct object once
     failures = Dispatcher(config, Budget.for_invocation(context, config)).dispatch_all(objects)

@@ -235,6 +235,12 @@ def test_malformed_sqs_messages_are_logged_and_skipped_and_the_rest_dispatched(
     ]
 
 
+@pytest.mark.parametrize("event", [[], "data/housing.csv", None, 42])
+def test_an_event_that_is_not_an_object_is_ignored(github: FakeGitHub, event: Any) -> None:
+    assert dispatch_lambda.handler(event, None) == 0
+    assert github.requests == []
+
+
 def test_malformed_record_of_an_s3_notification_does_not_stop_the_others(github: FakeGitHub) -> None:
     event = s3_notification(("landing", "data/housing.csv", ETAG))
     event["Records"].insert(0, {"eventName": "ObjectCreated:Put", "s3": {"object": {"key": "data/housing.csv"}}})
