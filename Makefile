@@ -5,7 +5,7 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
-SCAN_VENV ?= .venv-scan
+SCAN_VENV ?= $(VENV)/scan
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # Where housing.csv comes from: s3://bucket/key, http(s)://..., or a local path.
