@@ -12,6 +12,11 @@ dispatch is answered 204 with no body and recorded.
 
 `on_dispatch(dispatch)` runs after the 204 has been sent, on the request's thread, as a runner would start the
 job; leaving the `with` block waits for those threads, and their exceptions land in `callback_errors`.
+
+Faults, for the client's error handling: `fail_next(n, status, retry_after=..., headers=...)` answers the next n
+requests with an error (e.g. 429 with Retry-After, 403 with X-RateLimit-Remaining: 0 and X-RateLimit-Reset) before
+any validation; `stall_next(n)` accepts and records the next n dispatches, then never answers, as when GitHub's
+response is lost after it started the run. Rotating the token is `github.token = new`.
 """
 
 from __future__ import annotations
