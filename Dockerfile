@@ -1,6 +1,6 @@
-# The serving image: serve.py, features.py (the schema and feature code it shares with training) and the serving
-# dependencies only. The model comes from the registry at start-up (MLFLOW_TRACKING_URI, MODEL_NAME, MODEL_ALIAS),
-# or from MODEL_URI; every setting is described at the top of serve.py.
+# The serving image: serve.py and its serving/ package, features.py (the schema and feature code it shares with
+# training) and the serving dependencies only. The model comes from the registry at start-up (MLFLOW_TRACKING_URI,
+# MODEL_NAME, MODEL_ALIAS), or from MODEL_URI; every setting is described at the top of serve.py.
 # The base by digest: python:3.11-slim-bookworm (Python 3.11.16), its multi-platform index as docker-library/repo-info
 # records it. A tag can move under us, a digest cannot; Dependabot proposes the next digest (.github/dependabot.yml).
 # `make image` builds with a locally made stand-in for this base (scripts/build_image.sh: no registry is reachable).
@@ -19,6 +19,7 @@ RUN pip install --no-cache-dir -r requirements-serve.txt -c constraints.txt \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /app --shell /usr/sbin/nologin serve \
     && mkdir logs && chown 10001:10001 logs
 COPY serve.py features.py ./
+COPY serving/ serving/
 
 USER 10001
 EXPOSE 8000

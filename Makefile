@@ -48,8 +48,9 @@ retrain: venv dvc-remote ## fetch, validate, split, train, register + gated prom
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
 
-lint: venv scan-venv ## ruff, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema, zizmor, checkov, bandit
+lint: venv scan-venv ## ruff, mypy, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema, zizmor, checkov, bandit
 	ruff check .
+	mypy
 	actionlint
 	check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
@@ -97,3 +98,16 @@ rollback-deploy: ## on the host: go back to the previously deployed image tag
 
 infra-deploy: ## create or update the AWS stack in infra/ (aws cloudformation deploy)
 	@scripts/infra_deploy.sh
+
+# The pictures in docs/: drawn from sources in the repository, never by hand.
+PICTURE_DIR ?= docs
+DASHBOARD_PNG_DIR ?= .monitoring/dashboards
+.PHONY: docs-picture dashboard-png
+
+docs-picture: ## docs/architecture.svg and .png from docs/architecture.dot (Graphviz `dot`)
+	@command -v dot >/dev/null || { echo "dot not found: install Graphviz (sudo apt-get install graphviz)" >&2; exit 1; }
+	dot -Tsvg docs/architecture.dot -o $(PICTURE_DIR)/architecture.svg
+	dot -Tpng -Gdpi=96 docs/architecture.dot -o $(PICTURE_DIR)/architecture.png
+
+dashboard-png: venv ## each Grafana dashboard, panel by panel, as a PNG from Prometheus (`make monitoring-up`)
+	@python -m scripts.render_dashboard --out-dir $(DASHBOARD_PNG_DIR)

@@ -7,7 +7,11 @@ the serving app never re-implements a transformation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, TypedDict
+
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from scipy.spatial import cKDTree
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -29,6 +33,8 @@ FEATURES = (*NUMERIC_FEATURES, CATEGORICAL_FEATURE)
 OPTIONAL_FEATURES = frozenset({"total_bedrooms"})
 TARGET = "median_house_value"
 COLUMNS = (*FEATURES[:-1], TARGET, CATEGORICAL_FEATURE)  # the CSV's column order
+
+FloatArray = npt.NDArray[np.float64]  # records as the model takes them: NUMERIC_FEATURES, category codes, predictions
 
 _CATEGORY_INDEX = pd.Index(CATEGORIES)
 _LON, _LAT, _AGE, _ROOMS, _BEDROOMS, _POPULATION, _HOUSEHOLDS, _INCOME = range(len(NUMERIC_FEATURES))
@@ -88,7 +94,7 @@ class HousingFeatures(TransformerMixin, BaseEstimator):
         self.n_features_in_ = len(FEATURES)
         return self
 
-    def fit_transform(self, X: pd.DataFrame, y: np.ndarray | None = None, **fit_params) -> np.ndarray:
+    def fit_transform(self, X: pd.DataFrame, y: np.ndarray | None = None, **fit_params: Any) -> np.ndarray:
         self.fit(X, y)
         numeric, codes = self._split(X)
         if not self.neighbours:
@@ -112,7 +118,7 @@ class HousingFeatures(TransformerMixin, BaseEstimator):
             neighbourhood = _neighbourhood(self.tree_, self.log_target_, self.income_, numeric, self.neighbours)
         return self._assemble(numeric, codes, neighbourhood)
 
-    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         return np.asarray(self.feature_names_, dtype=object)
 
     @staticmethod
@@ -177,26 +183,41 @@ PROFILE_FILE = "reference_profile.json"  # stored with every model, in MLflow's 
 PSI_FLOOR = 1e-4  # empty bins would make the log-ratio infinite
 
 
-def _numeric_profile(values: np.ndarray) -> dict:
+class NumericProfile(TypedDict):
+    edges: list[float]
+    fractions: list[float]  # one per bin (len(edges) + 1), then one for missing values
+
+
+class CategoryProfile(TypedDict):
+    categories: list[str]
+    fractions: list[float]  # one per category, then one for unknown categories
+
+
+class ReferenceProfile(TypedDict):
+    fields: dict[str, Any]  # a NumericProfile for each of NUMERIC_FEATURES, a CategoryProfile for CATEGORICAL_FEATURE
+    prediction: NumericProfile
+    rows: int
+
+
+def _numeric_profile(values: np.ndarray) -> NumericProfile:
     present = values[~np.isnan(values)]
-    edges = np.unique(np.quantile(present, np.linspace(0, 1, PROFILE_BINS + 1)[1:-1]))
-    profile = {"edges": edges.tolist()}
-    profile["fractions"] = (np.bincount(bin_indices(profile, values), minlength=len(edges) + 2) / len(values)).tolist()
-    return profile
+    edges: list[float] = np.unique(np.quantile(present, np.linspace(0, 1, PROFILE_BINS + 1)[1:-1])).tolist()
+    bins = bin_indices({"edges": edges}, values)
+    return {"edges": edges, "fractions": (np.bincount(bins, minlength=len(edges) + 2) / len(values)).tolist()}
 
 
-def reference_profile(X: pd.DataFrame, predictions: np.ndarray) -> dict:
+def reference_profile(X: pd.DataFrame, predictions: np.ndarray) -> ReferenceProfile:
     """Bins and their training-time frequencies for every input field and for the predictions."""
     numeric = X.reindex(columns=list(NUMERIC_FEATURES)).to_numpy(dtype=float, na_value=np.nan)
-    fields = {name: _numeric_profile(numeric[:, i]) for i, name in enumerate(NUMERIC_FEATURES)}
+    fields: dict[str, Any] = {name: _numeric_profile(numeric[:, i]) for i, name in enumerate(NUMERIC_FEATURES)}
     codes = category_codes(X[CATEGORICAL_FEATURE])
-    fields[CATEGORICAL_FEATURE] = {"categories": list(CATEGORIES), "fractions": (
+    fields[CATEGORICAL_FEATURE] = CategoryProfile(categories=list(CATEGORIES), fractions=(
         np.bincount(np.where(np.isnan(codes), len(CATEGORIES), codes).astype(int), minlength=len(CATEGORIES) + 1)
-        / len(codes)).tolist()}
+        / len(codes)).tolist())
     return {"fields": fields, "prediction": _numeric_profile(np.asarray(predictions, dtype=float)), "rows": len(X)}
 
 
-def bin_indices(profile: dict, values: np.ndarray) -> np.ndarray:
+def bin_indices(profile: Mapping[str, Any], values: np.ndarray) -> np.ndarray:
     """Bin of each value: 0..len(edges) by the edges; len(edges) + 1 for missing values."""
     values = np.asarray(values, dtype=float)
     return np.where(np.isnan(values), len(profile["edges"]) + 1, np.searchsorted(profile["edges"], values, "right"))

@@ -77,7 +77,7 @@ prometheus: $PROMETHEUS_URL  scraping $MONITORING_TARGETS every $SCRAPE_INTERVAL
   targets  $PROMETHEUS_URL/targets
   alerts   $PROMETHEUS_URL/alerts   (pending and firing; rules in prometheus/rules/)
   query    $PROMETHEUS_URL/graph    e.g. job_field:housing_drift_psi:max
-  a picture of the key series: python -m scripts.render_metrics --prometheus $PROMETHEUS_URL
+  a picture   PROMETHEUS_URL=$PROMETHEUS_URL make dashboard-png   (each dashboard panel by panel, as a PNG)
 Grafana needs Docker: docker compose up -d (see docker-compose.yml). Stop this one: make monitoring-down
 EOF
 }

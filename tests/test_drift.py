@@ -18,9 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-import serve
 import train
 from features import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, TARGET, reference_profile
+from serving.drift import DriftWindow
+from serving.schema import to_arrays
+from serving.settings import Settings
 from tests.conftest import synthetic_housing
 from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
 
@@ -64,10 +66,10 @@ def profile() -> dict:
     return reference_profile(data[list(FEATURES)], data[TARGET].to_numpy())  # the target stands in for predictions
 
 
-def filled(profile: dict, frame: pd.DataFrame, size: int = 1000, batch: int = 50) -> serve.DriftWindow:
+def filled(profile: dict, frame: pd.DataFrame, size: int = 1000, batch: int = 50) -> DriftWindow:
     """A window that was sent `frame` in requests of `batch` records, the target as their predictions."""
-    window = serve.DriftWindow(profile, size)
-    numeric, codes = serve.to_arrays(json_records(frame), batch=True)
+    window = DriftWindow(profile, size)
+    numeric, codes = to_arrays(json_records(frame), batch=True)
     predictions = synthetic_housing(len(frame), seed=3)[TARGET].to_numpy(dtype=float)
     for start in range(0, len(frame), batch):
         rows = slice(start, start + batch)
@@ -97,14 +99,14 @@ def test_the_window_holds_only_the_newest_records(profile):
     window = filled(profile, incomes_doubled(districts(1000, seed=1)), size=500)
     assert window.scores()["median_income"] > HIGH
     calm = districts(700, seed=2)  # one batch larger than the window
-    window.add(*serve.to_arrays(json_records(calm), batch=True), np.full(len(calm), 200_000.0))
+    window.add(*to_arrays(json_records(calm), batch=True), np.full(len(calm), 200_000.0))
     window.update()
     assert window.rows == 500
     assert window.scores()["median_income"] < LOW
 
 
 def test_an_empty_window_scores_nan(profile):
-    window = serve.DriftWindow(profile, 10)
+    window = DriftWindow(profile, 10)
     window.update()
     assert window.rows == 0
     assert all(math.isnan(score) for score in window.scores().values())
@@ -113,12 +115,12 @@ def test_an_empty_window_scores_nan(profile):
 def test_a_profile_that_does_not_fit_its_bins_is_refused(profile):
     broken = {**profile, "prediction": {**profile["prediction"], "fractions": [1.0]}}
     with pytest.raises(ValueError, match="fraction per bin"):
-        serve.DriftWindow(broken, 10)
+        DriftWindow(broken, 10)
 
 
 def test_drift_window_must_hold_a_record():
     with pytest.raises(ValueError, match="DRIFT_WINDOW"):
-        serve.Settings.from_env({"DRIFT_WINDOW": "0"})
+        Settings.from_env({"DRIFT_WINDOW": "0"})
 
 
 # --- the served app ------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from threadpoolctl import threadpool_limits
 
 import train
 from features import FEATURES, NUMERIC_FEATURES, TARGET, reference_profile
-from scripts import render_metrics
 from tests.conftest import synthetic_housing
 from tests.servers import ROOT, ServerProcess, free_port, start_serve, wait_for, wait_until_answering
 
@@ -408,10 +407,3 @@ def test_every_rule_and_panel_expression_returns_data(live, where, expr):
     assert answer["status"] == "success", answer
     assert any(series["values"] for series in answer["data"]["result"]), f"{where}: no data for {expr}"
 
-
-def test_key_series_render_to_a_png(live, tmp_path):
-    drawn = render_metrics.render(live.prometheus, live.started, time.time(), tmp_path / "monitoring.png",
-                                  RATE_INTERVAL)
-    assert set(drawn) == set(render_metrics.PANELS)
-    assert min(drawn.values()) > 0, drawn
-    assert (tmp_path / "monitoring.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import threading
@@ -21,11 +22,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-import serve
 import train
 from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
+from serving.metrics import METRICS
+from serving.prediction_log import PredictionLog
+from serving.schema import to_arrays
+from serving.trees import flatten
 from tests.conftest import synthetic_housing
-from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
+from tests.servers import ROOT, ServerProcess, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
@@ -221,10 +225,10 @@ def test_flattened_trees_predict_exactly_what_sklearn_predicts(spec):
     data = data[data["ocean_proximity"] != "ISLAND"]  # a category the model never saw
     with threadpool_limits(1, "openmp"):
         pipeline = train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
-    trees = serve.flatten(pipeline)
+    trees = flatten(pipeline)
     assert trees is not None
     frame = records_frame(records(300, seed=9))
-    numeric, codes = serve.to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"), batch=True)
+    numeric, codes = to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"), batch=True)
     features = pipeline.steps[0][1].transform_arrays(numeric, codes)
     assert np.array_equal(trees.predict(features), pipeline.predict(frame))
 
@@ -305,7 +309,7 @@ def test_wrong_method_and_unknown_path_are_json_errors(server):
 
 
 def test_prediction_log_rotates_by_size(tmp_path):
-    log = serve.PredictionLog(tmp_path, max_bytes=2_000)
+    log = PredictionLog(tmp_path, max_bytes=2_000)
     log.start()
     for number in range(20):
         log.append({"request_id": f"r{number}", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
@@ -319,12 +323,12 @@ def test_prediction_log_rotates_by_size(tmp_path):
 
 def test_prediction_log_that_cannot_write_drops_and_counts(tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    log = serve.PredictionLog(tmp_path / "file" / "logs")
-    dropped = serve.METRICS.get_sample_value("housing_prediction_log_dropped_total")
+    log = PredictionLog(tmp_path / "file" / "logs")
+    dropped = METRICS.get_sample_value("housing_prediction_log_dropped_total")
     log.start()
     log.append({"request_id": "r", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
     log.stop()
-    assert serve.METRICS.get_sample_value("housing_prediction_log_dropped_total") == dropped + 1
+    assert METRICS.get_sample_value("housing_prediction_log_dropped_total") == dropped + 1
 
 
 # --- metrics -------------------------------------------------------------------------------------------------
@@ -585,3 +589,25 @@ def test_health_and_openapi(server):
     assert set(record["required"]) == set(FEATURES) - OPTIONAL_FEATURES
     assert set(document["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "413", "415", "422", "503"}
     assert document["components"]["schemas"]["Batch"]["properties"]["instances"]["maxItems"] == MAX_BATCH_ROWS
+
+
+# --- the code ------------------------------------------------------------------------------------------------
+
+# serving/'s modules in layers: each imports only from layers before its own, so app → model → trees, never back.
+LAYERS = [
+    {"settings", "metrics", "background", "trees"},
+    {"schema", "registry", "drift", "prediction_log"},
+    {"body", "model"},
+    {"app"},
+]
+
+
+def test_serving_modules_import_only_from_the_layers_below_them():
+    layer_of = {name: number for number, names in enumerate(LAYERS) for name in names}
+    modules = {path.stem: path for path in (ROOT / "serving").glob("*.py") if path.stem != "__init__"}
+    assert set(modules) == set(layer_of), "put each module of serving/ in one of LAYERS"
+    for name, path in modules.items():
+        imported = {node.module.removeprefix("serving.") for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("serving.")}
+        upward = {other for other in imported if layer_of[other] >= layer_of[name]}
+        assert not upward, f"serving/{name}.py imports {upward}, from its own layer or above"

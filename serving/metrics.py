@@ -1,0 +1,130 @@
+"""Every Prometheus series the server exports, the middleware that counts requests, and the /metrics text.
+
+The names are a contract with prometheus/rules and the Grafana dashboards: change them there too, or not at all.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal, get_args
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from features import FEATURES
+
+# What one registry check came to: loaded (a new model serves), unchanged, failed (the model was refused),
+# unavailable (a registry error, or no such model).
+ReloadResult = Literal["loaded", "unchanged", "failed", "unavailable"]
+RELOAD_RESULTS: tuple[ReloadResult, ...] = get_args(ReloadResult)
+
+METRICS = CollectorRegistry()
+REQUESTS = Counter("housing_http_requests", "HTTP requests by route, method and status.",
+                   ["route", "method", "status"], registry=METRICS)
+LATENCY = Histogram("housing_http_request_duration_seconds", "Time to answer a request, by route.", ["route"],
+                    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5,
+                             1.0, 2.5, 5.0, 10.0),
+                    registry=METRICS)
+IN_FLIGHT = Gauge("housing_http_requests_in_flight", "Requests being answered.", multiprocess_mode="livesum",
+                  registry=METRICS)
+PREDICTIONS = Counter("housing_predictions", "Records predicted.", registry=METRICS)
+PREDICTED_VALUE = Histogram("housing_prediction_value_dollars", "Predicted median house values (USD).",
+                            buckets=tuple(range(50_000, 550_001, 50_000)), registry=METRICS)
+BATCH_SIZE = Histogram("housing_batch_size", "Records per answered /predict request.",
+                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000), registry=METRICS)
+VALIDATION_FAILURES = Counter("housing_validation_failures", "Problems found in /predict bodies, by field.",
+                              ["field"], registry=METRICS)
+MODEL_INFO = Gauge("housing_model_info", "1 for the model version being served, 0 for versions served before.",
+                   ["name", "version"], multiprocess_mode="livemax", registry=METRICS)
+MODEL_LOADED = Gauge("housing_model_loaded", "1 when a model is loaded (in every worker: the minimum).",
+                     multiprocess_mode="livemin", registry=METRICS)
+RELOADS = Counter("housing_model_reloads", f"Registry checks by result: {', '.join(RELOAD_RESULTS)}.",
+                  ["result"], registry=METRICS)
+LAST_RELOAD = Gauge("housing_model_last_reload_timestamp_seconds", "Unix time the served model was loaded.",
+                    multiprocess_mode="livemax", registry=METRICS)
+LOG_DROPPED = Counter("housing_prediction_log_dropped", "Prediction log entries lost (queue full or write error).",
+                      registry=METRICS)
+# The series the alerts watch exist at 0 from the start: rate() and increase() cannot count the value a series is
+# born with, so a first burst of failures would go unseen.
+for result in RELOAD_RESULTS:
+    RELOADS.labels(result)
+for status in ("200", "400", "413", "415", "422", "500", "503"):  # what /predict answers
+    REQUESTS.labels("/predict", "POST", status)
+for field in (*FEATURES, "body", "instances", "unknown"):  # see schema.Problem.field
+    VALIDATION_FAILURES.labels(field)
+# One series per worker ("liveall": a pid label with WORKERS>1). A PSI belongs to one worker's window, and windows do
+# not add up; prometheus/rules takes the maximum over the windows that hold enough records.
+DRIFT_PSI = Gauge("housing_drift_psi", "Population Stability Index of the drift window against the served model's "
+                  "training data, per input field and for the predictions; NaN while the window is empty.", ["field"],
+                  multiprocess_mode="liveall", registry=METRICS)
+DRIFT_ROWS = Gauge("housing_drift_window_rows", "Records in the drift window (DRIFT_WINDOW at most).",
+                   multiprocess_mode="liveall", registry=METRICS)
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class MetricsMiddleware:
+    """Counts and times every request by route; unknown paths and methods share one label, to bound the series."""
+
+    def __init__(self, app: ASGIApp, routes: frozenset[str]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        status = 500
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        IN_FLIGHT.inc()
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            LATENCY.labels(route).observe(time.perf_counter() - started)
+            REQUESTS.labels(route, method, str(status)).inc()
+            IN_FLIGHT.dec()
+
+
+def multiprocess_metrics() -> bool:
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ  # prometheus-client's own test, made when it is imported
+
+
+def metrics_text() -> bytes:
+    if not multiprocess_metrics():
+        return generate_latest(METRICS)
+    registry = CollectorRegistry()
+    prometheus_multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry)
+
+
+def prepare_multiprocess_metrics() -> None:
+    """Give all workers one directory of prometheus-client value files, without a previous run's values."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for stale in Path(directory).glob("*.db"):
+            stale.unlink()
+        return
+    directory = tempfile.mkdtemp(prefix="housing-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+
+def worker_stopped() -> None:
+    """Drop this worker's live gauges from the sums, minima and maxima the other workers still report."""
+    if multiprocess_metrics():
+        prometheus_multiprocess.mark_process_dead(os.getpid())

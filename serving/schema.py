@@ -1,0 +1,195 @@
+"""The /predict schema, from the field table of features.py: records checked and turned into arrays, the problems
+found on the way, and the OpenAPI document that describes the same rules."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from starlette.exceptions import HTTPException
+
+from features import (
+    CATEGORICAL_FEATURE,
+    CATEGORIES,
+    FEATURES,
+    NUMERIC_FEATURES,
+    OPTIONAL_FEATURES,
+    FloatArray,
+    category_codes,
+)
+from serving.settings import Settings
+
+# Real coordinates; far beyond them the neighbourhood features of features.py fail.
+COORDINATE_BOUNDS = {"longitude": (-180.0, 180.0), "latitude": (-90.0, 90.0)}
+
+# One district per category, one without total_bedrooms. A model is served only if it predicts them all, finitely,
+# and its fast path agrees with the pipeline's own predict() on them (model.smoke_test); the first is the OpenAPI
+# example.
+SMOKE_RECORDS: tuple[dict[str, Any], ...] = (
+    {"longitude": -122.23, "latitude": 37.88, "housing_median_age": 41.0, "total_rooms": 880.0,
+     "total_bedrooms": 129.0, "population": 322.0, "households": 126.0, "median_income": 8.3252,
+     "ocean_proximity": "NEAR BAY"},
+    {"longitude": -118.3, "latitude": 34.05, "housing_median_age": 30.0, "total_rooms": 2000.0,
+     "total_bedrooms": 450.0, "population": 1200.0, "households": 420.0, "median_income": 3.5,
+     "ocean_proximity": "<1H OCEAN"},
+    {"longitude": -119.8, "latitude": 36.8, "housing_median_age": 20.0, "total_rooms": 2500.0,
+     "total_bedrooms": 500.0, "population": 1400.0, "households": 480.0, "median_income": 2.9,
+     "ocean_proximity": "INLAND"},
+    {"longitude": -118.33, "latitude": 33.34, "housing_median_age": 52.0, "total_rooms": 2359.0,
+     "total_bedrooms": 591.0, "population": 1100.0, "households": 431.0, "median_income": 2.8,
+     "ocean_proximity": "ISLAND"},
+    {"longitude": -117.2, "latitude": 32.75, "housing_median_age": 35.0, "total_rooms": 1800.0,
+     "total_bedrooms": None, "population": 900.0, "households": 350.0, "median_income": 4.1,
+     "ocean_proximity": "NEAR OCEAN"},
+)
+
+_CODES: dict[str, float] = dict(zip(CATEGORIES, category_codes(np.array(CATEGORIES)).tolist(), strict=True))
+_FIELDS = frozenset(FEATURES)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: str  # where in the body, e.g. "instances[3].median_income"
+    field: str  # the metric label: a feature name, or "body", "instances", "unknown"
+    message: str
+
+
+class InvalidInput(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__(f"{len(problems)} problem(s) in the request body")
+        self.problems = problems
+
+
+def records_in(payload: Any, max_rows: int) -> tuple[list[Any], bool]:
+    """The records of a /predict body, and whether it was a batch (`{"instances": [...]}`)."""
+    if not isinstance(payload, dict):
+        raise InvalidInput([Problem("body", "body", 'must be a JSON object: a record or {"instances": [...]}')])
+    if "instances" not in payload:
+        return [payload], False
+    instances = payload["instances"]
+    problems = [Problem(name, "unknown", "unknown field") for name in payload if name != "instances"]
+    if not isinstance(instances, list) or not instances:
+        problems.append(Problem("instances", "instances", "must be a non-empty list of records"))
+    if problems:
+        raise InvalidInput(problems)
+    if len(instances) > max_rows:
+        raise HTTPException(413, f"{len(instances)} records is more than MAX_BATCH_ROWS={max_rows}")
+    return instances, True
+
+
+def to_arrays(records: list[Any], batch: bool) -> tuple[FloatArray, FloatArray]:
+    """Check records against the schema of features.py; return NUMERIC_FEATURES as floats, and category codes."""
+    rows: list[list[float]] = []
+    codes: list[float] = []
+    problems: list[Problem] = []
+    for index, record in enumerate(records):
+        where = f"instances[{index}]" if batch else ""
+        if type(record) is not dict:
+            problems.append(Problem(where or "body", "body", "must be a JSON object"))
+            continue
+        rows.append([_number(record, name, where, problems) for name in NUMERIC_FEATURES])
+        codes.append(_category(record, where, problems))
+        if not _FIELDS.issuperset(record):
+            problems += [Problem(_path(where, name), "unknown", "unknown field")
+                         for name in record if name not in _FIELDS]
+    if problems:
+        raise InvalidInput(problems)
+    return np.array(rows, dtype=float), np.array(codes, dtype=float)
+
+
+def _path(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _number(record: dict[str, Any], name: str, where: str, problems: list[Problem]) -> float:
+    value = record.get(name)
+    if type(value) is int or type(value) is float:  # exact types: bool is an int subclass, but not a number here
+        if name not in COORDINATE_BOUNDS:
+            return value
+        low, high = COORDINATE_BOUNDS[name]
+        if low <= value <= high:
+            return value
+        message = f"must be between {low:g} and {high:g}"
+    elif value is None and name in OPTIONAL_FEATURES:
+        return math.nan
+    else:
+        message = "is required" if name not in record else "must be a finite number"
+    problems.append(Problem(_path(where, name), name, message))
+    return math.nan
+
+
+def _category(record: dict[str, Any], where: str, problems: list[Problem]) -> float:
+    value = record.get(CATEGORICAL_FEATURE)
+    if type(value) is str and value in _CODES:
+        return _CODES[value]
+    message = "is required" if CATEGORICAL_FEATURE not in record else f"must be one of {', '.join(CATEGORIES)}"
+    problems.append(Problem(_path(where, CATEGORICAL_FEATURE), CATEGORICAL_FEATURE, message))
+    return math.nan
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    def number(name: str) -> dict[str, Any]:
+        low, high = COORDINATE_BOUNDS.get(name, (None, None))
+        bounds = {"minimum": low, "maximum": high} if low is not None else {}
+        return {"type": ["number", "null"] if name in OPTIONAL_FEATURES else "number", **bounds}
+
+    def answer(description: str, schema: str = "Error") -> dict[str, Any]:
+        return {"description": description,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+    record = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [name for name in FEATURES if name not in OPTIONAL_FEATURES],
+        "properties": {**{name: number(name) for name in NUMERIC_FEATURES},
+                       CATEGORICAL_FEATURE: {"type": "string", "enum": list(CATEGORIES)}},
+        "example": SMOKE_RECORDS[0],
+    }
+    batch = {"type": "object", "additionalProperties": False, "required": ["instances"],
+             "properties": {"instances": {"type": "array", "minItems": 1, "maxItems": settings.max_batch_rows,
+                                          "items": {"$ref": "#/components/schemas/Record"}}}}
+    prediction = {"type": "object", "required": ["model"], "properties": {
+        "prediction": {"type": "number"},
+        "predictions": {"type": "array", "items": {"type": "number"}},
+        "model": {"type": "object", "properties": {"name": {"type": "string"},
+                                                   "version": {"type": ["string", "null"]}}}}}
+    problem = {"type": "object", "properties": {"path": {"type": "string"}, "message": {"type": "string"}}}
+    failure = {"type": "object", "required": ["error"],
+               "properties": {"error": {"type": "string"}, "problems": {"type": "array", "items": problem}}}
+    predict = {
+        "summary": "Predict median house values (USD) for one record or a batch",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+            {"$ref": "#/components/schemas/Record"}, {"$ref": "#/components/schemas/Batch"}]}}}},
+        "responses": {
+            "200": answer("a prediction for a record, predictions for a batch", "Prediction"),
+            "400": answer("malformed JSON"),
+            "413": answer("body larger than MAX_BODY_BYTES, or more records than MAX_BATCH_ROWS"),
+            "415": answer("Content-Type is not application/json"),
+            "422": answer("records that do not match the schema; each problem names its path"),
+            "503": answer("no model loaded yet; retry after Retry-After seconds"),
+        },
+    }
+    plain = {"200": {"description": "OK"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "California housing price regressor", "version": "1"},
+        "paths": {
+            "/predict": {"post": predict},
+            "/health": {"get": {"summary": "The process is alive", "responses": plain}},
+            "/ready": {"get": {"summary": "A model is loaded", "responses": {**plain, "503": answer("not yet")}}},
+            "/model": {"get": {"summary": "The served model: version, run, training metrics",
+                               "responses": {**plain, "503": answer("no model loaded yet")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": plain}},
+            "/reload": {"post": {"summary": "Ask the registry now; load the version it points at if new",
+                                 "security": [{"reloadToken": []}],
+                                 "responses": {**plain, "401": answer("no bearer token"), "403": answer("wrong token"),
+                                               "404": answer("RELOAD_TOKEN is not set"),
+                                               "502": answer("the new version was refused, or the registry failed")}}},
+        },
+        "components": {
+            "schemas": {"Record": record, "Batch": batch, "Prediction": prediction, "Error": failure},
+            "securitySchemes": {"reloadToken": {"type": "http", "scheme": "bearer"}},
+        },
+    }
