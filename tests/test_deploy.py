@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "scripts" / "deploy.sh"
@@ -77,9 +79,16 @@ class Host:
         }
 
     def run(self, *args: str, script: Path = DEPLOY, **settings: str) -> subprocess.CompletedProcess:
+        return self.execute(["bash", str(script), *args], settings)
+
+    def shell(self, command: str) -> subprocess.CompletedProcess:
+        """`bash -c COMMAND` on this host, as SSM Run Command runs a script."""
+        return self.execute(["bash", "-c", command], {})
+
+    def execute(self, argv: list[str], settings: dict[str, str]) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RELOAD_TOKEN", "DOCKER_", "GIT_"))}
         return subprocess.run(
-            ["bash", str(script), *args],
+            argv,
             env={**env, **self.settings, **settings},
             capture_output=True,
             text=True,
@@ -474,3 +483,51 @@ def test_every_docker_call_is_accepted_by_the_real_docker_cli(serving: Host, tmp
             timeout=30,
         )
         assert "Cannot connect to the Docker daemon" in result.stderr, (argv, result.stderr)
+
+
+def deploy_job_commands(image: str, sha: str, checkout: Path) -> str:
+    """The shell script ci-cd.yml's deploy job sends with SSM Run Command, for this host's checkout."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci-cd.yml").read_text())
+    [step] = [s for s in workflow["jobs"]["deploy"]["steps"] if s.get("name", "").startswith("make deploy")]
+    program = re.search(r"jq -nc --arg image \"\$IMAGE\" --arg sha \"\$SHA\" '(.*?)'\)", step["run"], re.S)
+    assert program, step["run"]
+    parameters = subprocess.run(
+        ["jq", "-nc", "--arg", "image", image, "--arg", "sha", sha, program[1]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    commands = json.loads(parameters.stdout)["commands"]
+    assert "cd /opt/housing-mlops" in commands
+    return "\n".join(f"cd {checkout}" if c == "cd /opt/housing-mlops" else c for c in commands)
+
+
+@pytest.mark.parametrize("host_script", ["current", "before GIT_REF"])
+def test_the_deploy_jobs_commands_leave_the_host_on_the_deployed_commit(host: Host, tmp_path: Path, host_script: str):
+    """Run as SSM runs them (one shell script) on a host checkout; a host whose deploy.sh predates GIT_REF still
+    ends on the deployed commit, so that its next deploy runs under the lock."""
+    work, origin, clone = tmp_path / "work", tmp_path / "origin.git", tmp_path / "opt-housing-mlops"
+    (work / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "Makefile", work / "Makefile")
+    script = DEPLOY.read_text()
+    if host_script == "before GIT_REF":  # the same script, but one that knows nothing of GIT_REF
+        ignored = 'if [[ -n ${GIT_REF:-} ]]; then check_out "$GIT_REF" "$@"; fi'
+        assert ignored in script
+        script = script.replace(ignored, ":")
+    (work / "scripts" / "deploy.sh").write_text(script)
+    (work / "scripts" / "deploy.sh").chmod(0o755)
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "what the host has", cwd=work)
+    git("clone", "-q", "--bare", str(work), str(origin), cwd=tmp_path)
+    git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    (work / "scripts" / "deploy.sh").write_text(DEPLOY.read_text())
+    git("commit", "-qam", "the deployed commit", "--allow-empty", cwd=work)
+    deployed = git("rev-parse", "HEAD", cwd=work)
+    git("push", "-q", str(origin), "main", cwd=work)
+
+    result = host.shell(deploy_job_commands(IMAGE, deployed, clone))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert git("rev-parse", "HEAD", cwd=clone) == deployed
+    assert host.served_image() == f"{IMAGE}:{deployed} by {BLUE}"
