@@ -19,7 +19,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv scan-venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
+.PHONY: help venv scan-venv retrain rollback test lint dvc-remote serve bench soak services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -73,6 +73,9 @@ serve: venv ## serve the champion on $(PORT) with uvicorn (see serve.py for its 
 
 bench: venv ## serve.py vs `mlflow models serve` on the current champion: req/s, p50, p99
 	python -m scripts.bench
+
+soak: venv ## 60 s at concurrency 32 on two workers with three champion changes: failures, p50/p99, worker RSS
+	python -m scripts.soak
 
 services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server on 127.0.0.1; print what to export
 	@scripts/services.sh up

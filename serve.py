@@ -13,8 +13,12 @@ Settings come from the environment (serving/settings.py reads and checks them, o
                          once, never polled, and reported without a registry version
     RELOAD_INTERVAL_S    how often to ask the registry which version to serve (30); 0 disables polling
     RELOAD_TOKEN         enables `POST /reload` with `Authorization: Bearer <token>` (unset: disabled)
+    ADMIN_PORT           when set, /reload and /metrics answer only on this port and 404 on PORT, and PORT serves
+                         everything else (unset or 0: everything on PORT); needs `python serve.py`, which binds both
+    ADMIN_HOST           interface of ADMIN_PORT (127.0.0.1: keep the admin endpoints off the public network)
     MAX_BATCH_ROWS       records per request (10000)
-    MAX_BODY_BYTES       request body size (8388608)
+    MAX_BODY_BYTES       request body size (unset or 0: what MAX_BATCH_ROWS records need, 360 bytes each + 64 KiB:
+                         3665536 for 10000; serving/settings.py says why)
     PREDICTION_LOG_DIR   JSON lines of every prediction, one size-rotated file per worker (logs/)
     DRIFT_WINDOW         records per worker whose inputs and predictions are compared with the served model's training
                          data (1000); see serving/drift.py. The drift alert needs 500 of them (prometheus/rules)
@@ -25,7 +29,12 @@ prometheus-client switches to multiprocess mode whenever that variable exists, e
 
 The parts live in serving/: settings, schema (records → arrays, the OpenAPI document), body (reading a /predict
 request), registry, model (load, check, keep, reload), trees (the fast path), drift, prediction_log, metrics, and
-app (the endpoints).
+app (the endpoints), admin (which endpoints answer on which port), docs (the /docs page); tabular, mlflow_protocol and
+v2_protocol speak MLflow's scoring protocol and the Open Inference Protocol v2 on the same model (docs/protocols.md).
+
+Every registry call is bounded (3 attempts of at most 3 s: MLFLOW_HTTP_REQUEST_TIMEOUT, _MAX_RETRIES,
+_BACKOFF_FACTOR, _BACKOFF_JITTER; serving/registry.py), and POST /reload answers within 8 s: 503 naming the
+registry while it is unavailable, and predictions go on with the model already loaded.
 """
 
 from __future__ import annotations
@@ -35,10 +44,15 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Route
+from uvicorn.supervisors import Multiprocess
 
+from serving import docs
+from serving.admin import AdminPortSplit
 from serving.app import EXCEPTION_HANDLERS, Service
 from serving.metrics import MetricsMiddleware, prepare_multiprocess_metrics
+from serving.mlflow_protocol import MlflowProtocol
 from serving.settings import Settings
+from serving.v2_protocol import OpenInferenceProtocol
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -51,10 +65,32 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", service.metrics),
         Route("/reload", service.reload, methods=["POST"]),
         Route("/openapi.json", service.openapi_json),
+        *docs.routes(),  # GET /docs: Swagger UI for /openapi.json
+        *protocol_routes(service),
     ]
     app = Starlette(routes=routes, lifespan=service.lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    if settings.admin_port:
+        app.add_middleware(AdminPortSplit, admin_port=settings.admin_port)
     app.add_middleware(MetricsMiddleware, routes=frozenset(route.path for route in routes))
     return app
+
+
+def protocol_routes(service: Service) -> list[Route]:
+    """MLflow's scoring protocol and the Open Inference Protocol v2, beside /predict (docs/protocols.md)."""
+    mlflow, v2 = MlflowProtocol(service), OpenInferenceProtocol(service)
+    model = "/v2/models/{name}"
+    routes = [
+        Route("/invocations", mlflow.invocations, methods=["POST"]),
+        Route("/ping", mlflow.ping),
+        Route("/version", mlflow.version),
+        Route("/v2", v2.server_metadata),
+        Route("/v2/health/live", v2.live),
+        Route("/v2/health/ready", v2.ready),
+    ]
+    for prefix in (model, model + "/versions/{version}"):
+        routes += [Route(prefix, v2.model_metadata), Route(prefix + "/ready", v2.model_ready),
+                   Route(prefix + "/infer", v2.infer, methods=["POST"])]
+    return routes
 
 
 LOG_CONFIG: dict[str, Any] = {
@@ -70,8 +106,18 @@ def main() -> None:
         prepare_multiprocess_metrics()
     # A worker imports numpy, scikit-learn and MLflow before it answers the supervisor's first ping; with uvicorn's
     # 5 s default, workers merely slow to start on a busy machine are killed and restarted.
-    uvicorn.run("serve:app", host=settings.host, port=settings.port, workers=settings.workers,
-                log_config=LOG_CONFIG, timeout_worker_healthcheck=60)
+    options: dict[str, Any] = {"workers": settings.workers, "log_config": LOG_CONFIG, "timeout_worker_healthcheck": 60}
+    if not settings.admin_port:
+        uvicorn.run("serve:app", host=settings.host, port=settings.port, **options)
+        return
+    # Both sockets are bound here, before any worker starts, and every worker accepts on both (admin.py).
+    config = uvicorn.Config("serve:app", host=settings.host, port=settings.port, **options)
+    sockets = [config.bind_socket(),
+               uvicorn.Config("serve:app", host=settings.admin_host, port=settings.admin_port, **options).bind_socket()]
+    if settings.workers > 1:
+        Multiprocess(config, sockets=sockets).run()
+    else:
+        uvicorn.Server(config).run(sockets=sockets)
 
 
 app = create_app(Settings.from_env())

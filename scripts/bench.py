@@ -2,9 +2,11 @@
 
 Starts both servers (one worker each) on free local ports and checks that they predict the same numbers. Then, for
 1 and 100 records per request at 1 and 16 concurrent connections, it alternates rounds of closed-loop load between
-the two and prints req/s, p50, p99, errors and ours/mlflow; last, the latency of 1,000-record batches. Both get the
-same bytes: `{"instances": [...]}`. The load comes from a minimal keep-alive HTTP/1.1 client on asyncio, so that
-the client costs far less CPU than the servers it measures.
+serve.py's /predict ("predict"), serve.py's /invocations ("invocations", MLflow's scoring protocol: see
+docs/protocols.md) and MLflow's own /invocations ("mlflow"), and prints req/s, p50, p99, errors and each of ours
+against mlflow; invocations/mlflow is the like-for-like ratio. Last, the latency of 1,000-record batches. All get the
+same bytes: `{"instances": [...]}`. The load comes from a minimal keep-alive HTTP/1.1 client on asyncio, so that the
+client costs far less CPU than the servers it measures.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -183,27 +185,29 @@ def payload(records: pd.DataFrame) -> bytes:
 
 
 def print_row(size: int | str, connections: int, name: str, summary: dict, ratio: float | None = None) -> None:
-    print(f"{size:>7} {connections:>4} {name:>6} {summary['req/s']:>8.1f} {summary['p50']:>8.2f} "
+    print(f"{size:>7} {connections:>4} {name:>11} {summary['req/s']:>8.1f} {summary['p50']:>8.2f} "
           f"{summary['p99']:>8.2f} {summary['errors']:>6}" + (f" {ratio:>10.1f}x" if ratio else ""))
 
 
 def run(servers: list[Server], records: pd.DataFrame, args: argparse.Namespace) -> None:
-    ours, mlflow = servers
-    same = predictions(ours, payload(records.head(100)))
+    *ours, mlflow = servers
     theirs = predictions(mlflow, payload(records.head(100)))
-    worst = float(np.max(np.abs(same - theirs) / np.abs(theirs)))
-    print(f"same 100 records, max relative difference between the two: {worst:.1e}")
-    if worst > 1e-6:
-        raise SystemExit("the two servers disagree")
-    print(f"{'records':>7} {'conc':>4} {'server':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
+    for server in ours:
+        worst = float(np.max(np.abs(predictions(server, payload(records.head(100))) - theirs) / np.abs(theirs)))
+        print(f"same 100 records, max relative difference between {server.name} and mlflow: {worst:.1e}")
+        if worst > 1e-6:
+            raise SystemExit("the servers disagree")
+    print(f"{'records':>7} {'conc':>4} {'server':>11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
           f"{'ours/mlflow':>11}")
     for size, connections in CASES:
         tallies = compare(servers, payload(records.head(size)), connections, args.seconds, args.rounds)
-        ratio = tallies["ours"].summary()["req/s"] / tallies["mlflow"].summary()["req/s"]
-        print_row(size, connections, "ours", tallies["ours"].summary(), ratio)
+        theirs_per_s = tallies["mlflow"].summary()["req/s"]
+        for server in ours:
+            summary = tallies[server.name].summary()
+            print_row(size, connections, server.name, summary, summary["req/s"] / theirs_per_s)
         print_row(size, connections, "mlflow", tallies["mlflow"].summary())
     batch = payload(records.head(1000))
-    for server, count in ((ours, args.requests), (mlflow, max(3, args.requests // 5))):
+    for server, count in ((*((one, args.requests) for one in ours), (mlflow, max(3, args.requests // 5)))):
         closed_loop(server, batch, 1, for_requests(2))  # warm-up
         print_row(1000, 1, server.name, closed_loop(server, batch, 1, for_requests(count)).summary())
 
@@ -221,19 +225,21 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="housing-bench-"))
     # `mlflow models serve` runs `uvicorn` from PATH: this interpreter's.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    ours = start("predict", [sys.executable, "serve.py"], "/predict",
+                 {**env, "WORKERS": "1", "RELOAD_INTERVAL_S": "0", "PREDICTION_LOG_DIR": str(scratch / "predictions")},
+                 scratch)
     servers = [
-        start("ours", [sys.executable, "serve.py"], "/predict",
-              {**env, "WORKERS": "1", "RELOAD_INTERVAL_S": "0", "PREDICTION_LOG_DIR": str(scratch / "predictions")},
-              scratch),
+        ours,
+        replace(ours, name="invocations", path="/invocations"),  # the same process, in MLflow's protocol
         start("mlflow", [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
                          "-h", "127.0.0.1", "-p", "{port}", "-w", "1"], "/invocations", env, scratch),
     ]
     try:
         wait_ready(servers[0], "/ready")
-        wait_ready(servers[1], "/ping")
+        wait_ready(servers[2], "/ping")
         run(servers, records, args)
     finally:
-        for server in servers:
+        for server in (ours, servers[2]):
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -121,6 +121,8 @@ def main() -> int:
     for key, value in {"gate_decision": record["decision"], "gate_reason": reason,
                        "holdout_rmse": f"{challenger['metrics']['rmse']:.2f}"}.items():
         client.set_model_version_tag(name, registered.version, key, value)
+    # Before the alias moves: serving loads only versions tagged promotion=gate or human (serving/model.py).
+    client.set_model_version_tag(name, registered.version, "promotion", "gate" if promote else "rejected")
     if promote:
         previous = champion["version"] if champion else None
         if previous:

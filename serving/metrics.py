@@ -20,8 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from features import FEATURES
 
 # What one registry check came to: loaded (a new model serves), unchanged, failed (the model was refused),
-# unavailable (a registry error, or no such model).
-ReloadResult = Literal["loaded", "unchanged", "failed", "unavailable"]
+# unavailable (a registry error, or no such model), refused (the registry does not record the version as promoted by
+# the gate or approved by a person: serving/model.py, PROMOTION_TAG).
+ReloadResult = Literal["loaded", "unchanged", "failed", "unavailable", "refused"]
 RELOAD_RESULTS: tuple[ReloadResult, ...] = get_args(ReloadResult)
 
 METRICS = CollectorRegistry()
@@ -56,6 +57,9 @@ for result in RELOAD_RESULTS:
     RELOADS.labels(result)
 for status in ("200", "400", "413", "415", "422", "500", "503"):  # what /predict answers
     REQUESTS.labels("/predict", "POST", status)
+for prediction_route in ("/invocations", "/v2/models/{name}/infer"):  # docs/protocols.md
+    for status in ("200", "400", "404", "413", "415", "500", "503"):
+        REQUESTS.labels(prediction_route, "POST", status)
 for field in (*FEATURES, "body", "instances", "unknown"):  # see schema.Problem.field
     VALIDATION_FAILURES.labels(field)
 # One series per worker ("liveall": a pid label with WORKERS>1). A PSI belongs to one worker's window, and windows do
@@ -79,7 +83,6 @@ class MetricsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in self.routes else "other"
         method = scope["method"] if scope["method"] in _METHODS else "other"
         status = 500
 
@@ -94,6 +97,9 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_noting_status)
         finally:
+            # The template of the route that answered (set by the router), so /v2/models/{name}/infer is one label.
+            template = getattr(scope.get("route"), "path", None)
+            route = template if template in self.routes else "other"
             LATENCY.labels(route).observe(time.perf_counter() - started)
             REQUESTS.labels(route, method, str(status)).inc()
             IN_FLIGHT.dec()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,14 +15,14 @@ import mlflow.sklearn
 import numpy as np
 import orjson
 import pandas as pd
-from mlflow.models import Model
+from mlflow.models import Model, ModelSignature
 from sklearn.pipeline import Pipeline
 
 from features import FEATURES, OPTIONAL_FEATURES, PROFILE_FILE, FloatArray
 from serving.background import BackgroundThread
 from serving.drift import DriftWindow
 from serving.metrics import LAST_RELOAD, MODEL_INFO, MODEL_LOADED, RELOADS, ReloadResult
-from serving.registry import ModelRef, Registry
+from serving.registry import ModelRef, Registry, RegistryUnavailable
 from serving.schema import SMOKE_RECORDS, to_arrays
 from serving.settings import Settings
 from serving.trees import FLAT_TREES_MAX_ROWS, FlatTrees, flatten
@@ -29,7 +30,15 @@ from serving.trees import FLAT_TREES_MAX_ROWS, FlatTrees, flatten
 log = logging.getLogger("housing.serve")
 
 RETRY_S = 5  # how soon to look again while no model is loaded; also the Retry-After of a 503
+MAX_RETRY_S = 60  # the longest wait between checks while no model is loaded and polling is off
 REFERENCE_PROFILE = Path("extra_files", PROFILE_FILE)  # in the model directory, from train.log_pipeline
+
+# How a registered version got where it is, as the promotion pipeline records it on the version (scripts/register.py,
+# `make promote`; docs/serving.md): `gate` when the gate promoted it, `human` when a person approved it, `rejected`
+# when the gate refused it. A version the alias or stage leads to is loaded only with a trusted value: anyone who can
+# move an alias could otherwise serve any model. MODEL_URI, an explicit choice, is loaded without this record.
+PROMOTION_TAG = "promotion"
+TRUSTED_PROMOTIONS = ("gate", "human")
 
 
 class ModelLabel(TypedDict):
@@ -50,6 +59,7 @@ class ServedModel:
     run_id: str | None
     metrics: dict[str, float]
     loaded_at: datetime
+    signature: ModelSignature | None = None  # as logged; check_schema made sure its inputs are FEATURES
 
     @property
     def label(self) -> ModelLabel:
@@ -84,7 +94,8 @@ def load(ref: ModelRef, settings: Settings, registry: Registry) -> ServedModel:
         raise ModelRefused("the first pipeline step is not features.HousingFeatures")
     model = ServedModel(ref=ref, name=settings.model_name, requested=requested_model(settings), pipeline=pipeline,
                         trees=flatten(pipeline), drift=drift, run_id=metadata.run_id,
-                        metrics=registry.training_metrics(metadata.run_id), loaded_at=datetime.now(UTC))
+                        metrics=registry.training_metrics(metadata.run_id), loaded_at=datetime.now(UTC),
+                        signature=metadata.signature)
     smoke_test(model)
     return model
 
@@ -119,6 +130,21 @@ def check_schema(metadata: Model) -> None:
         raise ModelRefused(f"model inputs {actual} differ from the served schema {expected}")
 
 
+def promotion_refusal(ref: ModelRef, tags: Mapping[str, str]) -> str | None:
+    """Why the registry's record does not let `ref` serve; None when the gate promoted it or a person approved it."""
+    promotion = tags.get(PROMOTION_TAG)
+    if promotion in TRUSTED_PROMOTIONS:
+        return None
+    if promotion is None:
+        why = f"has no {PROMOTION_TAG} tag: neither the gate nor a person promoted it"
+    elif promotion == "rejected":
+        why = f"is tagged {PROMOTION_TAG}=rejected: the gate refused it"
+    else:
+        why = f"is tagged {PROMOTION_TAG}={promotion!r}, not one of {', '.join(TRUSTED_PROMOTIONS)}"
+    return (f"{ref.uri} {why}. Point the alias back (`make rollback`), or approve this version: "
+            f"`make promote VERSION={ref.version} REASON=\"...\"`")
+
+
 def smoke_test(model: ServedModel) -> None:
     fast = model.predict(*to_arrays(list(SMOKE_RECORDS), batch=True))
     reference = model.pipeline.predict(pd.DataFrame(list(SMOKE_RECORDS), columns=list(FEATURES)))
@@ -134,8 +160,18 @@ class Reload:
     detail: str = ""
 
 
+class NotServing(TypedDict):
+    """The version the registry points at, which this server refused or failed to load, and why (in /model)."""
+
+    version: str | None
+    uri: str
+    result: ReloadResult
+    reason: str
+
+
 class ModelKeeper:
-    """Holds the served model; replaces it only with one that loaded and passed the smoke test.
+    """Holds the served model; replaces it only with one the registry records as promoted (PROMOTION_TAG), that
+    loaded and passed the smoke test.
 
     A request reads `current` once and finishes on that model, so swapping is one assignment.
     """
@@ -143,6 +179,7 @@ class ModelKeeper:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.current: ServedModel | None = None
+        self.not_serving: NotServing | None = None  # None while the registry points at the served model
         self._registry = Registry(settings)
         self._lock = threading.Lock()
 
@@ -152,6 +189,10 @@ class ModelKeeper:
         RELOADS.labels(outcome.result).inc()
         return outcome
 
+    @property
+    def registry_address(self) -> str:
+        return self._registry.address
+
     def drift_window(self) -> DriftWindow | None:
         model = self.current
         return model.drift if model is not None else None
@@ -159,19 +200,38 @@ class ModelKeeper:
     def _refresh(self) -> Reload:
         try:
             ref = self._registry.locate()
-        except (mlflow.MlflowException, LookupError, OSError) as error:
-            log.warning("cannot tell which model to serve: %s", error)
+        except RegistryUnavailable as error:  # logged by the registry, once per change of its state
             return Reload("unavailable", str(error))
         if self.current is not None and self.current.ref == ref:
+            self.not_serving = None
             return Reload("unchanged")
+        # Before anything is downloaded or unpickled; asked again at every look, so a later approval takes effect.
+        if not self.settings.model_uri:  # MODEL_URI is an explicit choice
+            try:
+                refusal = promotion_refusal(ref, self._registry.version_tags(ref))
+            except (mlflow.MlflowException, OSError) as error:
+                log.warning("cannot read the promotion record of %s: %s", ref.uri, error)
+                return Reload("unavailable", str(error))
+            if refusal:
+                self._not_serving(ref, "refused", refusal)
+                return Reload("refused", refusal)
         try:
             model = load(ref, self.settings, self._registry)
         except Exception as error:  # whatever went wrong, keep serving the model we have
             log.exception("refused %s", ref.uri)
-            return Reload("failed", f"{ref.uri}: {type(error).__name__}: {error}")
+            reason = f"{ref.uri}: {type(error).__name__}: {error}"
+            self._not_serving(ref, "failed", reason)
+            return Reload("failed", reason)
+        self.not_serving = None
         self._swap(model)
         log.info("serving %s version %s (%s)", model.name, model.ref.version, ref.uri)
         return Reload("loaded", ref.uri)
+
+    def _not_serving(self, ref: ModelRef, result: ReloadResult, reason: str) -> None:
+        noted: NotServing = {"version": ref.version, "uri": ref.uri, "result": result, "reason": reason}
+        if noted != self.not_serving and result == "refused":  # once, not at every poll
+            log.warning("not serving %s", reason)
+        self.not_serving = noted
 
     def _swap(self, model: ServedModel) -> None:
         previous, self.current = self.current, model
@@ -183,7 +243,12 @@ class ModelKeeper:
 
 
 class Poller(BackgroundThread):
-    """Loads the first model (retrying until one loads), then asks the registry every interval."""
+    """Loads the first model, then asks the registry every interval.
+
+    Until a model loads it retries sooner, backing off: RETRY_S, twice that, and so on, up to the interval (up to
+    MAX_RETRY_S with polling off). With a model loaded it never waits longer than the interval, failures or not, so
+    a registry that comes back has its champion served within two intervals.
+    """
 
     name = "model-poller"
 
@@ -193,16 +258,20 @@ class Poller(BackgroundThread):
         self._interval_s = interval_s
 
     def _run(self) -> None:
+        failures = 0  # checks in a row that failed (registry unavailable, or the new version refused)
         while not self._stop.is_set():
             try:
-                self._keeper.refresh()
+                result = self._keeper.refresh().result
             except Exception:  # the poller must outlive any surprise, or reloading would stop silently
                 log.exception("model refresh failed")
-            wait = self._next_wait()
+                result = "failed"
+            failures = failures + 1 if result in ("failed", "unavailable") else 0
+            wait = self._next_wait(failures)
             if wait is None or self._stop.wait(wait):
                 return
 
-    def _next_wait(self) -> float | None:
+    def _next_wait(self, failures: int) -> float | None:
         if self._keeper.current is None:
-            return min(self._interval_s, RETRY_S) if self._interval_s else RETRY_S
+            ceiling = self._interval_s or MAX_RETRY_S
+            return float(min(ceiling, RETRY_S * 2 ** min(max(failures - 1, 0), 8)))
         return self._interval_s or None

@@ -1,4 +1,11 @@
-"""Every call the server makes to the MLflow tracking server and Model Registry, in one place."""
+"""Every call the server makes to the MLflow tracking server and Model Registry, in one place.
+
+Every call is bounded. MLflow's client retries a dead server for minutes by default (7 retries, back-off factor 2,
+120 s per attempt); a server must not wait that long to learn it cannot reload. The defaults below (MLflow's own
+variables, so a setting in the environment wins) bound one registry call to 3 attempts of at most 3 s each, with
+about 3 s of back-off between them: a refused connection fails in ~3 s, a hung server in ~12 s. Model files read
+straight from S3 (no MLflow artifact proxy) go through boto3, bounded by its own AWS_MAX_ATTEMPTS.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -14,8 +23,24 @@ from serving.settings import Settings
 
 log = logging.getLogger("housing.serve")
 
+REGISTRY_CALL_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",  # seconds per attempt (connect, and each read)
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # 0 s before the first retry, 2 s before the second
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "AWS_MAX_ATTEMPTS": "3",
+    "AWS_RETRY_MODE": "standard",
+}
+for _name, _value in REGISTRY_CALL_BOUNDS.items():
+    os.environ.setdefault(_name, _value)
 # Every reload downloads a model; MLflow's progress bars would fill the server log.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+RegistryState = Literal["answering", "no model", "unavailable"]
+
+
+class RegistryUnavailable(Exception):
+    """The registry could not tell which model to serve; the message names the registry and what went wrong."""
 
 
 @dataclass(frozen=True)
@@ -35,12 +60,44 @@ class Registry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._client: MlflowClient | None = None
+        self._state: RegistryState = "answering"
+
+    @property
+    def address(self) -> str:
+        """The registry's URI without credentials, for messages."""
+        parts = urlsplit(mlflow.get_tracking_uri())
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=host))
 
     def locate(self) -> ModelRef:
-        """Raises MlflowException, LookupError or OSError when the registry cannot tell."""
+        """Raises RegistryUnavailable when the registry cannot tell. Logs when its state changes, not per call."""
+        if self.settings.model_uri:
+            return ModelRef(self.settings.model_uri, None)
+        try:
+            ref = self._locate()
+        except (mlflow.MlflowException, LookupError, OSError) as error:
+            missing = isinstance(error, LookupError) or (
+                isinstance(error, mlflow.MlflowException) and error.error_code == "RESOURCE_DOES_NOT_EXIST")
+            if missing:
+                message = f"the model registry at {self.address} has no model to serve: {error}"
+            else:
+                message = f"the model registry at {self.address} is unavailable: {error}"
+            self._note("no model" if missing else "unavailable", message)
+            raise RegistryUnavailable(message) from None
+        self._note("answering", f"the model registry at {self.address} answers again")
+        return ref
+
+    def _note(self, state: RegistryState, message: str) -> None:
+        if state == self._state:
+            return
+        self._state = state
+        if state == "answering":
+            log.info("%s", message)
+        else:
+            log.warning("%s; the served model stays; logged again only when this changes", message)
+
+    def _locate(self) -> ModelRef:
         settings = self.settings
-        if settings.model_uri:
-            return ModelRef(settings.model_uri, None)
         client = self._registry()
         if settings.model_stage:
             with warnings.catch_warnings():  # stages are deprecated in MLflow 3, still used by seed deployments
@@ -57,6 +114,10 @@ class Registry:
         """The model's files, in `directory`; returns the local model directory."""
         local: str = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=directory)
         return local
+
+    def version_tags(self, ref: ModelRef) -> dict[str, str]:
+        """The registry's tags on the version `ref` names, e.g. how it was promoted; raises MlflowException."""
+        return dict(self._registry().get_model_version(self.settings.model_name, str(ref.version)).tags)
 
     def training_metrics(self, run_id: str | None) -> dict[str, float]:
         if not run_id:

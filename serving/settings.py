@@ -8,6 +8,23 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from features import CATEGORIES, NUMERIC_FEATURES
+
+# The longest JSON a client can reasonably write for one record: every number at full float64 precision with an
+# exponent (-1.2345678901234567e-05: 23 characters), the longest category, Python's default separators (", " and
+# ": "; JavaScript's are shorter) and the ", " before the next record: 360 bytes. Typical records take ~220.
+WORST_NUMBER = "-1.2345678901234567e-05"
+BODY_BYTES_PER_RECORD = (
+    2 + sum(len(f'"{name}": {WORST_NUMBER}, ') for name in NUMERIC_FEATURES)
+    + len(f'"ocean_proximity": "{max(CATEGORIES, key=len)}"') + len(", ")
+)
+BODY_SLACK_BYTES = 64 * 1024  # `{"instances": [...]}`, line breaks, indentation of a small batch
+
+
+def body_bytes_for(records: int) -> int:
+    """The MAX_BODY_BYTES that MAX_BATCH_ROWS=records needs: 3,665,536 for 10,000 (360 bytes each + 64 KiB)."""
+    return records * BODY_BYTES_PER_RECORD + BODY_SLACK_BYTES
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -21,9 +38,11 @@ class Settings:
     reload_interval_s: float = 30.0
     reload_token: str = ""
     max_batch_rows: int = 10_000
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 0  # 0: body_bytes_for(max_batch_rows)
     prediction_log_dir: Path = Path("logs")
     drift_window: int = 1000
+    admin_port: int = 0  # 0: /reload and /metrics answer on PORT, like every endpoint
+    admin_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -40,8 +59,14 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        if self.max_body_bytes == 0:
+            object.__setattr__(self, "max_body_bytes", body_bytes_for(self.max_batch_rows))
         for name in ("workers", "max_batch_rows", "max_body_bytes", "drift_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
         if self.reload_interval_s < 0:
             raise ValueError("RELOAD_INTERVAL_S must be 0 (off) or positive")
+        if not 0 <= self.admin_port < 65536:
+            raise ValueError("ADMIN_PORT must be 0 (off) or a TCP port")
+        if self.admin_port and self.admin_port == self.port:
+            raise ValueError(f"ADMIN_PORT must differ from PORT ({self.port}), or be 0 to serve everything on PORT")

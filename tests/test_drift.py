@@ -158,11 +158,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Models]:
         for _ in range(2):
             with mlflow.start_run(experiment_id=experiment_id):
                 info = train.log_pipeline(pipeline, example, profile)
-            versions.append(str(mlflow.register_model(info.model_uri, "drifting").version))
+            versions.append(str(mlflow.register_model(info.model_uri, "drifting", tags={"promotion": "gate"}).version))
         client.set_registered_model_alias("drifting", "champion", versions[0])
         with mlflow.start_run(experiment_id=experiment_id):
             info = train.log_pipeline(pipeline, example)
-        versions.append(str(mlflow.register_model(info.model_uri, "drifting").version))
+        versions.append(str(mlflow.register_model(info.model_uri, "drifting", tags={"promotion": "gate"}).version))
         plain = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(root / "plain")))
         yield Models(uri, client, *versions, plain)
 

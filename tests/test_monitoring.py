@@ -48,7 +48,8 @@ SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE",
                   "RELOAD_TOKEN", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR", "DRIFT_WINDOW")
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
 EVERY_ALERT = {"HousingServeTargetDown", "HousingNoModelLoaded", "HousingHighErrorRatio", "HousingHighLatency",
-               "HousingModelReloadFailed", "HousingFeatureDrift", "HousingPredictionDrift", "HousingNoPredictions"}
+               "HousingModelReloadFailed", "HousingFeatureDrift", "HousingPredictionDrift", "HousingNoPredictions",
+               "HousingModelReloadRefused"}
 
 
 def rules() -> list[dict]:
@@ -247,7 +248,7 @@ def register(experiment_id: str, spec: dict, broken: bool = False) -> str:
         reference = reference_profile(data[list(FEATURES)], pipeline.predict(holdout[list(FEATURES)]))
     with mlflow.start_run(experiment_id=experiment_id):
         info = train.log_pipeline(pipeline, holdout[list(FEATURES)].head(3), reference)
-    return str(mlflow.register_model(info.model_uri, "housing").version)
+    return str(mlflow.register_model(info.model_uri, "housing", tags={"promotion": "gate"}).version)  # as the gate does
 
 
 def monitoring(command: str, env: dict[str, str]) -> None:

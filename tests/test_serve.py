@@ -53,10 +53,13 @@ class Registry:
     downloads: Path
     _loaded: dict[str, mlflow.pyfunc.PyFuncModel] = field(default_factory=dict)
 
-    def register(self, name: str, pipeline: Pipeline, champion: bool = True) -> str:
+    def register(self, name: str, pipeline: Pipeline, champion: bool = True, promotion: str | None = "gate") -> str:
+        """A new version of `name`, tagged as scripts/register.py tags them (`promotion`: gate, human, rejected or
+        None for no tag); `champion` moves the alias to it, by hand."""
         with mlflow.start_run(experiment_id=self.experiment_id):
             info = train.log_pipeline(pipeline, synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)])
-        version = str(mlflow.register_model(info.model_uri, name).version)
+        tags = {"promotion": promotion} if promotion else {}
+        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
         if champion:
             self.client.set_registered_model_alias(name, "champion", version)
         return version
@@ -358,6 +361,9 @@ def test_metrics_move_with_traffic(server, models):
     assert value(after, "housing_model_info", name="served", version=models["first"]) == 1
     assert value(after, "housing_model_loaded") == 1
     assert value(after, "housing_model_last_reload_timestamp_seconds") > 1.7e9
+    # The reload outcomes the alerts watch exist from the start, at 0 until one happens.
+    for result in ("loaded", "unchanged", "failed", "unavailable", "refused"):
+        assert ("housing_model_reloads_total", frozenset({("result", result)})) in after
 
 
 @pytest.fixture(scope="module")
@@ -491,6 +497,94 @@ def test_broken_champion_is_refused_and_old_one_kept(server, registry, models, c
     assert served_version(server) == models["first"]
     assert predict(server, GOOD).json()["model"]["version"] == models["first"]
     assert value(metrics(server), "housing_model_reloads_total", result="failed") == failed_before + 1
+    assert httpx.get(server.url + "/model").json()["not_serving"]["result"] == "failed"
+
+
+# --- only what the gate passed ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("promotion", "why"), [
+    (None, "has no promotion tag: neither the gate nor a person promoted it"),
+    ("rejected", "is tagged promotion=rejected: the gate refused it"),
+    ("self-approved", "is tagged promotion='self-approved', not one of gate, human"),
+], ids=["no record", "rejected by the gate", "unknown value"])
+def test_alias_moved_by_hand_to_a_version_nobody_promoted_is_refused(server, registry, models, champion_restored,
+                                                                       promotion, why):
+    version = registry.register("served", fitted(RIDGE, seed=2), promotion=promotion)
+    refused_before = value(metrics(server), "housing_model_reloads_total", result="refused")
+
+    response = reload(server)
+    assert response.status_code == 502
+    assert response.json()["result"] == "refused"
+    assert response.json()["model"] == {"name": "served", "version": models["first"]}
+    reason = response.json()["detail"]
+    assert reason.startswith(f"models:/served/{version} {why}")
+    assert f"`make promote VERSION={version} REASON=" in reason
+    described = httpx.get(server.url + "/model").json()
+    assert described["version"] == models["first"]
+    assert described["not_serving"] == {"version": version, "uri": f"models:/served/{version}", "result": "refused",
+                                        "reason": reason}
+    assert predict(server, GOOD).json()["model"]["version"] == models["first"]
+    assert value(metrics(server), "housing_model_reloads_total", result="refused") == refused_before + 1
+
+
+@pytest.mark.parametrize("promotion", ["gate", "human"])
+def test_version_promoted_by_the_gate_or_approved_by_a_person_is_served(server, registry, champion_restored,
+                                                                        promotion):
+    version = registry.register("served", fitted(RIDGE, seed=3), promotion=promotion)
+
+    response = reload(server)
+    assert response.status_code == 200, response.text
+    assert response.json()["result"] == "loaded"
+    assert served_version(server) == version
+    assert httpx.get(server.url + "/model").json()["not_serving"] is None
+
+
+def test_refused_version_is_served_once_a_person_approves_it(server, registry, champion_restored):
+    version = registry.register("served", fitted(RIDGE, seed=4), promotion="rejected")
+    assert reload(server).json()["result"] == "refused"
+
+    registry.client.set_model_version_tag("served", version, "promotion", "human")  # what `make promote` records
+    assert reload(server).json()["result"] == "loaded"
+    assert served_version(server) == version
+
+
+def test_pointing_the_alias_back_clears_the_refusal(server, registry, models, champion_restored):
+    registry.register("served", fitted(RIDGE, seed=2), promotion=None)
+    assert reload(server).json()["result"] == "refused"
+
+    registry.client.set_registered_model_alias("served", "champion", models["first"])  # what `make rollback` does
+    assert reload(server).json()["result"] == "unchanged"
+    assert httpx.get(server.url + "/model").json()["not_serving"] is None
+
+
+def test_unpromoted_champion_is_not_served_at_start_unless_model_uri_names_it(registry, tmp_path):
+    version = registry.register("unpromoted", fitted(RIDGE, seed=5), promotion=None)
+    uri = f"models:/unpromoted/{version}"
+    following = start_serve(serve_env(registry, tmp_path, MODEL_NAME="unpromoted", RELOAD_INTERVAL_S="0.3"),
+                            tmp_path / "following.log")
+    pinned = start_serve(serve_env(registry, tmp_path, MODEL_NAME="unpromoted", MODEL_URI=uri), tmp_path / "pinned.log")
+    try:
+        wait_until_answering(pinned, "/ready")  # MODEL_URI is an explicit choice: no promotion record is asked for
+        assert predict(pinned, GOOD).status_code == 200
+        assert httpx.get(pinned.url + "/model").json()["uri"] == uri
+
+        wait_until_answering(following, "/health")
+        wait_for(lambda: value(metrics(following), "housing_model_reloads_total", result="refused") >= 2, 60,
+                 "the server to refuse the champion, and refuse it again")
+        assert predict(following, GOOD).status_code == 503
+        unloaded = httpx.get(following.url + "/model")
+        assert unloaded.status_code == 503
+        assert unloaded.json()["not_serving"]["uri"] == uri
+        assert "has no promotion tag" in unloaded.json()["not_serving"]["reason"]
+
+        registry.client.set_model_version_tag("unpromoted", version, "promotion", "human")
+        wait_for(lambda: httpx.get(following.url + "/ready").status_code == 200, 60, "the approved version to load")
+        assert httpx.get(following.url + "/model").json()["not_serving"] is None
+        assert predict(following, GOOD).json()["model"] == {"name": "unpromoted", "version": version}
+    finally:
+        following.stop()
+        pinned.stop()
 
 
 def test_reload_needs_the_token(server):
@@ -595,10 +689,11 @@ def test_health_and_openapi(server):
 
 # serving/'s modules in layers: each imports only from layers before its own, so app → model → trees, never back.
 LAYERS = [
-    {"settings", "metrics", "background", "trees"},
+    {"settings", "metrics", "background", "trees", "admin"},
     {"schema", "registry", "drift", "prediction_log"},
-    {"body", "model"},
-    {"app"},
+    {"body", "model", "tabular"},
+    {"app", "docs"},
+    {"mlflow_protocol", "v2_protocol"},
 ]
 
 
