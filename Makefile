@@ -8,8 +8,8 @@ VENV ?= .venv
 SCAN_VENV ?= $(VENV)/scan
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-# Where housing.csv comes from: s3://bucket/key, http(s)://..., or a local path.
-export DATA_URL ?= https://raw.githubusercontent.com/ageron/handson-ml2/master/datasets/housing/housing.csv
+# DATA_URL: where housing.csv comes from: s3://bucket/key, http(s)://... or a local path (.gz is decompressed).
+# Unset, `make retrain` uses the copy shipped in the repository (scripts/fetch.py: DEFAULT_DATA_URL), no network.
 # MLflow tracking + registry; a local sqlite store (artifacts in ./mlruns) by default.
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MODEL_NAME ?= California_Housing_Regression
@@ -19,23 +19,31 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv scan-venv retrain rollback test lint dvc-remote serve bench soak services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
+.PHONY: help venv scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down soak tune
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-venv: ## create $(VENV) with the pinned requirements (again only when they change)
-	@cat requirements.txt requirements-serve.txt constraints.txt | cmp -s - $(VENV)/.requirements 2>/dev/null || { \
+# Everything pip installs, and what `make venv` compares with the copy it installed last time.
+REQUIREMENTS := requirements-serve.txt requirements.txt requirements-dev.txt requirements-aws.txt constraints.txt
+
+venv: ## create .venv: pinned pipeline, test and lint tools, aws CLI (again only when a requirements file changes)
+	@cat $(REQUIREMENTS) | cmp -s - $(VENV)/.requirements 2>/dev/null || { \
 	  $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
-	  $(VENV)/bin/pip install -q -r requirements.txt && \
-	  cat requirements.txt requirements-serve.txt constraints.txt > $(VENV)/.requirements; }
+	  $(VENV)/bin/pip install -q -r requirements-dev.txt && \
+	  $(PYTHON) -m venv $(VENV)/aws && $(VENV)/aws/bin/pip install -q -r requirements-aws.txt && \
+	  ln -sf ../aws/bin/aws $(VENV)/bin/aws && \
+	  cat $(REQUIREMENTS) > $(VENV)/.requirements; }
+
+tools: ## install what only Debian ships, when missing: prometheus (promtool), buildah, chromium, graphviz
+	@scripts/system_tools.sh
 
 scan-venv: ## the scanners' own virtualenv: zizmor, checkov, bandit (requirements-scan.txt, apart from the app's pins)
 	@cmp -s requirements-scan.txt $(SCAN_VENV)/.requirements 2>/dev/null || { \
 	  $(PYTHON) -m venv $(SCAN_VENV) && $(SCAN_VENV)/bin/pip install -q --upgrade pip && \
 	  $(SCAN_VENV)/bin/pip install -q -r requirements-scan.txt && cp requirements-scan.txt $(SCAN_VENV)/.requirements; }
 
-dvc-remote: venv
+dvc-remote: venv ## point the DVC remote `s3remote` at S3_DVC_BUCKET when DVC_REMOTE=s3remote
 ifeq ($(DVC_REMOTE),s3remote)
 	@test -n "$(S3_DVC_BUCKET)" || { echo "DVC_REMOTE=s3remote needs S3_DVC_BUCKET" >&2; exit 2; }
 	@dvc remote add --local --force s3remote s3://$(S3_DVC_BUCKET)/dvc
@@ -45,10 +53,19 @@ endif
 retrain: venv dvc-remote ## fetch, validate, split, train, register + gated promotion; push data to DVC_REMOTE
 	@scripts/retrain.sh
 
+# `make tune`: time budget of one run in minutes; APPLY=1 writes the stored study's proposal into params.yaml.
+TUNE_MINUTES ?= 10
+APPLY ?=
+
+tune: venv ## Optuna study (k-fold CV on the training split) in MLflow; proposes params.yaml changes (APPLY=1 applies)
+	TUNE_MINUTES=$(TUNE_MINUTES) python -m scripts.tune $(if $(filter 1,$(APPLY)),--apply)
+
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
 
-lint: venv scan-venv ## ruff, mypy, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema, zizmor, checkov, bandit
+check: lint ## linters only (the same as `make lint`)
+
+lint: venv tools scan-venv ## ruff, mypy, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema, zizmor, checkov, bandit
 	ruff check .
 	mypy
 	actionlint
@@ -65,10 +82,13 @@ lint: venv scan-venv ## ruff, mypy, actionlint + workflow schema, shellcheck, ha
 	$(SCAN_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -d infra
 	$(SCAN_VENV)/bin/bandit -q -c pyproject.toml -r .
 
-test: venv lint ## lint, then the whole test suite
+test: venv tools check ## the README's and CI's command: linters, then every test tier (in random order)
 	python -m pytest -q
 
-serve: venv ## serve the champion on $(PORT) with uvicorn (see serve.py for its settings)
+test-fast: venv ## unit tests in-process: no servers, no subprocesses (under a minute)
+	python -m pytest -q -m "not integration"
+
+serve: venv ## serve the champion with uvicorn on 127.0.0.1:8000 (HOST, PORT: see serve.py)
 	python serve.py
 
 bench: venv ## serve.py vs `mlflow models serve` on the current champion: req/s, p50, p99

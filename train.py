@@ -45,6 +45,7 @@ from features import (
     HousingFeatures,
     reference_profile,
 )
+from scripts.fetch import DEFAULT_DATA_URL
 
 log = logging.getLogger("train")
 
@@ -52,7 +53,6 @@ DATA = Path("data/housing.csv")
 TRAIN = Path("data/train.csv")
 HOLDOUT = Path("data/holdout.csv")
 REPORTS = Path("reports")
-DEFAULT_DATA_URL = "https://raw.githubusercontent.com/ageron/handson-ml2/master/datasets/housing/housing.csv"
 ESTIMATORS = {
     "ridge": Ridge,
     "hist_gradient_boosting": HistGradientBoostingRegressor,

@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,16 @@ def housing_frame() -> pd.DataFrame:
     return synthetic_housing()
 
 
+def json_records(frame: pd.DataFrame) -> list[dict]:
+    """`frame` as the JSON records a client sends: NaN becomes null."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
+
+# Candidate specs (params.yaml's train.candidates shape) small enough to train in a second or two.
+GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
+RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
+
+
 def project_copy(destination: Path) -> Path:
     """The working tree as a fresh git repository: no data, no dvc.lock, no MLflow store."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
@@ -70,10 +81,22 @@ def project_copy(destination: Path) -> Path:
     return destination
 
 
-def run_make(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """`make ARGS` in `project` with this checkout's virtualenv and only the given settings."""
-    return subprocess.run(["make", "--no-print-directory", *args, f"VENV={ROOT / '.venv'}"], cwd=project,
-                          env={**clean_environment(), **env}, capture_output=True, text=True, timeout=600)
+def run_make(project: Path, *args: str, timeout_s: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """`make ARGS` in `project` with this checkout's virtualenv and only the given settings.
+
+    make runs in its own session: if it outlives `timeout_s` (or the test is interrupted), its whole process tree
+    (dvc, train.py, ...) is killed, not only make, so nothing keeps running after the test.
+    """
+    command = ["make", "--no-print-directory", *args, f"VENV={ROOT / '.venv'}"]
+    with subprocess.Popen(command, cwd=project, env={**clean_environment(), **env}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout_s)
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def clean_environment() -> dict[str, str]:

@@ -49,9 +49,22 @@ class ServerProcess:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port the OS chose, kept from everyone else asking for a port until a server binds it.
+
+    A bare bind-and-close would hand the port back to the OS, which may give it to the next caller (another test,
+    another engineer's suite) before our server binds it. Instead the probe connects to itself and closes the
+    accepted side first: the port sits in TIME_WAIT for a minute, when the OS gives it to no `bind(port 0)`, while
+    a server that sets SO_REUSEADDR (uvicorn, moto, MLflow, Prometheus, the fake docker) binds it at once.
+    """
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            accepted, _ = listener.accept()
+            accepted.close()
+    return port
 
 
 def start_serve(env: Mapping[str, str], log: Path) -> ServerProcess:

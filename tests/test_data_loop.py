@@ -6,9 +6,11 @@ dispatches start the retrain job of .github/workflows/retrain.yml the way a runn
 repository, then the job's own `run:` steps (make retrain, commit dvc.lock, reload the app).
 
 A CSV uploaded to S3 becomes an EventBridge "Object Created" event for dispatch_lambda.handler, which dispatches
-the workflow. The tests run in order, each on the state the previous one left:
-v1 promoted and served; v2 promoted and hot-reloaded under load; corrupt data fails the job; data that yields a
-worse model is refused by the gate; an event delivered twice retrains once.
+the workflow. The story has five steps, each on the state the previous one left: v1 promoted and served; v2
+promoted and hot-reloaded under load; corrupt data fails the job; data that yields a worse model is refused by the
+gate; an event delivered twice retrains once. Each step is a module fixture that needs the step before it and
+records what its test looks at, so the steps run in story order whichever test runs first (the suite runs in
+random order).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from tests.fake_github import Dispatch, FakeGitHub
 from tests.servers import ROOT, ServerProcess, wait_for
 from tests.services import LocalServices, serving_app
 
+pytestmark = pytest.mark.integration  # real processes throughout
+
 log = logging.getLogger(__name__)
 
 MODEL = "California_Housing_Regression"
@@ -53,7 +57,6 @@ KEY_PREFIX = "data/"  # the stack's DataKeyPrefix (infra/housing-mlops.yml)
 GITHUB_TOKEN = "ghp_" + "L00p" * 9
 RELOAD_TOKEN = "reload-" + uuid.uuid4().hex
 RETRAIN_TIMEOUT_S = 300
-PUT_TO_SERVING_GOAL_S = 180
 # Small models and no cross-validation: each retrain takes seconds. The absolute bars are loose so that the
 # comparison with the champion on the same holdout rows is what decides.
 FAST_TRAINING = {
@@ -513,124 +516,179 @@ def noisy_training_targets(frame: pd.DataFrame, origin: Path) -> pd.DataFrame:
     return frame
 
 
-# --- the loop --------------------------------------------------------------------------------------------------
+# --- the story, step by step -----------------------------------------------------------------------------------
 
 
-def test_v1_upload_is_promoted_and_served(loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> None:
-    assert httpx.get(f"{loop.app.url}/ready", timeout=5).status_code == 503  # nothing to serve yet
+@dataclass
+class Step:
+    """The loop as a step left it, once its retrain jobs ended; `notes` holds what only that step looks at."""
 
+    key: str
+    jobs: list[Job]
+    champion: str
+    versions: dict[str, ModelVersion]
+    served: dict
+    prediction: dict
+    commits: list[str]
+    notes: dict[str, Any]
+
+
+def observe(loop: DataLoop, key: str, jobs: list[Job], served: str | None = None, **notes: Any) -> Step:
+    """Record the loop now; with `served`, once the app serves that version."""
+    model = loop.wait_until_served(served) if served else loop.served()
+    return Step(key, jobs, loop.champion(), loop.versions(), model, loop.predict(), loop.origin_commits(), notes)
+
+
+@pytest.fixture(scope="module")
+def v1(loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+    """Step 1: the first data lands while nothing is served yet."""
+    ready_before = httpx.get(f"{loop.app.url}/ready", timeout=5).status_code
     key = loop.upload("v1", datasets["v1"])
-    assert loop.deliver(key) == 1
+    delivered = loop.deliver(key)
     [job] = loop.runner.wait_for_jobs(1)
-
-    assert job.succeeded, job.log()
-    assert loop.github.dispatches[0].inputs == {
-        "s3_bucket": loop.services.data_bucket,
-        "s3_key": key,
-        "s3_etag": loop.etag(key),
-    }
-    assert f"fetch: s3://{loop.services.data_bucket}/{key} -> data/housing.csv" in job.output("Retrain")
-    assert loop.champion() == "1"
-    assert loop.versions()["1"].tags["gate_decision"] == "promoted"
-    assert loop.wait_until_served("1")["name"] == MODEL
-    assert loop.predict()["model"] == {"name": MODEL, "version": "1"}
-    # Artifacts went to S3 through the MLflow server; the data version to the DVC remote; dvc.lock to git.
-    assert any(k.endswith("/MLmodel") for k in loop.bucket_keys(loop.services.mlflow_bucket, "artifacts/"))
-    assert loop.bucket_keys(loop.services.dvc_bucket, "dvc/files/md5/")
-    assert loop.origin_commits()[0] == f"retrain: dvc.lock for s3://{loop.services.data_bucket}/{key}"
+    assert job.succeeded, job.log()  # every later step builds on this one
+    return observe(
+        loop, key, [job], served="1", ready_before=ready_before, delivered=delivered,
+        dispatched=loop.github.dispatches[0].inputs, etag=loop.etag(key),
+        artifacts=loop.bucket_keys(loop.services.mlflow_bucket, "artifacts/"),
+        data_versions=loop.bucket_keys(loop.services.dvc_bucket, "dvc/files/md5/"),
+    )
 
 
-def test_v2_upload_is_promoted_and_hot_reloaded_without_a_failed_request(
-    loop: DataLoop, datasets: dict[str, pd.DataFrame], capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture(scope="module")
+def v2(v1: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+    """Step 2: better data lands while a client sends predictions without a pause."""
     client = PredictionClient(loop.app.url)
     client.start()
     try:
         wait_for(lambda: len(client.versions) >= 5 or client.failures, 30, "the client's first answers")
         put_at = time.monotonic()
         key = loop.upload("v2", datasets["v2"])
-        assert loop.deliver(key) == 1
-        served = loop.wait_until_served("2", timeout_s=RETRAIN_TIMEOUT_S, job=2)
+        delivered = loop.deliver(key)
+        loop.wait_until_served("2", timeout_s=RETRAIN_TIMEOUT_S, job=2)
         put_to_serving_s = time.monotonic() - put_at
         answered = len(client.versions)
         wait_for(lambda: len(client.versions) >= answered + 20 or client.failures, 30, "answers from version 2")
     finally:
         client.stop()
     [_, job] = loop.runner.wait_for_jobs(2)
+    return observe(loop, key, [job], delivered=delivered, put_to_serving_s=put_to_serving_s,
+                   answers=client.versions, failures=client.failures)
 
+
+@pytest.fixture(scope="module")
+def v3_corrupt(v2: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+    """Step 3: corrupt data lands."""
+    loaded_at = loop.served()["loaded_at"]
+    key = loop.upload("v3", datasets["corrupt"])
+    delivered = loop.deliver(key)
+    job = loop.runner.wait_for_jobs(3)[-1]
+    return observe(loop, key, [job], delivered=delivered, commits_before=v2.commits, loaded_at_before=loaded_at)
+
+
+@pytest.fixture(scope="module")
+def v4_worse(v3_corrupt: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+    """Step 4: data that trains a worse model lands."""
+    key = loop.upload("v4", datasets["worse"])
+    delivered = loop.deliver(key)
+    job = loop.runner.wait_for_jobs(4)[-1]
+    decision = json.loads((job.workspace / "reports/decision.json").read_text()) if job.succeeded else {}
+    return observe(loop, key, [job], delivered=delivered, decision=decision)
+
+
+@pytest.fixture(scope="module")
+def v5_twice(v4_worse: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+    """Step 5: new data lands and its event is delivered twice."""
+    key = loop.upload("v5", datasets["v5"])
+    event = loop.object_created_event(key)
+    delivered = [dispatch_lambda.handler(event, None), dispatch_lambda.handler(event, None)]
+    jobs = loop.runner.wait_for_jobs(6)[-2:]
+    served = "4" if all(job.succeeded for job in jobs) else None
+    return observe(loop, key, jobs, served=served, delivered=delivered, training_runs=loop.training_runs(key))
+
+
+def test_v1_upload_is_promoted_and_served(v1: Step, loop: DataLoop) -> None:
+    [job] = v1.jobs
+    bucket = loop.services.data_bucket
+    assert v1.notes["ready_before"] == 503  # nothing to serve yet
+    assert v1.notes["delivered"] == 1
+    assert job.succeeded, job.log()
+    assert v1.notes["dispatched"] == {"s3_bucket": bucket, "s3_key": v1.key, "s3_etag": v1.notes["etag"]}
+    assert f"fetch: s3://{bucket}/{v1.key} -> data/housing.csv" in job.output("Retrain")
+    assert v1.champion == "1"
+    assert v1.versions["1"].tags["gate_decision"] == "promoted"
+    assert v1.served["name"] == MODEL
+    assert v1.prediction["model"] == {"name": MODEL, "version": "1"}
+    # Artifacts went to S3 through the MLflow server; the data version to the DVC remote; dvc.lock to git.
+    assert any(k.endswith("/MLmodel") for k in v1.notes["artifacts"])
+    assert v1.notes["data_versions"]
+    assert v1.commits[0] == f"retrain: dvc.lock for s3://{bucket}/{v1.key}"
+
+
+def test_v2_upload_is_promoted_and_hot_reloaded_without_a_failed_request(
+    v2: Step, capsys: pytest.CaptureFixture[str]
+) -> None:
+    [job] = v2.jobs
+    answers, failures = v2.notes["answers"], v2.notes["failures"]
     with capsys.disabled():
         print(
-            f"\ndata loop: S3 PUT of v2 -> version 2 served: {put_to_serving_s:.1f} s "
-            f"({len(client.versions)} predictions during the reload, {len(client.failures)} failed)"
+            f"\ndata loop: S3 PUT of v2 -> version 2 served: {v2.notes['put_to_serving_s']:.1f} s "
+            f"({len(answers)} predictions during the reload, {len(failures)} failed)"
         )
+    assert v2.notes["delivered"] == 1
     assert job.succeeded, job.log()
-    assert client.failures == []
-    assert client.versions[0] == "1" and client.versions[-1] == "2"
-    assert client.versions == sorted(client.versions), "an answer from version 1 came after version 2"
-    assert served["version"] == loop.champion() == "2"
-    assert loop.versions()["2"].tags["previous_champion"] == "1"
-    assert put_to_serving_s < PUT_TO_SERVING_GOAL_S
+    assert failures == []
+    assert answers[0] == "1" and answers[-1] == "2"
+    assert answers == sorted(answers), "an answer from version 1 came after version 2"
+    assert v2.served["version"] == v2.champion == "2"
+    assert v2.versions["2"].tags["previous_champion"] == "1"
 
 
-def test_corrupt_upload_fails_the_job_clearly_and_changes_nothing(
-    loop: DataLoop, datasets: dict[str, pd.DataFrame]
-) -> None:
-    commits_before = loop.origin_commits()
-    loaded_at = loop.served()["loaded_at"]
-
-    key = loop.upload("v3", datasets["corrupt"])
-    assert loop.deliver(key) == 1
-    job = loop.runner.wait_for_jobs(3)[-1]
-
+def test_corrupt_upload_fails_the_job_clearly_and_changes_nothing(v3_corrupt: Step) -> None:
+    [job] = v3_corrupt.jobs
+    assert v3_corrupt.notes["delivered"] == 1
     assert not job.succeeded
     assert job.steps["Retrain"].returncode != 0
     assert "Commit dvc.lock" not in job.steps and "Reload the serving app" not in job.steps
     assert "validate: latitude: 5 values outside [32.5, 42.1], e.g. 51.5 (lines 2, 3, 4, ...)" in job.output("Retrain")
     assert "validate: population: 1 values are not finite numbers, e.g. ['n/a'] (line 12)" in job.output("Retrain")
     assert "retrain: failed; dvc.lock and data/ restored to the last good version" in job.output("Retrain")
-    assert set(loop.versions()) == {"1", "2"}
-    assert loop.champion() == "2"
-    assert loop.origin_commits() == commits_before
-    assert loop.served()["loaded_at"] == loaded_at
-    assert loop.predict()["model"]["version"] == "2"
+    assert set(v3_corrupt.versions) == {"1", "2"}
+    assert v3_corrupt.champion == "2"
+    assert v3_corrupt.commits == v3_corrupt.notes["commits_before"]
+    assert v3_corrupt.served["loaded_at"] == v3_corrupt.notes["loaded_at_before"]
+    assert v3_corrupt.prediction["model"]["version"] == "2"
 
 
-def test_upload_that_yields_a_worse_model_is_refused_by_the_gate(
-    loop: DataLoop, datasets: dict[str, pd.DataFrame]
-) -> None:
-    key = loop.upload("v4", datasets["worse"])
-    assert loop.deliver(key) == 1
-    job = loop.runner.wait_for_jobs(4)[-1]
-
+def test_upload_that_yields_a_worse_model_is_refused_by_the_gate(v4_worse: Step) -> None:
+    [job] = v4_worse.jobs
+    decision = v4_worse.notes["decision"]
+    assert v4_worse.notes["delivered"] == 1
     assert job.succeeded, job.log()
-    decision = json.loads((job.workspace / "reports/decision.json").read_text())
     assert decision["decision"] == "rejected"
     assert decision["challenger"]["version"] == "3" and decision["champion"]["version"] == "2"
     assert decision["challenger"]["metrics"]["rmse"] > 1.5 * decision["champion"]["metrics"]["rmse"]
-    version = loop.versions()["3"]
+    version = v4_worse.versions["3"]
     assert version.tags["gate_decision"] == "rejected"
     assert "worse than the champion's" in version.tags["gate_reason"]
-    assert loop.champion() == "2"
-    assert loop.served()["version"] == "2"
-    assert loop.predict()["model"]["version"] == "2"
+    assert v4_worse.champion == "2"
+    assert v4_worse.served["version"] == "2"
+    assert v4_worse.prediction["model"]["version"] == "2"
 
 
-def test_event_delivered_twice_retrains_once(loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> None:
-    key = loop.upload("v5", datasets["v5"])
-    event = loop.object_created_event(key)
-    assert dispatch_lambda.handler(event, None) == 1
-    assert dispatch_lambda.handler(event, None) == 1
-    first, second = loop.runner.wait_for_jobs(6)[-2:]
-
+def test_event_delivered_twice_retrains_once(v5_twice: Step, loop: DataLoop) -> None:
+    first, second = v5_twice.jobs
+    assert v5_twice.notes["delivered"] == [1, 1]
     assert first.succeeded, first.log()
     assert second.succeeded, second.log()
     assert first.inputs == second.inputs
-    assert set(loop.versions()) == {"1", "2", "3", "4"}
-    assert loop.champion() == "4"
-    assert loop.wait_until_served("4")["name"] == MODEL
+    assert set(v5_twice.versions) == {"1", "2", "3", "4"}
+    assert v5_twice.champion == "4"
+    assert v5_twice.served["name"] == MODEL
     assert "Running stage 'train'" in first.output("Retrain")
-    assert loop.training_runs(key) == 1
+    assert v5_twice.notes["training_runs"] == 1
     for stage in ("validate", "split", "train", "register"):
         assert f"Stage '{stage}' didn't change, skipping" in second.output("Retrain")
     assert "dvc.lock unchanged" in second.output("Commit dvc.lock")
-    assert loop.origin_commits().count(f"retrain: dvc.lock for s3://{loop.services.data_bucket}/{key}") == 1
+    commit = f"retrain: dvc.lock for s3://{loop.services.data_bucket}/{v5_twice.key}"
+    assert v5_twice.commits.count(commit) == 1

@@ -25,7 +25,11 @@ import boto3
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+from tests.servers import free_port
+
+pytestmark = pytest.mark.integration  # real processes throughout
+
 DEPLOY = ROOT / "scripts" / "deploy.sh"
 FAKE_DOCKER = ROOT / "tests" / "fake_docker"
 IMAGE = "acme/housing-serve"
@@ -41,12 +45,6 @@ RECORD = {
     "median_income": 8.3252,
     "ocean_proximity": "NEAR BAY",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Host:
@@ -376,6 +374,7 @@ def test_git_ref_must_be_a_full_commit_sha(host: Host, host_checkout: tuple[Path
 
 def test_first_release_failing_at_the_switch_leaves_nothing_behind(host: Host):
     with socket.socket() as squatter:  # something else holds port 80
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do; free_port() needs it
         squatter.bind(("127.0.0.1", host.http_port))
         squatter.listen()
         result = host.deploy("v1")

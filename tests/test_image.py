@@ -9,7 +9,11 @@ are cached).
 import re
 import subprocess
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration  # real processes throughout
 
 MAX_IMAGE_MB = 650  # 621 MB now: numpy, scipy, pandas and scikit-learn, their tests (112 MB) and bytecode (158 MB)
 

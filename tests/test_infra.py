@@ -16,17 +16,17 @@ import os
 import re
 import subprocess
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from cfnlint.decode import cfn_yaml
 
+from tests.conftest import ROOT
+
 # Expected, and described above: moto warns about each resource type its CloudFormation does not implement.
 pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS.* but it's not supported:UserWarning")
 
-ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "infra" / "housing-mlops.yml"
 REGION, ACCOUNT, STACK = "us-east-1", "123456789012", "housing-mlops"
 SETTINGS = {
@@ -91,6 +91,7 @@ def statements(aws, role: str, policy: str) -> list[dict[str, Any]]:
     return document["Statement"]
 
 
+@pytest.mark.integration
 def test_infra_deploy_needs_its_settings(moto_endpoint: str, network: dict[str, str]):
     result = infra_deploy(moto_endpoint, GITHUB_OWNER="acme")
     assert result.returncode == 2
@@ -100,6 +101,7 @@ def test_infra_deploy_needs_its_settings(moto_endpoint: str, network: dict[str, 
     assert "SERVING_TRACKING_URI must be an MLflow server's http(s):// URL" in result.stderr
 
 
+@pytest.mark.integration
 def test_infra_deploy_uploads_the_lambda_code_and_creates_the_stack(aws, stack: dict[str, str]):
     assert aws("cloudformation").describe_stacks(StackName=STACK)["Stacks"][0]["StackStatus"] == "CREATE_COMPLETE"
     assert {
@@ -150,6 +152,7 @@ def test_infra_deploy_uploads_the_lambda_code_and_creates_the_stack(aws, stack: 
     assert dead_letters["Attributes"]["MessageRetentionPeriod"] == "1209600"
 
 
+@pytest.mark.integration
 def test_new_data_rule_sends_new_housing_csvs_and_nothing_else_to_the_lambda(aws, stack: dict[str, str]):
     events = aws("events")
     rule = events.describe_rule(Name=stack["NewDataRule"])
@@ -197,6 +200,7 @@ def test_new_data_rule_sends_new_housing_csvs_and_nothing_else_to_the_lambda(aws
     ]
 
 
+@pytest.mark.integration
 def test_roles_grant_only_what_each_part_needs(aws, stack: dict[str, str]):
     log_group = aws("logs").describe_log_groups(logGroupNamePrefix=f"/aws/lambda/{STACK}-dispatch")["logGroups"][0]
     dispatch = statements(aws, stack["DispatchRole"], "dispatch")
@@ -228,6 +232,7 @@ def resources(statement: dict[str, Any]) -> list[str]:
     return statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("role", "workflow"), [("RetrainRole", "retrain.yml"), ("DeployRole", "ci-cd.yml")])
 def test_each_github_role_is_trusted_only_by_its_own_workflow_on_main(aws, stack: dict[str, str], role, workflow):
     trust = aws("iam").get_role(RoleName=stack[role])["Role"]["AssumeRolePolicyDocument"]
@@ -242,6 +247,7 @@ def test_each_github_role_is_trusted_only_by_its_own_workflow_on_main(aws, stack
     }
 
 
+@pytest.mark.integration
 def test_retrain_role_reaches_the_buckets_and_no_host(aws, stack: dict[str, str]):
     retrain = {s["Sid"]: s for s in statements(aws, stack["RetrainRole"], "retrain")}
     assert set(retrain) == {"ReadNewData", "ReadWriteDvcAndMlflowObjects", "ListBuckets"}
@@ -253,6 +259,7 @@ def test_retrain_role_reaches_the_buckets_and_no_host(aws, stack: dict[str, str]
     assert resources(retrain["ReadNewData"]) == [f"arn:aws:s3:::{stack['DataBucket']}/*"]  # the data is read-only
 
 
+@pytest.mark.integration
 def test_deploy_role_may_only_run_commands_on_the_tagged_serving_host(aws, stack: dict[str, str]):
     deploy = {s["Sid"]: s for s in statements(aws, stack["DeployRole"], "deploy")}
     assert set(deploy) == {"RunCommandOnTheServingHost", "WithTheShellScriptDocument", "FollowTheDeploy"}
@@ -281,6 +288,7 @@ def test_no_statement_grants_a_wildcard_resource_except_the_ssm_reads_that_take_
     assert wildcards == [("DeployRole", "FollowTheDeploy", ["ssm:GetCommandInvocation", "ssm:ListCommandInvocations"])]
 
 
+@pytest.mark.integration
 def test_serving_host_takes_http_on_port_80_and_nothing_else(aws, stack: dict[str, str], network: dict[str, str]):
     [group] = aws("ec2").describe_security_groups(GroupIds=[stack["ServingSecurityGroup"]])["SecurityGroups"]
     assert group["VpcId"] == network["VPC_ID"]
@@ -300,6 +308,7 @@ def test_serving_host_takes_http_on_port_80_and_nothing_else(aws, stack: dict[st
     assert "git clone --branch main https://github.com/acme/housing-mlops.git /opt/housing-mlops" in script
 
 
+@pytest.mark.integration
 def test_outputs_name_every_repository_variable_the_workflows_read(aws, stack: dict[str, str], network: dict[str, str]):
     declared = template()["Outputs"]
     provided = {m for o in declared.values() for m in re.findall(r"Repository variable (\w+)", o["Description"])}

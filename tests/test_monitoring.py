@@ -33,7 +33,7 @@ from threadpoolctl import threadpool_limits
 
 import train
 from features import FEATURES, NUMERIC_FEATURES, TARGET, reference_profile
-from tests.conftest import synthetic_housing
+from tests.conftest import GBDT, RIDGE, json_records, synthetic_housing
 from tests.servers import ROOT, ServerProcess, free_port, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
@@ -42,8 +42,6 @@ RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 PROMTOOL_TESTS = sorted((ROOT / "prometheus" / "tests").glob("*.yml"))
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 DATASOURCES = sorted((ROOT / "grafana" / "provisioning" / "datasources").glob("*.yml"))
-GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
-RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
 SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
                   "RELOAD_TOKEN", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR", "DRIFT_WINDOW")
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
@@ -93,6 +91,7 @@ def test_rule_files_are_the_ones_prometheus_loads():
     assert {rule["alert"] for rule in alerts()} == EVERY_ALERT
 
 
+@pytest.mark.integration
 def test_promtool_unit_tests_pass():
     result = subprocess.run(["promtool", "test", "rules", *PROMTOOL_TESTS], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -209,10 +208,6 @@ def app_metrics(server: ServerProcess) -> list:
 def app_value(server: ServerProcess, name: str, **labels: str) -> float:
     return sum(sample.value for sample in app_metrics(server)
                if sample.name == name and labels.items() <= sample.labels.items())
-
-
-def json_records(frame: pd.DataFrame) -> list[dict]:
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 class Traffic:
@@ -340,6 +335,7 @@ def drive(prometheus: str, healthy: ServerProcess, unloaded: ServerProcess, dead
     return Live(prometheus, healthy, unloaded, dead, started, calm, drifted, traffic.predicted, traffic.answered)
 
 
+@pytest.mark.integration
 def test_counters_add_up_across_two_workers(live):
     instance = live.instance(live.healthy)
     # Every request is answered before it is counted, and Prometheus scrapes every second.
@@ -353,12 +349,14 @@ def test_counters_add_up_across_two_workers(live):
              "a drift window with records from each worker in Prometheus")
 
 
+@pytest.mark.integration
 def test_training_like_traffic_keeps_drift_low_in_prometheus(live):
     scores = by_label(query(live.prometheus, "job_field:housing_drift_psi:max", at=live.calm), "field")
     assert set(scores) == {*FEATURES, "prediction"}
     assert max(scores.values()) < 0.1, scores
 
 
+@pytest.mark.integration
 def test_drifted_traffic_raises_the_shifted_fields_only(live):
     scores = by_label(query(live.prometheus, "job_field:housing_drift_psi:max", at=live.drifted), "field")
     assert scores["median_income"] > 0.25 and scores["ocean_proximity"] > 0.25, scores
@@ -366,6 +364,7 @@ def test_drifted_traffic_raises_the_shifted_fields_only(live):
     assert scores["prediction"] > 0.25, scores  # income drives the price
 
 
+@pytest.mark.integration
 def test_alerts_follow_the_traffic(live):
     """Pending or firing, by alert: what the traffic should trigger, and nothing else."""
     healthy, unloaded = live.instance(live.healthy), live.instance(live.unloaded)
@@ -396,6 +395,7 @@ def test_alerts_follow_the_traffic(live):
 EXPRESSIONS = [(rule.get("record") or rule["alert"], rule["expr"]) for rule in rules()] + dashboard_expressions()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("where", "expr"), EXPRESSIONS, ids=[where for where, _ in EXPRESSIONS])
 def test_every_rule_and_panel_expression_returns_data(live, where, expr):
     """Each expression as Grafana runs it (a range query over the test's traffic) parses and returns series.

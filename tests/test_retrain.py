@@ -1,19 +1,30 @@
-"""`make retrain` end to end in a copy of the repository: real DVC, real MLflow (sqlite store), real data files."""
+"""`make retrain` end to end in a copy of the repository: real DVC, real MLflow (sqlite store), real data files.
+
+One project lives through a story: v1 promoted; the same data again is a no-op; a weak challenger is refused;
+corrupt and bad files change nothing; the data version comes back from the remote; v2 is promoted and rolled
+back. Each step is a module fixture that needs the step before it and records what its test looks at, so the
+steps run in story order whichever test runs first (the suite runs in random order).
+"""
 
 import hashlib
 import json
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pandas as pd
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features import FEATURES
 from tests.conftest import ROOT, project_copy, run_make, synthetic_housing
+
+pytestmark = pytest.mark.integration  # real processes throughout
 
 MODEL = "California_Housing_Regression"
 SMALL_PARAMS = {
@@ -87,76 +98,75 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def test_first_retrain_registers_and_promotes_v1(project, datasets):
+@dataclass
+class Step:
+    """The project as a step left it: the step's `make` results and the registry, lock and data at that moment."""
+
+    results: list[subprocess.CompletedProcess]
+    champion: str | None
+    versions: dict[str, Any]  # version -> ModelVersion, as it was then (stages and tags change later)
+    lock: str
+    data_md5: str | None
+    decision: dict
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def result(self) -> subprocess.CompletedProcess:
+        [result] = self.results
+        return result
+
+
+def observe(project: Project, *results: subprocess.CompletedProcess, **notes: Any) -> Step:
+    """Record the project now."""
+    try:
+        champion: str | None = project.champion()
+    except MlflowException:  # no champion (yet): the test says what it expected
+        champion = None
+    data = project.root / "data/housing.csv"
+    lock = project.root / "dvc.lock"
+    decision = project.root / "reports/decision.json"
+    return Step(
+        list(results), champion, project.versions(), lock.read_text() if lock.exists() else "",
+        md5(data) if data.exists() else None, json.loads(decision.read_text()) if decision.exists() else {}, notes,
+    )
+
+
+def all_runs(project: Project) -> int:
+    return len(project.client.search_runs([e.experiment_id for e in project.client.search_experiments()]))
+
+
+@pytest.fixture(scope="module")
+def v1(project: Project, datasets: dict[str, Path]) -> Step:
+    """Step 1: the first data, into an empty registry."""
     result = project.retrain(datasets["v1"])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert project.champion() == "1"
-    version = project.versions()["1"]
-    assert version.current_stage == "Production"
-    assert version.tags["gate_decision"] == "promoted"
-    assert version.tags["data_md5"] == project.locked_data_md5() == md5(datasets["v1"])
-    assert version.tags["data_url"] == str(datasets["v1"])
-    assert len(version.tags["git_commit"]) == 40
-    assert project.decision()["decision"] == "promoted"
-    assert "| rmse |" in result.stdout and "Decision: promoted" in result.stdout
-
-    parent = project.client.get_run(project.decision()["challenger"]["run_id"]).data.tags["mlflow.parentRunId"]
-    children = project.client.search_runs([project.client.get_run(parent).info.experiment_id],
-                                          f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(run.data.tags["candidate"] for run in children) == ["gbdt", "ridge"]
-    for run in children:
-        assert {"rmse", "mae", "r2"} <= set(run.data.metrics)
-        plots = {a.path for a in project.client.list_artifacts(run.info.run_id, "plots")}
-        assert plots == {"plots/predicted_vs_actual.png", "plots/residuals.png", "plots/feature_importance.png"}
-    logged_model = project.client.get_logged_model(version.source.removeprefix("models:/"))
-    model_dir = Path(urlparse(logged_model.artifact_location).path)
-    profile = json.loads((model_dir / "extra_files/reference_profile.json").read_text())
-    assert set(profile["fields"]) == set(FEATURES) and profile["prediction"]["edges"]
-    metrics = json.loads((project.root / "reports/metrics.json").read_text())
-    assert metrics["best"] == version.tags["candidate"]
-    assert "files pushed" in result.stdout
-    status = project.dvc("status", "--cloud")
-    assert "Cache and remote 'local' are in sync" in status.stdout, status.stdout + status.stderr
+    return observe(
+        project, result, locked_data_md5=project.locked_data_md5() if result.returncode == 0 else None,
+        metrics=json.loads((project.root / "reports/metrics.json").read_text()) if result.returncode == 0 else {},
+        cloud_status=project.dvc("status", "--cloud"),
+    )
 
 
-def test_second_retrain_with_nothing_changed_is_a_noop(project, datasets):
-    runs_before = len(project.client.search_runs([e.experiment_id for e in project.client.search_experiments()]))
+@pytest.fixture(scope="module")
+def v1_again(v1: Step, project: Project, datasets: dict[str, Path]) -> Step:
+    """Step 2: the same data again."""
+    runs_before = all_runs(project)
     result = project.retrain(datasets["v1"])
-    assert result.returncode == 0, result.stdout + result.stderr
-    for stage in ("validate", "split", "train", "register"):
-        assert f"Stage '{stage}' didn't change, skipping" in result.stdout
-    assert "unchanged" in result.stdout  # fetch did look upstream
-    assert set(project.versions()) == {"1"}
-    assert len(project.client.search_runs([e.experiment_id for e in project.client.search_experiments()])) \
-        == runs_before
+    return observe(project, result, runs_before=runs_before, runs_after=all_runs(project))
 
 
-def test_worse_challenger_is_registered_but_not_promoted(project, datasets):
+@pytest.fixture(scope="module")
+def weak(v1_again: Step, project: Project, datasets: dict[str, Path]) -> Step:
+    """Step 3: a weak candidate trained on the same data."""
     project.set_candidates(SMALL_PARAMS["weak"])
-    result = project.retrain(datasets["v1"])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert set(project.versions()) == {"1", "2"}
-    assert project.versions()["2"].tags["gate_decision"] == "rejected"
-    assert "worse than the champion's" in project.versions()["2"].tags["gate_reason"]
-    assert project.champion() == "1"
-    assert project.versions()["1"].current_stage == "Production"
-    decision = project.decision()
-    assert decision["decision"] == "rejected"
-    assert decision["challenger"]["metrics"]["rmse"] > decision["champion"]["metrics"]["rmse"]
+    return observe(project, project.retrain(datasets["v1"]))
 
 
-def test_corrupt_data_is_rejected_and_nothing_changes(project, datasets):
+@pytest.fixture(scope="module")
+def corrupt(weak: Step, project: Project, datasets: dict[str, Path]) -> Step:
+    """Step 4: corrupt data, with the good candidates back."""
     project.set_candidates(SMALL_PARAMS["candidates"])
-    lock_before = (project.root / "dvc.lock").read_text()
     result = project.retrain(datasets["corrupt"])
-    assert result.returncode != 0
-    assert "validate: latitude: 5 values outside [32.5, 42.1], e.g. 51.5 (lines 2, 3, 4, ...)" in result.stderr
-    assert "validate: population: 1 values are not finite numbers, e.g. ['n/a'] (line 12)" in result.stderr
-    assert set(project.versions()) == {"1", "2"}
-    assert project.champion() == "1"
-    assert (project.root / "dvc.lock").read_text() == lock_before
-    assert md5(project.root / "data/housing.csv") == md5(datasets["v1"])
-    assert json.loads((project.root / "reports/validation.json").read_text())["valid"] is False
+    return observe(project, result, validation=json.loads((project.root / "reports/validation.json").read_text()))
 
 
 def csv(frame: pd.DataFrame) -> str:
@@ -178,45 +188,137 @@ BAD_FILES = {  # kind: (make the file's text from good data, what the refusal mu
 }
 
 
-@pytest.mark.parametrize("kind", list(BAD_FILES))
-def test_every_kind_of_bad_data_is_refused_with_its_reason(project, datasets, kind):
-    lock_before = (project.root / "dvc.lock").read_text()
-    make_text, refusal = BAD_FILES[kind]
-    path = datasets["v1"].parent / f"{kind.replace(' ', '_')}.csv"
-    path.write_text(make_text(synthetic_housing(1500, seed=3)))
-    result = project.retrain(path)
-    assert result.returncode != 0
-    assert refusal in result.stderr, result.stderr
-    assert "dvc.lock and data/ restored to the last good version" in result.stderr
-    assert set(project.versions()) == {"1", "2"}
-    assert project.champion() == "1"
-    assert (project.root / "dvc.lock").read_text() == lock_before
-    assert md5(project.root / "data/housing.csv") == md5(datasets["v1"])
+@pytest.fixture(scope="module")
+def bad_files(corrupt: Step, project: Project, datasets: dict[str, Path]) -> dict[str, Step]:
+    """Step 5: every kind of bad file, one after the other."""
+    steps = {}
+    for kind, (make_text, _) in BAD_FILES.items():
+        path = datasets["v1"].parent / f"{kind.replace(' ', '_')}.csv"
+        path.write_text(make_text(synthetic_housing(1500, seed=3)))
+        steps[kind] = observe(project, project.retrain(path))
+    return steps
 
 
-def test_previous_data_version_is_restorable_from_the_remote(project):
+@pytest.fixture(scope="module")
+def restored(bad_files: dict[str, Step], project: Project) -> Step:
+    """Step 6: the data file and the local cache are lost; `dvc pull` brings the locked version back."""
     (project.root / "data/housing.csv").unlink()
     shutil.rmtree(project.root / ".dvc/cache")
-    pulled = project.dvc("pull", "fetch")
-    assert pulled.returncode == 0, pulled.stderr
-    assert md5(project.root / "data/housing.csv") == project.locked_data_md5()
+    return observe(project, project.dvc("pull", "fetch"), locked_data_md5=project.locked_data_md5())
 
 
-def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(project, datasets):
-    result = project.retrain(datasets["v2"])
+@pytest.fixture(scope="module")
+def v2_rolled_back(restored: Step, project: Project, datasets: dict[str, Path]) -> list[Step]:
+    """Step 7: new data is promoted, then rolled back, then rolled back again (nothing left to go back to)."""
+    promoted = observe(project, project.retrain(datasets["v2"]), locked_data_md5=project.locked_data_md5())
+    rollback = [
+        observe(project, run_make(project.root, "rollback", MLFLOW_TRACKING_URI=project.tracking_uri))
+        for _ in range(2)
+    ]
+    return [promoted, *rollback]
+
+
+def test_first_retrain_registers_and_promotes_v1(v1: Step, project: Project, datasets: dict[str, Path]):
+    result = v1.result
     assert result.returncode == 0, result.stdout + result.stderr
-    assert project.champion() == "3"
-    assert project.versions()["3"].tags["previous_champion"] == "1"
-    assert project.versions()["1"].current_stage == "Archived"
-    assert project.locked_data_md5() == md5(datasets["v2"])
+    assert v1.champion == "1"
+    version = v1.versions["1"]
+    assert version.current_stage == "Production"
+    assert version.tags["gate_decision"] == "promoted"
+    assert version.tags["data_md5"] == v1.notes["locked_data_md5"] == md5(datasets["v1"])
+    assert version.tags["data_url"] == str(datasets["v1"])
+    assert len(version.tags["git_commit"]) == 40
+    assert v1.decision["decision"] == "promoted"
+    assert "| rmse |" in result.stdout and "Decision: promoted" in result.stdout
 
-    result = run_make(project.root, "rollback", MLFLOW_TRACKING_URI=project.tracking_uri)
-    assert result.returncode == 0, result.stderr
-    assert "moved from version 3 to version 1" in result.stdout
-    assert project.champion() == "1"
-    assert project.versions()["1"].current_stage == "Production"
+    parent = project.client.get_run(v1.decision["challenger"]["run_id"]).data.tags["mlflow.parentRunId"]
+    children = project.client.search_runs([project.client.get_run(parent).info.experiment_id],
+                                          f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(run.data.tags["candidate"] for run in children) == ["gbdt", "ridge"]
+    for run in children:
+        assert {"rmse", "mae", "r2"} <= set(run.data.metrics)
+        plots = {a.path for a in project.client.list_artifacts(run.info.run_id, "plots")}
+        assert plots == {"plots/predicted_vs_actual.png", "plots/residuals.png", "plots/feature_importance.png"}
+    logged_model = project.client.get_logged_model(version.source.removeprefix("models:/"))
+    model_dir = Path(urlparse(logged_model.artifact_location).path)
+    profile = json.loads((model_dir / "extra_files/reference_profile.json").read_text())
+    assert set(profile["fields"]) == set(FEATURES) and profile["prediction"]["edges"]
+    assert v1.notes["metrics"]["best"] == version.tags["candidate"]
+    assert "files pushed" in result.stdout
+    status = v1.notes["cloud_status"]
+    assert "Cache and remote 'local' are in sync" in status.stdout, status.stdout + status.stderr
 
-    result = run_make(project.root, "rollback", MLFLOW_TRACKING_URI=project.tracking_uri)
+
+def test_second_retrain_with_nothing_changed_is_a_noop(v1_again: Step):
+    result = v1_again.result
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage in ("validate", "split", "train", "register"):
+        assert f"Stage '{stage}' didn't change, skipping" in result.stdout
+    assert "unchanged" in result.stdout  # fetch did look upstream
+    assert set(v1_again.versions) == {"1"}
+    assert v1_again.notes["runs_after"] == v1_again.notes["runs_before"]
+
+
+def test_worse_challenger_is_registered_but_not_promoted(weak: Step):
+    result = weak.result
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(weak.versions) == {"1", "2"}
+    assert weak.versions["2"].tags["gate_decision"] == "rejected"
+    assert "worse than the champion's" in weak.versions["2"].tags["gate_reason"]
+    assert weak.champion == "1"
+    assert weak.versions["1"].current_stage == "Production"
+    assert weak.decision["decision"] == "rejected"
+    assert weak.decision["challenger"]["metrics"]["rmse"] > weak.decision["champion"]["metrics"]["rmse"]
+
+
+def test_corrupt_data_is_rejected_and_nothing_changes(weak: Step, corrupt: Step, datasets: dict[str, Path]):
+    result = corrupt.result
     assert result.returncode != 0
-    assert "version 1 has no 'previous_champion' tag" in result.stderr
-    assert project.champion() == "1"
+    assert "validate: latitude: 5 values outside [32.5, 42.1], e.g. 51.5 (lines 2, 3, 4, ...)" in result.stderr
+    assert "validate: population: 1 values are not finite numbers, e.g. ['n/a'] (line 12)" in result.stderr
+    assert set(corrupt.versions) == {"1", "2"}
+    assert corrupt.champion == "1"
+    assert corrupt.lock == weak.lock
+    assert corrupt.data_md5 == md5(datasets["v1"])
+    assert corrupt.notes["validation"]["valid"] is False
+
+
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_every_kind_of_bad_data_is_refused_with_its_reason(
+    corrupt: Step, bad_files: dict[str, Step], datasets: dict[str, Path], kind: str
+):
+    step, refusal = bad_files[kind], BAD_FILES[kind][1]
+    assert step.result.returncode != 0
+    assert refusal in step.result.stderr, step.result.stderr
+    assert "dvc.lock and data/ restored to the last good version" in step.result.stderr
+    assert set(step.versions) == {"1", "2"}
+    assert step.champion == "1"
+    assert step.lock == corrupt.lock
+    assert step.data_md5 == md5(datasets["v1"])
+
+
+def test_previous_data_version_is_restorable_from_the_remote(restored: Step):
+    assert restored.result.returncode == 0, restored.result.stderr
+    assert restored.data_md5 == restored.notes["locked_data_md5"]
+
+
+def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(
+    v2_rolled_back: list[Step], datasets: dict[str, Path]
+):
+    promoted, rolled_back, nothing_left = v2_rolled_back
+    assert promoted.result.returncode == 0, promoted.result.stdout + promoted.result.stderr
+    assert promoted.champion == "3"
+    assert promoted.versions["3"].tags["previous_champion"] == "1"
+    assert promoted.versions["1"].current_stage == "Archived"
+    assert promoted.notes["locked_data_md5"] == md5(datasets["v2"])
+
+    assert rolled_back.result.returncode == 0, rolled_back.result.stderr
+    assert "moved from version 3 to version 1" in rolled_back.result.stdout
+    assert rolled_back.champion == "1"
+    assert rolled_back.versions["1"].current_stage == "Production"
+
+    assert nothing_left.result.returncode != 0
+    assert "version 1 has no 'previous_champion' tag" in nothing_left.result.stderr
+    assert nothing_left.champion == "1"

@@ -28,13 +28,14 @@ from serving.metrics import METRICS
 from serving.prediction_log import PredictionLog
 from serving.schema import to_arrays
 from serving.trees import flatten
-from tests.conftest import synthetic_housing
+from tests.conftest import GBDT, RIDGE, synthetic_housing
 from tests.servers import ROOT, ServerProcess, start_serve, wait_for, wait_until_answering
 
-pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
+pytestmark = [
+    pytest.mark.integration,  # most tests talk to real uvicorn processes
+    pytest.mark.filterwarnings("ignore:Operation with range is deprecated"),  # inside MLflow's pyfunc
+]
 
-GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
-RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
 TOKEN = "s3cret-reload-token"
 MAX_BATCH_ROWS = 1000
 MAX_BODY_BYTES = 400_000
@@ -614,15 +615,11 @@ def polling_server(registry, tmp_path_factory) -> Iterator[ServerProcess]:
     yield from running(env, tmp / "serve.log", ready=False)
 
 
-def test_without_a_model_it_answers_503_until_a_champion_appears(polling_server, registry):
-    for path in ("/ready", "/model"):
-        response = httpx.get(polling_server.url + path)
-        assert response.status_code == 503
-        assert response.headers["Retry-After"] == "5"
-    response = predict(polling_server, GOOD)
-    assert response.status_code == 503
-    assert response.headers["Retry-After"] == "5"
-    assert httpx.get(polling_server.url + "/health").status_code == 200
+@pytest.fixture(scope="module")
+def first_polled_champion(polling_server, registry) -> dict:
+    """The polling server's answers before any champion exists, then its first champion, once it serves it."""
+    before = {path: httpx.get(polling_server.url + path) for path in ("/ready", "/model", "/health")}
+    before["/predict"] = predict(polling_server, GOOD)
 
     def looked_twice() -> bool:
         return value(metrics(polling_server), "housing_model_reloads_total", result="unavailable") >= 2
@@ -630,10 +627,19 @@ def test_without_a_model_it_answers_503_until_a_champion_appears(polling_server,
     wait_for(looked_twice, 60, "the server to look for a champion, and look again")
     version = registry.register("polled", fitted(GBDT, seed=1))
     wait_for(lambda: httpx.get(polling_server.url + "/ready").status_code == 200, 60, "/ready to turn 200")
-    assert predict(polling_server, GOOD).json()["model"] == {"name": "polled", "version": version}
+    return {"before": before, "version": version, "answer": predict(polling_server, GOOD).json()}
 
 
-def test_polling_picks_up_a_new_champion_without_failing_a_request(polling_server, registry):
+def test_without_a_model_it_answers_503_until_a_champion_appears(first_polled_champion):
+    before = first_polled_champion["before"]
+    for path in ("/ready", "/model", "/predict"):
+        assert before[path].status_code == 503
+        assert before[path].headers["Retry-After"] == "5"
+    assert before["/health"].status_code == 200
+    assert first_polled_champion["answer"]["model"] == {"name": "polled", "version": first_polled_champion["version"]}
+
+
+def test_polling_picks_up_a_new_champion_without_failing_a_request(polling_server, registry, first_polled_champion):
     old = served_version(polling_server)
     with SteadyClient(polling_server.url, records(1)[0]) as client:
         wait_for(lambda: len(client.answers) >= 20, 30, "answers from the first model")

@@ -1,3 +1,4 @@
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -5,6 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from scripts.fetch import DEFAULT_DATA_URL
 from scripts.validate import check, read_raw
 from tests.conftest import ROOT, synthetic_housing
 
@@ -28,8 +30,8 @@ def test_valid_data_has_no_problems(tmp_path):
     assert problems_for(tmp_path, csv(synthetic_housing())) == []
 
 
-def test_the_real_sample_is_valid(tmp_path):
-    assert problems_for(tmp_path, (ROOT.parent / "shared/data/housing.csv").read_bytes()) == []
+def test_the_shipped_default_data_is_valid(tmp_path):
+    assert problems_for(tmp_path, gzip.decompress((ROOT / DEFAULT_DATA_URL).read_bytes())) == []
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `make tools`: install the tools that only the distribution ships, when one is missing (`make test` and `make lint`
+# call it; with everything present it does nothing). pip cannot install these; requirements-dev.txt has the rest.
+#   prometheus   promtool for `make lint`, a real Prometheus for the monitoring tests and `make monitoring-up`
+#   buildah, debootstrap, debian-archive-keyring   the daemonless image build of `make image` and its test
+#   chromium     the headless browser of the page tests
+#   graphviz     `dot`, which draws the architecture picture
+# As root (or with passwordless sudo): apt-get update once, then install with --no-install-recommends. Otherwise
+# print the one command that does it and fail.
+set -euo pipefail
+
+# command that must be on PATH -> Debian package that provides it
+declare -A package_of=(
+  [promtool]=prometheus
+  [buildah]=buildah
+  [debootstrap]=debootstrap
+  [chromium]=chromium
+  [dot]=graphviz
+)
+missing=()
+for command in "${!package_of[@]}"; do
+  command -v "$command" >/dev/null || missing+=("${package_of[$command]}")
+done
+# debootstrap checks the signatures of what it downloads with Debian's keyring (Ubuntu does not install it).
+[[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
+((${#missing[@]})) || exit 0
+
+if [[ $EUID == 0 ]]; then
+  sudo=()
+elif command -v sudo >/dev/null && sudo --non-interactive true 2>/dev/null; then
+  sudo=(sudo --non-interactive)
+else
+  echo "tools: missing ${missing[*]}; install them with:" \
+    "sudo sh -c 'apt-get update && apt-get install -y --no-install-recommends ${missing[*]}'" >&2
+  exit 1
+fi
+echo "tools: installing ${missing[*]} (apt-get)"
+# sudo drops the environment: the setting goes on the command line. The lock timeout waits for another apt-get.
+apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=300)
+"${apt[@]}" update
+"${apt[@]}" install -y --no-install-recommends "${missing[@]}" >/dev/null
+# The package enables a Prometheus service on 0.0.0.0:9090; the tests and `make monitoring-up` run their own.
+if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+  "${sudo[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
