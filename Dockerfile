@@ -1,7 +1,10 @@
 # The serving image: serve.py and its serving/ package, features.py (the schema and feature code it shares with
 # training) and the serving dependencies only. The model comes from the registry at start-up (MLFLOW_TRACKING_URI,
 # MODEL_NAME, MODEL_ALIAS), or from MODEL_URI; every setting is described at the top of serve.py.
-FROM python:3.11-slim-bookworm
+# The base by digest: python:3.11-slim-bookworm (Python 3.11.16), its multi-platform index as docker-library/repo-info
+# records it. A tag can move under us, a digest cannot; Dependabot proposes the next digest (.github/dependabot.yml).
+# `make image` builds with a locally made stand-in for this base (scripts/build_image.sh: no registry is reachable).
+FROM python:3.11-slim-bookworm@sha256:fe556eaffd0d96abd8685b83bb8a69addd0dc730fa193669a7df0d49ddcfac02
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

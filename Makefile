@@ -5,6 +5,7 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
+SCAN_VENV ?= $(VENV)/scan
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # DATA_URL: where housing.csv comes from: s3://bucket/key, http(s)://... or a local path (.gz is decompressed).
@@ -18,7 +19,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down soak tune
+.PHONY: help venv scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down soak tune
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +37,11 @@ venv: ## create .venv: pinned pipeline, test and lint tools, aws CLI (again only
 
 tools: ## install what only Debian ships, when missing: prometheus (promtool), buildah, chromium, graphviz
 	@scripts/system_tools.sh
+
+scan-venv: ## the scanners' own virtualenv: zizmor, checkov, bandit (requirements-scan.txt, apart from the app's pins)
+	@cmp -s requirements-scan.txt $(SCAN_VENV)/.requirements 2>/dev/null || { \
+	  $(PYTHON) -m venv $(SCAN_VENV) && $(SCAN_VENV)/bin/pip install -q --upgrade pip && \
+	  $(SCAN_VENV)/bin/pip install -q -r requirements-scan.txt && cp requirements-scan.txt $(SCAN_VENV)/.requirements; }
 
 dvc-remote: venv ## point the DVC remote `s3remote` at S3_DVC_BUCKET when DVC_REMOTE=s3remote
 ifeq ($(DVC_REMOTE),s3remote)
@@ -59,7 +65,7 @@ rollback: venv ## point alias champion back to the previous champion
 
 check: lint ## linters only (the same as `make lint`)
 
-lint: venv tools ## ruff, mypy, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema
+lint: venv tools scan-venv ## ruff, mypy, actionlint + workflow schema, shellcheck, hadolint, cfn-lint, promtool, compose schema, zizmor, checkov, bandit
 	ruff check .
 	mypy
 	actionlint
@@ -71,6 +77,10 @@ lint: venv tools ## ruff, mypy, actionlint + workflow schema, shellcheck, hadoli
 	promtool check config prometheus.yml
 	promtool check rules prometheus/rules/*.yml
 	promtool test rules prometheus/tests/*.yml
+	check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
+	$(SCAN_VENV)/bin/zizmor --offline .github/workflows/
+	$(SCAN_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -d infra
+	$(SCAN_VENV)/bin/bandit -q -c pyproject.toml -r .
 
 test: venv tools check ## the README's and CI's command: linters, then every test tier (in random order)
 	python -m pytest -q

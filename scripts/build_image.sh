@@ -172,16 +172,20 @@ main() {
   local started=$SECONDS from bundle
   work=$(mktemp -d)
   install_tools
+  # The Dockerfile pins its base by digest; the local stand-in has another digest, so the build here uses a copy of
+  # the Dockerfile with the digests dropped (FROM name:tag), and the stand-in is committed under that tag.
+  sed -E 's/^(FROM[[:space:]]+[^[:space:]]+)@sha256:[0-9a-f]{64}/\1/I' Dockerfile >"$work/Dockerfile"
   while read -r from; do # each FROM image that is not an earlier stage and not in the local store yet
-    buildah inspect --type image "$from" >/dev/null 2>&1 || grep -qiE "^FROM .* AS $from\$" Dockerfile ||
+    buildah inspect --type image "$from" >/dev/null 2>&1 || grep -qiE "^FROM .* AS $from\$" "$work/Dockerfile" ||
       make_base_image "$from"
-  done < <(awk 'toupper($1) == "FROM" {for (i = 2; i <= NF; i++) if ($i !~ /^--/) {print $i; break}}' Dockerfile |
-    sort -u)
+  done < <(awk 'toupper($1) == "FROM" {for (i = 2; i <= NF; i++) if ($i !~ /^--/) {print $i; break}}' \
+    "$work/Dockerfile" | sort -u)
   log "building $IMAGE ($(buildah --version))"
   # RUN steps trust what this host trusts (it may reach PyPI through a TLS-inspecting proxy): the CA bundle is
   # mounted read-only while they run, never copied into the image.
   bundle=/etc/ssl/certs/ca-certificates.crt
-  buildah bud --pull=never --layers --force-rm --volume "$bundle:$bundle:ro" --tag "$IMAGE" . >"$work/build.log" 2>&1 ||
+  buildah bud --pull=never --layers --force-rm --volume "$bundle:$bundle:ro" --file "$work/Dockerfile" --tag "$IMAGE" . \
+    >"$work/build.log" 2>&1 ||
     { tail -30 "$work/build.log" >&2; die "buildah bud failed (log above)"; }
   log "built $IMAGE in $((SECONDS - started))s"
 

@@ -2,8 +2,11 @@
 # `make deploy` / `make rollback-deploy`, run on the serving host (needs docker, curl and flock; the aws CLI when
 # the reload token comes from Secrets Manager).
 #
-#   deploy.sh deploy     serve $IMAGE:$IMAGE_TAG
+#   deploy.sh deploy     serve $IMAGE:$IMAGE_TAG (with GIT_REF: first check out that commit, then run its deploy.sh)
 #   deploy.sh rollback   serve the image that served before the last switch (twice: back again)
+#
+# Everything happens under one lock ($STATE_DIR/lock), the checkout of GIT_REF included: two deploys never
+# interleave, and the script that runs is the one of the commit being deployed (it is exec'd, the lock inherited).
 #
 # Port $HTTP_PORT belongs to an nginx container ($PROXY) whose one upstream is the live app container,
 # housing-serve-blue or housing-serve-green, on the docker network $NETWORK. A release starts the other colour beside
@@ -11,7 +14,11 @@
 # POST /predict, points nginx at it (`nginx -t`, then `nginx -s reload`: graceful, requests in flight finish on the
 # old container), checks through port $HTTP_PORT that the new container answers, and only then stops the old one.
 # Any failure before that point puts nginx back, removes the new container, leaves the old one serving untouched,
-# prints the new container's last log lines and exits 1.
+# prints the new container's last log lines and exits 1. A reload nginx refuses (non-zero exit) or does not apply
+# (port $HTTP_PORT keeps answering from the old container) is such a failure.
+#
+# The live container is the one nginx serves now: the X-Served-By header of its answer on port $HTTP_PORT (set by
+# the configuration nginx has loaded), not the configuration file, which a failed reload leaves out of step.
 #
 # Settings: the environment, else $DEPLOY_CONFIG (/etc/housing/deploy.env, KEY=VALUE lines), else these defaults.
 #   IMAGE, IMAGE_TAG         what `deploy` serves, e.g. acme/housing-serve and a git SHA (required for deploy)
@@ -24,6 +31,8 @@
 #   SWITCH_TIMEOUT_S=15      time for port $HTTP_PORT to answer from the new container after the switch
 #   POLL_INTERVAL_S=2  STOP_TIMEOUT_S=30  LOG_LINES=40
 #   STATE_DIR=/var/lib/housing-deploy   nginx's conf.d, the lock, and `state`: the CURRENT and PREVIOUS image
+#   GIT_REF                  a full commit SHA: fetch it from origin and check it out in this script's checkout
+#                            (under the lock), then run that commit's deploy.sh
 set -euo pipefail
 
 DEPLOY_CONFIG=${DEPLOY_CONFIG:-/etc/housing/deploy.env}
@@ -47,6 +56,7 @@ LOG_LINES=${LOG_LINES:-40}
 STATE_DIR=${STATE_DIR:-/var/lib/housing-deploy}
 
 APP=housing-serve
+CHECKOUT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 APP_PORT=8000 # inside the container
 CONF=$STATE_DIR/nginx/default.conf
 STATE=$STATE_DIR/state
@@ -79,12 +89,27 @@ on_exit() { # after a failure: nginx back on the live container, the candidate r
     if [[ -n $proxy_started ]]; then
       docker rm -f "$PROXY" >/dev/null 2>&1 || true
     else
-      docker exec "$PROXY" nginx -s reload >/dev/null 2>&1 || true
+      restore_proxy
     fi
   fi
   docker rm -f "$candidate" >/dev/null 2>&1 || true
   echo "deploy: removed $candidate; port $HTTP_PORT is served as before, by ${live:-nothing (first release)}" >&2
   exit "$status"
+}
+
+restore_proxy() { # the previous configuration is back in conf.d: make sure nginx serves it (it may never have left)
+  local output deadline=$((SECONDS + SWITCH_TIMEOUT_S))
+  output=$(docker exec "$PROXY" nginx -s reload 2>&1) ||
+    echo "deploy: nginx -s reload of the previous configuration failed: $output" >&2
+  [[ -n $live ]] || return 0
+  until serves "$live"; do
+    if ((SECONDS >= deadline)); then
+      echo "deploy: ALERT: port $HTTP_PORT does not answer from $live after restoring its configuration;" \
+        "check $PROXY by hand (docker logs $PROXY)" >&2
+      return 0
+    fi
+    sleep "$POLL_INTERVAL_S"
+  done
 }
 
 state_get() { sed -n "s/^$1=//p" "$STATE" 2>/dev/null || true; }
@@ -151,12 +176,24 @@ serves() { # $1 container: port $HTTP_PORT answers GET /ready, through nginx, fr
     tr -d '\r' | grep -qix "x-served-by: $1"
 }
 
+served_by() { # the container nginx's loaded configuration sends port $HTTP_PORT to ("" when no proxy runs)
+  local headers name
+  [[ $(status_of "$PROXY") == running ]] || return 0
+  # `always`: nginx adds the header to its own 502 too, so a live container that stopped answering is still named.
+  headers=$(curl -sS --max-time 5 -D - -o /dev/null "http://127.0.0.1:$HTTP_PORT/health" 2>&1) ||
+    fail "cannot ask $PROXY on port $HTTP_PORT which container it serves: $headers"
+  name=$(tr -d '\r' <<<"$headers" | sed -n 's/^[Xx]-[Ss]erved-[Bb]y: *//p' | head -1)
+  [[ $name == "$APP-blue" || $name == "$APP-green" ]] ||
+    fail "$PROXY on port $HTTP_PORT names no $APP-blue/green container (X-Served-By: '${name}'); fix it by hand"
+  echo "$name"
+}
+
 switch_to() { # $1 container
   local output deadline=$((SECONDS + SWITCH_TIMEOUT_S))
   write_conf "$1"
   if [[ $(status_of "$PROXY") == running ]]; then
     output=$(docker exec "$PROXY" nginx -t 2>&1) || fail "nginx refused the new configuration: $output"
-    docker exec "$PROXY" nginx -s reload >/dev/null 2>&1 || fail "nginx -s reload failed in $PROXY"
+    output=$(docker exec "$PROXY" nginx -s reload 2>&1) || fail "nginx -s reload failed in $PROXY: $output"
   else
     ! exists "$PROXY" || docker rm -f "$PROXY" >/dev/null
     proxy_started=1
@@ -165,7 +202,8 @@ switch_to() { # $1 container
       "$PROXY_IMAGE" >/dev/null || fail "could not start $PROXY on port $HTTP_PORT"
   fi
   until serves "$1"; do
-    ((SECONDS < deadline)) || fail "port $HTTP_PORT did not answer from $1 within ${SWITCH_TIMEOUT_S}s"
+    ((SECONDS < deadline)) || fail "port $HTTP_PORT did not answer from $1 within ${SWITCH_TIMEOUT_S}s" \
+      "(nginx did not apply the new configuration: see docker logs $PROXY)"
     sleep "$POLL_INTERVAL_S"
   done
   rm -f "$CONF.previous"
@@ -179,7 +217,10 @@ release() { # $1 image reference
     read_reload_token
     token_args=(-e RELOAD_TOKEN) # the name only: docker copies the value, which stays off the command line
   fi
-  live=$(sed -n "s/^upstream app { server \($APP-[a-z]*\):.*/\1/p" "$CONF" 2>/dev/null || true)
+  live=$(served_by) || exit 1
+  if [[ -z $live ]]; then # no proxy runs, so nothing is served: the file names the colour to replace last
+    live=$(sed -n "s/^upstream app { server \($APP-[a-z]*\):.*/\1/p" "$CONF" 2>/dev/null || true)
+  fi
   if [[ $live == "$APP-blue" ]]; then colour=green port=$GREEN_PORT; else colour=blue port=$BLUE_PORT; fi
   docker network inspect "$NETWORK" >/dev/null 2>&1 || docker network create "$NETWORK" >/dev/null
   ! exists "$APP-$colour" || docker rm -f "$APP-$colour" >/dev/null # left by an interrupted release; not live
@@ -207,21 +248,33 @@ release() { # $1 image reference
   log "port $HTTP_PORT serves $image ($APP-$colour)"
 }
 
+check_out() { # $1 a commit SHA: fetch and check it out, then run its deploy.sh, which inherits the lock (fd 9)
+  [[ $1 =~ ^[0-9a-f]{40}$ ]] || fail "GIT_REF must be a full 40-character commit SHA, not '$1'"
+  local output
+  output=$(git -C "$CHECKOUT" fetch --quiet --depth 1 origin "$1" 2>&1) || fail "git fetch of $1 failed: $output"
+  output=$(git -C "$CHECKOUT" checkout --quiet --force "$1" 2>&1) || fail "git checkout of $1 failed: $output"
+  log "checked out $1 in $CHECKOUT"
+  shift
+  DEPLOY_LOCK_FD=9 GIT_REF="" exec bash "$CHECKOUT/scripts/deploy.sh" "$@"
+}
+
 main() {
   mkdir -p "$STATE_DIR/nginx"
-  exec 9>"$STATE_DIR/lock"
+  if [[ ${DEPLOY_LOCK_FD:-} != 9 ]]; then exec 9>"$STATE_DIR/lock"; fi
   flock -n 9 || fail "another deploy holds $STATE_DIR/lock; wait for it to finish"
-  trap on_exit EXIT
   case ${1:-} in
     deploy)
       [[ -n ${IMAGE:-} && -n ${IMAGE_TAG:-} ]] ||
         fail "set IMAGE and IMAGE_TAG, e.g. make deploy IMAGE=acme/housing-serve IMAGE_TAG=\$(git rev-parse HEAD)"
+      if [[ -n ${GIT_REF:-} ]]; then check_out "$GIT_REF" "$@"; fi
+      trap on_exit EXIT
       release "$IMAGE:$IMAGE_TAG"
       ;;
     rollback)
       local previous
       previous=$(state_get PREVIOUS)
       [[ -n $previous ]] || fail "$STATE records no previous image: nothing to roll back to"
+      trap on_exit EXIT
       log "rolling back from $(state_get CURRENT) to $previous"
       release "$previous"
       ;;

@@ -8,14 +8,17 @@
 #
 # Settings (environment):
 #   GITHUB_OWNER, GITHUB_REPO   the repository the Lambda dispatches retrain.yml in, and the only one whose
-#                               workflows (on branch GITHUB_BRANCH=main) may assume the GitHub Actions role
+#                               workflows (on branch GITHUB_BRANCH=main) may assume the retrain and deploy roles:
+#                               retrain.yml the one, ci-cd.yml the other (docs/security.md: set the repository's
+#                               OIDC subject template to include job_workflow_ref once)
 #   SERVING_IMAGE               Docker Hub repository of the serving image, e.g. acme/housing-serve
 #   SERVING_TRACKING_URI        the MLflow server (http:// or https://) the serving host reads the registry from
 #                               (not MLFLOW_TRACKING_URI: the Makefile sets that to the local sqlite store)
 #   VPC_ID, SUBNET_ID           where the serving host runs (a public subnet)
 #   STACK_NAME=housing-mlops
 #   CODE_BUCKET                 default <stack>-code-<account>-<region>, created when missing
-#   EXTRA_PARAMETERS            more Key=Value template parameters, e.g. "HttpIngressCidr=10.0.0.0/16"
+#   EXTRA_PARAMETERS            more Key=Value template parameters, e.g. "HttpIngressCidr=10.0.0.0/16" or
+#                               "AdminIngressCidr=10.0.0.0/16" (the private network of the Prometheus scraping AdminPort)
 #   AWS_REGION (or AWS_DEFAULT_REGION), credentials, AWS_ENDPOINT_URL: as the aws CLI reads them
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -181,8 +181,8 @@ def study_name(config: TuneConfig, training_rows: bytes) -> str:
     """Same training rows and same search space: same study (resumed). Anything else: a new one."""
     space = json.dumps({"base": config.base, "space": config.space, "cv_folds": config.cv_folds,
                         "seed": config.seed}, sort_keys=True)
-    return (f"{config.candidate}-data-{hashlib.md5(training_rows).hexdigest()[:8]}"
-            f"-space-{hashlib.md5(space.encode()).hexdigest()[:8]}")
+    return (f"{config.candidate}-data-{hashlib.md5(training_rows, usedforsecurity=False).hexdigest()[:8]}"
+            f"-space-{hashlib.md5(space.encode(), usedforsecurity=False).hexdigest()[:8]}")
 
 
 # --- one trial ---------------------------------------------------------------------------------------------------

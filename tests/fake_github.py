@@ -12,6 +12,11 @@ dispatch is answered 204 with no body and recorded.
 
 `on_dispatch(dispatch)` runs after the 204 has been sent, on the request's thread, as a runner would start the
 job; leaving the `with` block waits for those threads, and their exceptions land in `callback_errors`.
+
+Faults, for the client's error handling: `fail_next(n, status, retry_after=..., headers=...)` answers the next n
+requests with an error (e.g. 429 with Retry-After, 403 with X-RateLimit-Remaining: 0 and X-RateLimit-Reset) before
+any validation; `stall_next(n)` accepts and records the next n dispatches, then never answers, as when GitHub's
+response is lost after it started the run. Rotating the token is `github.token = new`.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ class FakeGitHub:
             for workflow in (workflow_file.name, str(workflow_id))
         }
         self._failures: list[GitHubError] = []
+        self._stalls = 0
+        self.released = threading.Event()  # set on leaving the `with` block: stalled answers are dropped
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.github = self
@@ -113,15 +120,31 @@ class FakeGitHub:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.released.set()
         self._server.shutdown()
         self._server.server_close()  # joins the request threads: on_dispatch callbacks have finished
         self._thread.join()
 
-    def fail_next(self, count: int, status: int, *, retry_after: int | None = None) -> None:
-        """Answer the next `count` requests with `status` (and a Retry-After header), before any validation."""
-        headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+    def fail_next(
+        self, count: int, status: int, *, retry_after: int | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Answer the next `count` requests with `status` (and Retry-After or other headers), before validation."""
+        headers = {**({} if retry_after is None else {"Retry-After": str(retry_after)}), **(headers or {})}
         with self._lock:
             self._failures += [GitHubError(status, HTTPStatus(status).phrase, headers) for _ in range(count)]
+
+    def stall_next(self, count: int) -> None:
+        """Accept the next `count` valid dispatches, then send no answer until the client gives up (or the
+        `with` block ends): what a client sees when GitHub's response is lost after it started the run."""
+        with self._lock:
+            self._stalls += count
+
+    def take_stall(self) -> bool:
+        with self._lock:
+            if self._stalls:
+                self._stalls -= 1
+                return True
+            return False
 
     def handle(self, method: str, path: str, headers: Message, body: bytes) -> Dispatch:
         """Validate and record one request; raise GitHubError for anything GitHub would refuse."""
@@ -216,6 +239,9 @@ class _Handler(BaseHTTPRequestHandler):
         except GitHubError as error:
             payload = {"message": error.message, "documentation_url": DOCS_URL, "status": str(error.status)}
             self._reply(error.status, json.dumps(payload).encode(), error.headers)
+            return
+        if github.take_stall():
+            github.released.wait(timeout=30)  # the client has timed out by then; its connection is gone
             return
         self._reply(204, b"", {})
         if github.on_dispatch is not None:

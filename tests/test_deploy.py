@@ -7,8 +7,10 @@ it, which lets each test check that port 80 (here a free port) never went withou
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import yaml
 
 from tests.conftest import ROOT
 from tests.servers import free_port
@@ -73,18 +76,25 @@ class Host:
             "STOP_TIMEOUT_S": "5",
         }
 
-    def run(self, *args: str, **settings: str) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RELOAD_TOKEN", "DOCKER_"))}
+    def run(self, *args: str, script: Path = DEPLOY, **settings: str) -> subprocess.CompletedProcess:
+        return self.execute(["bash", str(script), *args], settings)
+
+    def shell(self, command: str) -> subprocess.CompletedProcess:
+        """`bash -c COMMAND` on this host, as SSM Run Command runs a script."""
+        return self.execute(["bash", "-c", command], {})
+
+    def execute(self, argv: list[str], settings: dict[str, str]) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RELOAD_TOKEN", "DOCKER_", "GIT_"))}
         return subprocess.run(
-            ["bash", str(DEPLOY), *args],
+            argv,
             env={**env, **self.settings, **settings},
             capture_output=True,
             text=True,
             timeout=120,
         )
 
-    def deploy(self, tag: str, **settings: str) -> subprocess.CompletedProcess:
-        return self.run("deploy", IMAGE_TAG=tag, **settings)
+    def deploy(self, tag: str, script: Path = DEPLOY, **settings: str) -> subprocess.CompletedProcess:
+        return self.run("deploy", script=script, IMAGE_TAG=tag, **settings)
 
     def docker(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -245,6 +255,123 @@ def test_switch_refused_by_nginx_restores_its_configuration(serving: Host):
     assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
 
 
+def test_live_container_is_the_one_nginx_serves_not_the_one_its_conf_file_names(serving: Host):
+    """A reload that never took effect leaves conf.d naming green while nginx serves blue: blue is the live one."""
+    conf = serving.state_dir / "nginx" / "default.conf"
+    conf.write_text(conf.read_text().replace(BLUE, GREEN))
+
+    result = serving.deploy("v2")
+
+    assert result.returncode == 0, result.stderr
+    assert serving.served_image() == f"{IMAGE}:v2 by {GREEN}"
+    assert set(serving.containers()) == {GREEN, PROXY}
+    assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
+
+
+def test_reload_that_nginx_refuses_fails_the_deploy_and_restores_everything(serving: Host):
+    conf = (serving.state_dir / "nginx" / "default.conf").read_text()
+    (serving.docker_state / "nginx-reload-fails").touch()
+
+    result = serving.deploy("v2")
+
+    assert result.returncode == 1
+    assert 'nginx -s reload failed in housing-proxy: nginx: [error] invalid PID number ""' in result.stderr
+    assert f"removed {GREEN}; port {serving.http_port} is served as before, by {BLUE}" in result.stderr
+    assert "ALERT" not in result.stderr
+    assert (serving.state_dir / "nginx" / "default.conf").read_text() == conf
+    assert set(serving.containers()) == {BLUE, PROXY}
+    assert serving.state() == f"CURRENT={IMAGE}:v1\nPREVIOUS=\n"
+    assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
+    assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+
+def test_reload_that_nginx_does_not_apply_fails_the_deploy_and_the_next_one_still_works(serving: Host):
+    conf = (serving.state_dir / "nginx" / "default.conf").read_text()
+    (serving.docker_state / "nginx-reload-ignored").touch()
+
+    result = serving.deploy("v2")
+
+    assert result.returncode == 1
+    assert f"port {serving.http_port} did not answer from {GREEN} within 3s (nginx did not apply" in result.stderr
+    assert (serving.state_dir / "nginx" / "default.conf").read_text() == conf
+    assert set(serving.containers()) == {BLUE, PROXY}
+    assert serving.state() == f"CURRENT={IMAGE}:v1\nPREVIOUS=\n"
+    assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+    (serving.docker_state / "nginx-reload-ignored").unlink()
+    assert serving.deploy("v3").returncode == 0
+    assert serving.served_image() == f"{IMAGE}:v3 by {GREEN}"
+    assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
+
+
+def git(*args: str, cwd: Path) -> str:
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args]
+    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def host_checkout(tmp_path: Path) -> tuple[Path, str, str]:
+    """The host's clone of a bare origin at commit `first`; origin has a later commit `second` whose deploy.sh
+    announces itself. Returns (clone, first, second)."""
+    work, origin, clone = tmp_path / "work", tmp_path / "origin.git", tmp_path / "host-checkout"
+    (work / "scripts").mkdir(parents=True)
+    script = DEPLOY.read_text()
+    (work / "scripts" / "deploy.sh").write_text(script)
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "first", cwd=work)
+    first = git("rev-parse", "HEAD", cwd=work)
+    git("clone", "-q", "--bare", str(work), str(origin), cwd=tmp_path)
+    git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    (work / "scripts" / "deploy.sh").write_text(
+        script.replace("set -euo pipefail\n", 'set -euo pipefail\necho "deploy.sh of the second commit"\n', 1)
+    )
+    git("commit", "-qam", "second", cwd=work)
+    second = git("rev-parse", "HEAD", cwd=work)
+    git("push", "-q", str(origin), "main", cwd=work)
+    return clone, first, second
+
+
+def test_checkout_runs_under_the_lock_and_the_deployed_commits_script_does_the_release(
+    host: Host, host_checkout: tuple[Path, str, str]
+):
+    clone, _, second = host_checkout
+
+    result = host.deploy("v1", script=clone / "scripts" / "deploy.sh", GIT_REF=second)
+
+    assert result.returncode == 0, result.stderr
+    assert f"checked out {second} in {clone}" in result.stdout
+    assert "deploy.sh of the second commit" in result.stdout  # the new script ran, still holding the lock
+    assert git("rev-parse", "HEAD", cwd=clone) == second
+    assert host.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+
+def test_checkout_waits_for_no_one_while_another_deploy_holds_the_lock(
+    host: Host, host_checkout: tuple[Path, str, str]
+):
+    clone, first, second = host_checkout
+    host.state_dir.mkdir(parents=True)
+    with open(host.state_dir / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another deploy is running
+        result = host.deploy("v1", script=clone / "scripts" / "deploy.sh", GIT_REF=second)
+
+    assert result.returncode == 1
+    assert "another deploy holds" in result.stderr
+    assert git("rev-parse", "HEAD", cwd=clone) == first  # not even the checkout happened
+    assert not (host.docker_state / "calls.jsonl").exists()
+
+
+@pytest.mark.parametrize("ref", ["main", "HEAD~1", "--upload-pack=touch${IFS}pwned", "a" * 39, "$(id)"])
+def test_git_ref_must_be_a_full_commit_sha(host: Host, host_checkout: tuple[Path, str, str], ref: str):
+    clone, first, _ = host_checkout
+
+    result = host.deploy("v1", script=clone / "scripts" / "deploy.sh", GIT_REF=ref)
+
+    assert result.returncode == 1
+    assert "GIT_REF must be a full 40-character commit SHA" in result.stderr
+    assert git("rev-parse", "HEAD", cwd=clone) == first
+
+
 def test_first_release_failing_at_the_switch_leaves_nothing_behind(host: Host):
     with socket.socket() as squatter:  # something else holds port 80
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do; free_port() needs it
@@ -355,3 +482,51 @@ def test_every_docker_call_is_accepted_by_the_real_docker_cli(serving: Host, tmp
             timeout=30,
         )
         assert "Cannot connect to the Docker daemon" in result.stderr, (argv, result.stderr)
+
+
+def deploy_job_commands(image: str, sha: str, checkout: Path) -> str:
+    """The shell script ci-cd.yml's deploy job sends with SSM Run Command, for this host's checkout."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci-cd.yml").read_text())
+    [step] = [s for s in workflow["jobs"]["deploy"]["steps"] if s.get("name", "").startswith("make deploy")]
+    program = re.search(r"jq -nc --arg image \"\$IMAGE\" --arg sha \"\$SHA\" '(.*?)'\)", step["run"], re.S)
+    assert program, step["run"]
+    parameters = subprocess.run(
+        ["jq", "-nc", "--arg", "image", image, "--arg", "sha", sha, program[1]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    commands = json.loads(parameters.stdout)["commands"]
+    assert "cd /opt/housing-mlops" in commands
+    return "\n".join(f"cd {checkout}" if c == "cd /opt/housing-mlops" else c for c in commands)
+
+
+@pytest.mark.parametrize("host_script", ["current", "before GIT_REF"])
+def test_the_deploy_jobs_commands_leave_the_host_on_the_deployed_commit(host: Host, tmp_path: Path, host_script: str):
+    """Run as SSM runs them (one shell script) on a host checkout; a host whose deploy.sh predates GIT_REF still
+    ends on the deployed commit, so that its next deploy runs under the lock."""
+    work, origin, clone = tmp_path / "work", tmp_path / "origin.git", tmp_path / "opt-housing-mlops"
+    (work / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "Makefile", work / "Makefile")
+    script = DEPLOY.read_text()
+    if host_script == "before GIT_REF":  # the same script, but one that knows nothing of GIT_REF
+        ignored = 'if [[ -n ${GIT_REF:-} ]]; then check_out "$GIT_REF" "$@"; fi'
+        assert ignored in script
+        script = script.replace(ignored, ":")
+    (work / "scripts" / "deploy.sh").write_text(script)
+    (work / "scripts" / "deploy.sh").chmod(0o755)
+    git("init", "-q", "-b", "main", cwd=work)
+    git("add", "-A", cwd=work)
+    git("commit", "-qm", "what the host has", cwd=work)
+    git("clone", "-q", "--bare", str(work), str(origin), cwd=tmp_path)
+    git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
+    (work / "scripts" / "deploy.sh").write_text(DEPLOY.read_text())
+    git("commit", "-qam", "the deployed commit", "--allow-empty", cwd=work)
+    deployed = git("rev-parse", "HEAD", cwd=work)
+    git("push", "-q", str(origin), "main", cwd=work)
+
+    result = host.shell(deploy_job_commands(IMAGE, deployed, clone))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert git("rev-parse", "HEAD", cwd=clone) == deployed
+    assert host.served_image() == f"{IMAGE}:{deployed} by {BLUE}"

@@ -117,7 +117,10 @@ def test_infra_deploy_uploads_the_lambda_code_and_creates_the_stack(aws, stack: 
         "ServingRole",
         "ServingInstanceProfile",
         "ServingInstance",
-        "GitHubActionsRole",
+        "RetrainRole",
+        "DeployRole",
+        "DispatchDeadLetterQueue",
+        "AccessLogBucket",
     } <= set(stack)
 
     code_bucket = f"{STACK}-code-{ACCOUNT}-{REGION}"
@@ -145,6 +148,8 @@ def test_infra_deploy_uploads_the_lambda_code_and_creates_the_stack(aws, stack: 
             "S3_KEY_SUFFIX": "housing.csv",
         }.items()
     )
+    dead_letters = aws("sqs").get_queue_attributes(QueueUrl=stack["DispatchDeadLetterQueue"], AttributeNames=["All"])
+    assert dead_letters["Attributes"]["MessageRetentionPeriod"] == "1209600"
 
 
 @pytest.mark.integration
@@ -202,8 +207,11 @@ def test_roles_grant_only_what_each_part_needs(aws, stack: dict[str, str]):
     assert [(s["Sid"], s["Action"]) for s in dispatch] == [
         ("ReadGitHubToken", "secretsmanager:GetSecretValue"),
         ("WriteOwnLogs", ["logs:CreateLogStream", "logs:PutLogEvents"]),
+        ("DeadLetters", "sqs:SendMessage"),
     ]
     assert dispatch[1]["Resource"] == log_group["logGroupArn"]
+    queue = aws("sqs").get_queue_attributes(QueueUrl=stack["DispatchDeadLetterQueue"], AttributeNames=["QueueArn"])
+    assert dispatch[2]["Resource"] == queue["Attributes"]["QueueArn"]
 
     serve = {s["Sid"]: s for s in statements(aws, stack["ServingRole"], "serve")}
     artifacts = f"arn:aws:s3:::{stack['MlflowArtifactBucket']}"
@@ -215,24 +223,69 @@ def test_roles_grant_only_what_each_part_needs(aws, stack: dict[str, str]):
     )
     assert set(serve) == {"ReadReloadToken", "ReadModelArtifacts", "ListModelArtifacts"}
 
-    github = aws("iam").get_role(RoleName=stack["GitHubActionsRole"])["Role"]["AssumeRolePolicyDocument"]
-    assert github["Statement"][0]["Condition"]["StringEquals"] == {
-        "token.actions.githubusercontent.com:aud": "sts.amazonaws.com",
-        "token.actions.githubusercontent.com:sub": "repo:acme/housing-mlops:ref:refs/heads/main",
+
+def actions(statement: dict[str, Any]) -> list[str]:
+    return statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+
+
+def resources(statement: dict[str, Any]) -> list[str]:
+    return statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("role", "workflow"), [("RetrainRole", "retrain.yml"), ("DeployRole", "ci-cd.yml")])
+def test_each_github_role_is_trusted_only_by_its_own_workflow_on_main(aws, stack: dict[str, str], role, workflow):
+    trust = aws("iam").get_role(RoleName=stack[role])["Role"]["AssumeRolePolicyDocument"]
+    [statement] = trust["Statement"]
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    assert statement["Condition"] == {
+        "StringEquals": {
+            "token.actions.githubusercontent.com:aud": "sts.amazonaws.com",
+            "token.actions.githubusercontent.com:sub": "repo:acme/housing-mlops:ref:refs/heads/main:job_workflow_ref:"
+            f"acme/housing-mlops/.github/workflows/{workflow}@refs/heads/main",
+        }
     }
-    deploy = {s["Sid"]: s for s in statements(aws, stack["GitHubActionsRole"], "retrain-and-deploy")}
-    assert deploy["DeployOnTheServingHost"]["Resource"] == [
+
+
+@pytest.mark.integration
+def test_retrain_role_reaches_the_buckets_and_no_host(aws, stack: dict[str, str]):
+    retrain = {s["Sid"]: s for s in statements(aws, stack["RetrainRole"], "retrain")}
+    assert set(retrain) == {"ReadNewData", "ReadWriteDvcAndMlflowObjects", "ListBuckets"}
+    granted = {action for statement in retrain.values() for action in actions(statement)}
+    assert granted == {"s3:GetObject", "s3:GetObjectVersion", "s3:PutObject", "s3:ListBucket"}
+    buckets = {f"arn:aws:s3:::{stack[name]}" for name in ("DataBucket", "DvcBucket", "MlflowArtifactBucket")}
+    for statement in retrain.values():
+        assert {resource.removesuffix("/*") for resource in resources(statement)} <= buckets, statement
+    assert resources(retrain["ReadNewData"]) == [f"arn:aws:s3:::{stack['DataBucket']}/*"]  # the data is read-only
+
+
+@pytest.mark.integration
+def test_deploy_role_may_only_run_commands_on_the_tagged_serving_host(aws, stack: dict[str, str]):
+    deploy = {s["Sid"]: s for s in statements(aws, stack["DeployRole"], "deploy")}
+    assert set(deploy) == {"RunCommandOnTheServingHost", "WithTheShellScriptDocument", "FollowTheDeploy"}
+    host = deploy["RunCommandOnTheServingHost"]
+    assert (host["Action"], host["Resource"]) == (
+        "ssm:SendCommand",
         f"arn:aws:ec2:{REGION}:{ACCOUNT}:instance/{stack['ServingInstance']}",
-        f"arn:aws:ssm:{REGION}::document/AWS-RunShellScript",
-    ]
-    # Only following a deploy's command takes "*": SSM has no resource to name for reading a command's status.
-    assert [sid for sid, s in deploy.items() if grants_everything(s)] == ["FollowTheDeploy"]
+    )
+    assert host["Condition"] == {"StringEquals": {"ssm:resourceTag/housing-mlops-role": "serving"}}
+    [reservation] = aws("ec2").describe_instances(InstanceIds=[stack["ServingInstance"]])["Reservations"]
+    assert {"Key": "housing-mlops-role", "Value": "serving"} in reservation["Instances"][0]["Tags"]
+    assert deploy["WithTheShellScriptDocument"]["Resource"] == f"arn:aws:ssm:{REGION}::document/AWS-RunShellScript"
+    assert not any(a.startswith("s3:") for s in deploy.values() for a in actions(s))
 
 
-def grants_everything(statement: dict[str, Any]) -> bool:
-    """Whether an IAM statement's Resource (a string or a list of strings) includes "*"."""
-    resource = statement["Resource"]
-    return "*" in ([resource] if isinstance(resource, str) else resource)
+def test_no_statement_grants_a_wildcard_resource_except_the_ssm_reads_that_take_none():
+    """Checked in the template: moto drops a statement's Resource when it refers to a secret (it has none)."""
+    wildcards = []
+    for name, resource in template()["Resources"].items():
+        if resource["Type"] != "AWS::IAM::Role":
+            continue
+        for policy in resource["Properties"]["Policies"]:
+            for statement in policy["PolicyDocument"]["Statement"]:
+                if "*" in resources(statement):
+                    wildcards.append((name, statement["Sid"], sorted(actions(statement))))
+    assert wildcards == [("DeployRole", "FollowTheDeploy", ["ssm:GetCommandInvocation", "ssm:ListCommandInvocations"])]
 
 
 @pytest.mark.integration
@@ -286,19 +339,68 @@ def test_outputs_name_every_repository_variable_the_workflows_read(aws, stack: d
     assert set(outputs) == set(declared) - {"GitHubTokenSecretArn", "ReloadTokenSecretArn"}  # no secrets in moto
     aws("s3").head_bucket(Bucket=outputs["DvcBucketName"])
     aws("ec2").describe_instances(InstanceIds=[outputs["ServingInstanceId"]])
-    assert (
-        aws("iam").get_role(RoleName=outputs["GitHubActionsRoleArn"].split("/")[-1])["Role"]["Arn"]
-        == outputs["GitHubActionsRoleArn"]
-    )
+    for output in ("RetrainRoleArn", "DeployRoleArn"):
+        assert aws("iam").get_role(RoleName=outputs[output].split("/")[-1])["Role"]["Arn"] == outputs[output]
     assert outputs["ServeUrl"].startswith("http://") and outputs["AwsRegion"] == REGION
 
 
-def test_template_data_bucket_versions_objects_and_tells_eventbridge():
+def test_template_data_bucket_tells_eventbridge():
     data = template()["Resources"]["DataBucket"]["Properties"]
-    assert data["VersioningConfiguration"] == {"Status": "Enabled"}
     assert data["NotificationConfiguration"] == {"EventBridgeConfiguration": {"EventBridgeEnabled": True}}
-    for bucket in ("DataBucket", "DvcBucket", "MlflowArtifactBucket"):
-        assert all(template()["Resources"][bucket]["Properties"]["PublicAccessBlockConfiguration"].values())
+
+
+@pytest.mark.parametrize("bucket", ["DataBucket", "DvcBucket", "MlflowArtifactBucket", "AccessLogBucket"])
+def test_template_buckets_keep_old_versions_for_a_while_refuse_public_access_and_plain_http(bucket):
+    resources = template()["Resources"]
+    properties = resources[bucket]["Properties"]
+    assert properties["VersioningConfiguration"] == {"Status": "Enabled"}
+    [rule] = properties["LifecycleConfiguration"]["Rules"]
+    assert rule["Status"] == "Enabled"
+    assert rule["NoncurrentVersionExpiration"] == {"NoncurrentDays": {"Ref": "NoncurrentVersionDays"}}
+    assert properties["PublicAccessBlockConfiguration"] == dict.fromkeys(
+        ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets"), True
+    )
+    [policy] = [
+        r["Properties"]
+        for r in resources.values()
+        if r["Type"] == "AWS::S3::BucketPolicy" and r["Properties"]["Bucket"] == {"Ref": bucket}
+    ]
+    deny = policy["PolicyDocument"]["Statement"][0]
+    assert (deny["Effect"], deny["Principal"], deny["Action"]) == ("Deny", "*", "s3:*")
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": False}}
+    assert deny["Resource"] == [{"Fn::GetAtt": [bucket, "Arn"]}, {"Fn::Sub": f"${{{bucket}.Arn}}/*"}]
+    if bucket != "AccessLogBucket":
+        assert properties["LoggingConfiguration"]["DestinationBucketName"] == {"Ref": "AccessLogBucket"}
+
+
+def test_template_failed_dispatches_go_to_the_dead_letter_queue_and_are_not_retried():
+    resources = template()["Resources"]
+    function = resources["DispatchFunction"]["Properties"]
+    queue = {"Fn::GetAtt": ["DispatchDeadLetterQueue", "Arn"]}
+    assert function["DeadLetterConfig"] == {"TargetArn": queue}
+    assert 0 < function["ReservedConcurrentExecutions"] <= 5
+    invoke = resources["DispatchInvokeConfig"]["Properties"]
+    assert (invoke["FunctionName"], invoke["MaximumRetryAttempts"]) == ({"Ref": "DispatchFunction"}, 0)
+    [target] = resources["NewDataRule"]["Properties"]["Targets"]
+    assert target["DeadLetterConfig"] == {"Arn": queue}
+    [allow] = resources["DispatchDeadLetterQueuePolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    assert allow["Principal"] == {"Service": "events.amazonaws.com"}
+    assert allow["Condition"] == {"ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["NewDataRule", "Arn"]}}}
+
+
+def test_template_admin_port_is_open_only_to_a_given_private_network():
+    resources = template()["Resources"]
+    [public] = resources["ServingSecurityGroup"]["Properties"]["SecurityGroupIngress"]
+    assert (public["FromPort"], public["ToPort"]) == (80, 80)
+    admin = resources["AdminPortIngress"]
+    assert admin["Condition"] == "AdminIngress"
+    assert admin["Properties"]["CidrIp"] == {"Ref": "AdminIngressCidr"}
+    assert admin["Properties"]["FromPort"] == {"Ref": "AdminPort"}
+    pattern = re.compile(template()["Parameters"]["AdminIngressCidr"]["AllowedPattern"])
+    assert pattern.fullmatch("") and pattern.fullmatch("10.0.0.0/16") and pattern.fullmatch("192.168.1.0/24")
+    assert not pattern.fullmatch("0.0.0.0/0") and not pattern.fullmatch("8.8.8.0/24")
+    user_data = resources["ServingInstance"]["Properties"]["UserData"]["Fn::Base64"]["Fn::Sub"]
+    assert user_data.count("ADMIN_PORT=${AdminPort}\n") == 2  # the app's settings and deploy.sh's
 
 
 def test_template_secrets_are_generated_and_each_read_by_one_role():

@@ -6,6 +6,9 @@
     calls.jsonl    one line per call: its argv, exit status, and the host ports served after it ("serving")
     logs/ID.log    what a container printed: what `docker logs` shows
     registry-down  while this file exists, pulls fail as if Docker Hub were unreachable
+    nginx-reload-fails    while it exists, `nginx -s reload` fails to signal the master (exit 1)
+    nginx-reload-ignored  while it exists, `nginx -s reload` signals (exit 0) but the master keeps its old
+                          configuration, as when it cannot apply the new one (its error goes to the proxy's log)
 
 A container is a process (`fake_docker.py container SPEC`) listening on 127.0.0.1 at its published host ports and
 at an internal port that stands for its address on a docker network. What it does depends on its image:
@@ -13,7 +16,8 @@ at an internal port that stands for its address on a docker network. What it doe
     nginx*     a reverse proxy configured by the *.conf files mounted at /etc/nginx/conf.d: `listen`, one
                `upstream NAME { server HOST:PORT; }` with HOST a running container on the proxy's user-defined
                network, `proxy_pass http://NAME;` and `add_header`. `docker exec PROXY nginx -t` and
-               `nginx -s reload` behave like nginx: a reload with a bad config exits 0 and keeps the old config.
+               `nginx -s reload` behave like nginx: both parse the configuration first and exit 1 on an error
+               (the master keeps the old one); `add_header ... always` is added to nginx's own 502 as well.
     any other  the serving app on $PORT (8000): GET /health, GET /ready, POST /predict. By image tag:
                "broken" never gets ready, "slow" gets ready 1 s after its start, "badpredict" answers /predict
                with 500, "crash" exits at once. Without MLFLOW_TRACKING_URI or MODEL_URI in its environment it
@@ -694,16 +698,21 @@ def execute(store: Store, args: list[str]) -> int:
             if command == ["nginx", "-t"]:
                 print(f"{error}\nnginx: configuration file /etc/nginx/nginx.conf test failed", file=sys.stderr)
                 return 1
-            with open(store.log_file(container), "a") as log:  # the master keeps its old configuration
-                log.write(f"{error}\n")
-            print("[notice] signal process started", file=sys.stderr)
-            return 0
+            print(error, file=sys.stderr)  # `nginx -s` parses the configuration before it signals: no signal sent
+            return 1
         if command == ["nginx", "-t"]:
             print(
                 "nginx: the configuration file /etc/nginx/nginx.conf syntax is ok\n"
                 "nginx: configuration file /etc/nginx/nginx.conf test is successful",
                 file=sys.stderr,
             )
+        elif (store.root / "nginx-reload-fails").exists():
+            print('nginx: [error] invalid PID number "" in "/run/nginx.pid"', file=sys.stderr)
+            return 1
+        elif (store.root / "nginx-reload-ignored").exists():
+            with open(store.log_file(container), "a") as log:  # the master keeps its old configuration
+                log.write("nginx: [alert] could not apply the new configuration; the old one stays\n")
+            print("[notice] signal process started", file=sys.stderr)
         else:
             container["config"] = {**config, "listen": container["config"]["listen"]}  # sockets stay as they are
             print("[notice] signal process started", file=sys.stderr)
@@ -900,7 +909,14 @@ class Proxy(Handler):
         me = data["containers"].get(self.spec["name"])
         target = upstream_of(data, me) if me else None
         if target is None or not alive(target["pid"]):
-            self.send_error(502, "Bad Gateway")
+            content = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+            self.send_response(502)
+            for name, value, always in me["config"]["headers"] if me else []:
+                if always:
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
             return
         connection = http.client.HTTPConnection("127.0.0.1", target["endpoint"], timeout=10)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "host")}
