@@ -189,7 +189,8 @@ class Service:
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):  # registered for HTTPException only (EXCEPTION_HANDLERS)
+        raise exc
     return error(exc.status_code, exc.detail, headers=exc.headers)
 
 
@@ -199,7 +200,8 @@ def count_problems(problems: list[Problem]) -> None:
 
 
 async def invalid_input(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, InvalidInput)
+    if not isinstance(exc, InvalidInput):  # registered for InvalidInput only (EXCEPTION_HANDLERS)
+        raise exc
     count_problems(exc.problems)
     reported = [{"path": p.path, "message": p.message} for p in exc.problems[:MAX_REPORTED_PROBLEMS]]
     return error(422, str(exc), problems=reported)
