@@ -80,7 +80,8 @@ def test_it_lists_every_route_of_the_app():
     from serve import app  # here, not at the top: importing the app (and MLflow) takes seconds
 
     # The /docs page's own files are not endpoints; v2's per-version routes are named once, as …/versions/{version}.
-    routes = {route.path.replace("/versions/{version}", "") for route in app.routes if not route.path.startswith("/docs/")}
+    paths = [route.path for route in app.routes if not route.path.startswith("/docs/")]
+    routes = {path.replace("/versions/{version}", "") for path in paths}
     source = text_of_source()
     named = {path for group in re.findall(r"(?:GET|POST) ((?:/[\w.{}]+ ?)+)", source) for path in group.split()}
     assert named == routes
