@@ -18,7 +18,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv retrain rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
+.PHONY: help venv retrain promote reference rollback test lint dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,12 @@ endif
 
 retrain: venv dvc-remote ## fetch, validate, split, train, register + gated promotion; push data to DVC_REMOTE
 	@scripts/retrain.sh
+
+promote: venv ## a person approves a version the gate refused: make promote VERSION=n REASON="why"
+	@python -m scripts.promote human "$(VERSION)" "$(REASON)"
+
+reference: venv ## seed/refresh the gate's trusted reference set from a CSV you vouch for: make reference SOURCE=x.csv
+	@python -m scripts.reference "$(SOURCE)"
 
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback

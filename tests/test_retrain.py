@@ -1,4 +1,7 @@
-"""`make retrain` end to end in a copy of the repository: real DVC, real MLflow (sqlite store), real data files."""
+"""`make retrain` end to end in a copy of the repository: real DVC, real MLflow (sqlite store), real data files.
+
+The tests run in order, each on the state the previous one left (versions are numbered by registration).
+"""
 
 import hashlib
 import json
@@ -40,8 +43,16 @@ class Project:
         params = yaml.safe_load((self.root / "params.yaml").read_text())
         params["train"]["candidates"] = candidates
         params["train"]["cv_folds"] = 0
-        params["gate"].update(max_rmse=200_000, min_r2=0.0, tolerance=0.05)
+        params["gate"].update(max_rmse=200_000, min_r2=0.0)
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def set_cv_folds(self, folds: int) -> None:
+        params = yaml.safe_load((self.root / "params.yaml").read_text())
+        params["train"]["cv_folds"] = folds
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def lock(self) -> str:
+        return (self.root / "dvc.lock").read_text()
 
     def dvc(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(ROOT / ".venv/bin/dvc"), *args], cwd=self.root, capture_output=True, text=True)
@@ -64,10 +75,22 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def seed_reference(root: Path, frame: pd.DataFrame) -> None:
+    """`make reference SOURCE=...` in the project with data the test trusts, committed as a person would."""
+    source = root.parent / f"{root.name}-trusted.csv"
+    frame.to_csv(source, index=False)
+    result = run_make(root, "reference", f"SOURCE={source}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for command in (["git", "add", "reference"],
+                    ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "reference"]):
+        subprocess.run(command, cwd=root, check=True)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Project:
     project = Project(project_copy(tmp_path_factory.mktemp("repo")))
     project.set_candidates(SMALL_PARAMS["candidates"])
+    seed_reference(project.root, synthetic_housing(4000, seed=9))
     return project
 
 
@@ -93,12 +116,21 @@ def test_first_retrain_registers_and_promotes_v1(project, datasets):
     assert project.champion() == "1"
     version = project.versions()["1"]
     assert version.current_stage == "Production"
-    assert version.tags["gate_decision"] == "promoted"
+    assert version.tags["gate_decision"] == "passed"
+    assert version.tags["promotion"] == "gate"
+    assert version.tags["gate_check"] == "first_champion"
+    assert float(version.tags["reference_rmse"]) > 0
     assert version.tags["data_md5"] == project.locked_data_md5() == md5(datasets["v1"])
     assert version.tags["data_url"] == str(datasets["v1"])
     assert len(version.tags["git_commit"]) == 40
     assert project.decision()["decision"] == "promoted"
-    assert "| rmse |" in result.stdout and "Decision: promoted" in result.stdout
+    assert "| holdout rmse |" in result.stdout and "| reference rmse |" in result.stdout
+    assert "Decision: passed" in result.stdout
+    assert "retrain summary" in result.stdout
+    assert "  champion before  none\n" in result.stdout
+    assert "  champion after   version 1 (promotion=gate)\n" in result.stdout
+    assert f"mlflow ui --backend-store-uri {project.tracking_uri}; reports/decision.md" in result.stdout
+    assert "retrain: 3/5 dvc push" in result.stderr and "train: candidate 2/2: gbdt" in result.stderr
 
     parent = project.client.get_run(project.decision()["challenger"]["run_id"]).data.tags["mlflow.parentRunId"]
     children = project.client.search_runs([project.client.get_run(parent).info.experiment_id],
@@ -129,20 +161,37 @@ def test_second_retrain_with_nothing_changed_is_a_noop(project, datasets):
     assert set(project.versions()) == {"1"}
     assert len(project.client.search_runs([e.experiment_id for e in project.client.search_experiments()])) \
         == runs_before
+    assert "decision         none: data, code and params unchanged, nothing retrained" in result.stdout
+
+
+def test_an_identical_retrain_is_rejected_as_not_better(project):
+    lock_before = project.lock()
+    project.set_cv_folds(2)  # train runs again; the fitted models are the same
+    result = project.retrain(project.root / "data/housing.csv")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert project.decision()["decision"] == "rejected"
+    assert project.decision()["check"] == "not_better"
+    assert project.versions()["2"].tags["promotion"] == "rejected"
+    assert project.versions()["2"].tags["gate_reason"].startswith("not better: holdout RMSE")
+    assert project.champion() == "1"
+    assert project.lock() == lock_before
+    assert "the gate rejected the challenger (reports/decision.md), champion unchanged" in result.stderr
 
 
 def test_worse_challenger_is_registered_but_not_promoted(project, datasets):
     project.set_candidates(SMALL_PARAMS["weak"])
+    lock_before = project.lock()
     result = project.retrain(datasets["v1"])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert set(project.versions()) == {"1", "2"}
-    assert project.versions()["2"].tags["gate_decision"] == "rejected"
-    assert "worse than the champion's" in project.versions()["2"].tags["gate_reason"]
+    assert set(project.versions()) == {"1", "2", "3"}
+    assert project.versions()["3"].tags["gate_decision"] == "rejected"
+    assert "worse than the champion's" in project.versions()["3"].tags["gate_reason"]
     assert project.champion() == "1"
+    assert project.lock() == lock_before
     assert project.versions()["1"].current_stage == "Production"
     decision = project.decision()
     assert decision["decision"] == "rejected"
-    assert decision["challenger"]["metrics"]["rmse"] > decision["champion"]["metrics"]["rmse"]
+    assert decision["challenger"]["metrics"]["reference"]["rmse"] > decision["champion"]["metrics"]["reference"]["rmse"]
 
 
 def test_corrupt_data_is_rejected_and_nothing_changes(project, datasets):
@@ -152,7 +201,7 @@ def test_corrupt_data_is_rejected_and_nothing_changes(project, datasets):
     assert result.returncode != 0
     assert "validate: latitude: 5 values outside [32.5, 42.1], e.g. 51.5 (lines 2, 3, 4, ...)" in result.stderr
     assert "validate: population: 1 values are not finite numbers, e.g. ['n/a'] (line 12)" in result.stderr
-    assert set(project.versions()) == {"1", "2"}
+    assert set(project.versions()) == {"1", "2", "3"}
     assert project.champion() == "1"
     assert (project.root / "dvc.lock").read_text() == lock_before
     assert md5(project.root / "data/housing.csv") == md5(datasets["v1"])
@@ -188,7 +237,7 @@ def test_every_kind_of_bad_data_is_refused_with_its_reason(project, datasets, ki
     assert result.returncode != 0
     assert refusal in result.stderr, result.stderr
     assert "dvc.lock and data/ restored to the last good version" in result.stderr
-    assert set(project.versions()) == {"1", "2"}
+    assert set(project.versions()) == {"1", "2", "3"}
     assert project.champion() == "1"
     assert (project.root / "dvc.lock").read_text() == lock_before
     assert md5(project.root / "data/housing.csv") == md5(datasets["v1"])
@@ -205,14 +254,15 @@ def test_previous_data_version_is_restorable_from_the_remote(project):
 def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(project, datasets):
     result = project.retrain(datasets["v2"])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert project.champion() == "3"
-    assert project.versions()["3"].tags["previous_champion"] == "1"
+    assert project.champion() == "4"
+    assert project.versions()["4"].tags["previous_champion"] == "1"
+    assert project.versions()["4"].tags["gate_check"] == "better"
     assert project.versions()["1"].current_stage == "Archived"
     assert project.locked_data_md5() == md5(datasets["v2"])
 
     result = run_make(project.root, "rollback", MLFLOW_TRACKING_URI=project.tracking_uri)
     assert result.returncode == 0, result.stderr
-    assert "moved from version 3 to version 1" in result.stdout
+    assert "moved from version 4 to version 1" in result.stdout
     assert project.champion() == "1"
     assert project.versions()["1"].current_stage == "Production"
 
@@ -220,3 +270,14 @@ def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(project,
     assert result.returncode != 0
     assert "version 1 has no 'previous_champion' tag" in result.stderr
     assert project.champion() == "1"
+
+
+def test_a_wiped_registry_with_unchanged_data_retrains_and_leaves_a_champion(project, datasets):
+    (project.root / "mlflow.db").unlink()
+    shutil.rmtree(project.root / "mlruns")
+    result = project.retrain(datasets["v2"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"has no {MODEL}@champion for dvc.lock's data (md5 {md5(datasets['v2'])}): retraining" in result.stdout
+    assert "Running stage 'train'" in result.stdout
+    assert project.champion() == "1"
+    assert project.versions()["1"].tags["data_md5"] == project.locked_data_md5() == md5(datasets["v2"])
