@@ -69,7 +69,7 @@ serve: venv ## serve the champion on $(PORT) with uvicorn (see serve.py for its 
 bench: venv ## serve.py vs `mlflow models serve` on the current champion: req/s, p50, p99
 	python -m scripts.bench
 
-services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server on 127.0.0.1; print what to export
+services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server with basic auth on 127.0.0.1; print what to export
 	@scripts/services.sh up
 
 services-down: ## stop what services-up started

@@ -70,7 +70,12 @@ def report(client: MlflowClient, name: str, registry: str) -> int:
     champion = version_by_alias(client, name, CHAMPION)
     data_md5 = locked_data_md5()
     record = json.loads(DECISION.read_text()) if DECISION.is_file() else None
-    rows = [("data version", f"md5 {data_md5} ({os.environ.get('DATA_URL', 'DATA_URL unset')})"),
+    data = f"md5 {data_md5} in dvc.lock"
+    if record and record["data_md5"] != data_md5:
+        data += f"; this run's data (md5 {record['data_md5']}, {os.environ.get('DATA_URL', '?')}) was not adopted"
+    elif record:
+        data += f" ({os.environ.get('DATA_URL', '?')})"
+    rows = [("data version", data),
             ("champion before", before), ("champion after", describe(champion))]
     if record:
         challenger, defender = record["challenger"], record["champion"]

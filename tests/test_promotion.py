@@ -38,8 +38,8 @@ FAST_TRAINING = {
     "cv_folds": 0,
     "candidates": {
         "ridge": {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}},
-        "gbdt": {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16], "folds": 5},
-                 "params": {"max_iter": 150, "learning_rate": 0.1, "random_state": 0}},
+        "gbdt": {"model": "hist_gradient_boosting", "features": {"neighbours": [8], "folds": 3},
+                 "params": {"max_iter": 60, "learning_rate": 0.15, "random_state": 0}},
     },
 }
 LOOSE_BARS = {"max_rmse": 200_000, "min_r2": -1.0}
