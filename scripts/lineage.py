@@ -53,6 +53,12 @@ def check(client: MlflowClient, name: str, registry: str) -> int:
               f"retraining to register one")
         return RETRAIN_NEEDED
     if champion.tags.get("data_md5") != data_md5:
+        judged = [str(v.version) for v in client.search_model_versions(f"name='{name}'")
+                  if v.tags.get("data_md5") == data_md5]
+        if judged:  # e.g. `make rollback` away from it: retraining would undo a person's decision
+            print(f"lineage: {name}@{CHAMPION} (version {champion.version}) is not from dvc.lock's data (md5 "
+                  f"{data_md5}), which versions {', '.join(judged)} already came from (a rollback?): not retraining it")
+            return 0
         print(f"lineage: {name}@{CHAMPION} (version {champion.version}) was trained on data md5 "
               f"{champion.tags.get('data_md5', 'unknown')}, dvc.lock holds {data_md5}: retraining on dvc.lock's data")
         return RETRAIN_NEEDED
@@ -97,8 +103,9 @@ def report(client: MlflowClient, name: str, registry: str) -> int:
         return 1
     if data_md5 and champion.tags.get("data_md5") != data_md5:
         print(f"retrain: {name}@{CHAMPION} (version {champion.version}) was trained on data md5 "
-              f"{champion.tags.get('data_md5', 'unknown')} but dvc.lock holds {data_md5}: check out the dvc.lock of "
-              f"commit {champion.tags.get('git_commit', '?')} or approve a version of this data with make promote",
+              f"{champion.tags.get('data_md5', 'unknown')} but dvc.lock holds {data_md5} (after `make rollback`?): "
+              f"check out the dvc.lock the champion came with (MLflow run {champion.run_id}, artifact dvc.lock) and "
+              f"commit it, or approve a version of dvc.lock's data with make promote",
               file=sys.stderr)
         return 1
     return 0
