@@ -272,9 +272,11 @@ def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(project,
     assert project.champion() == "1"
 
 
-def test_a_wiped_registry_with_unchanged_data_retrains_and_leaves_a_champion(project, datasets):
-    (project.root / "mlflow.db").unlink()
-    shutil.rmtree(project.root / "mlruns")
+def test_an_empty_registry_with_unchanged_data_retrains_and_leaves_a_champion(project, datasets):
+    # A new MLflow store, as after a wiped mlflow.db or a move to a new server. (Deleting the file this process
+    # has open would leave MLflow's cached engine reading the old one.)
+    project.tracking_uri = f"sqlite:///{project.root / 'mlflow-new.db'}"
+    project.client = MlflowClient(project.tracking_uri, project.tracking_uri)
     result = project.retrain(datasets["v2"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"has no {MODEL}@champion for dvc.lock's data (md5 {md5(datasets['v2'])}): retraining" in result.stdout
