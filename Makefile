@@ -19,7 +19,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down soak tune
+.PHONY: help venv scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down soak tune promote reference
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,6 +60,12 @@ APPLY ?=
 tune: venv ## Optuna study (k-fold CV on the training split) in MLflow; proposes params.yaml changes (APPLY=1 applies)
 	TUNE_MINUTES=$(TUNE_MINUTES) python -m scripts.tune $(if $(filter 1,$(APPLY)),--apply)
 
+promote: venv ## a person approves a version the gate refused: make promote VERSION=n REASON="why"
+	@python -m scripts.promote human "$(VERSION)" "$(REASON)"
+
+reference: venv ## seed/refresh the gate's trusted reference set from a CSV you vouch for: make reference SOURCE=x.csv
+	@python -m scripts.reference "$(SOURCE)"
+
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback
 
@@ -97,7 +103,7 @@ bench: venv ## serve.py vs `mlflow models serve` on the current champion: req/s,
 soak: venv ## 60 s at concurrency 32 on two workers with three champion changes: failures, p50/p99, worker RSS
 	python -m scripts.soak
 
-services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server on 127.0.0.1; print what to export
+services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server with basic auth on 127.0.0.1; print what to export
 	@scripts/services.sh up
 
 services-down: ## stop what services-up started

@@ -181,6 +181,8 @@ def train_candidate(name: str, spec: dict, data: dict, cv_folds: int, seed: int)
             scores = -cross_val_score(build_pipeline(spec), X_train, y_train, scoring="neg_root_mean_squared_error",
                                       cv=KFold(cv_folds, shuffle=True, random_state=seed))
             metrics.update(cv_rmse_mean=float(scores.mean()), cv_rmse_std=float(scores.std()))
+            log.info("%-8s %d-fold CV rmse %.0f +- %.0f; fitting on all training rows", name, cv_folds,
+                     metrics["cv_rmse_mean"], metrics["cv_rmse_std"])
         pipeline.fit(X_train, y_train)
         metrics["fit_seconds"] = time.perf_counter() - started
         predicted = pipeline.predict(X_holdout)
@@ -212,8 +214,13 @@ def main() -> int:
         mlflow.set_tags(tags)
         mlflow.log_params({"holdout_fraction": params["split"]["holdout_fraction"], "seed": seed,
                            "train_rows": len(train), "holdout_rows": len(holdout)})
-        results = {name: train_candidate(name, spec, data, train_params["cv_folds"], seed)
-                   for name, spec in train_params["candidates"].items()}
+        results = {}
+        for number, (name, spec) in enumerate(train_params["candidates"].items(), start=1):
+            # Progress: a candidate can take minutes on the full data, and CV multiplies that by cv_folds + 1.
+            log.info("candidate %d/%d: %s on %d rows%s", number, len(train_params["candidates"]), name, len(train),
+                     f" ({train_params['cv_folds']}-fold CV, then the final fit)" if train_params["cv_folds"] > 1
+                     else "")
+            results[name] = train_candidate(name, spec, data, train_params["cv_folds"], seed)
         best = min(results, key=lambda name: results[name]["metrics"]["rmse"])
         mlflow.set_tag("best_candidate", best)
         mlflow.log_metrics({f"best_{k}": v for k, v in results[best]["metrics"].items()})

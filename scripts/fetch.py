@@ -31,7 +31,15 @@ def download(url: str, destination: Path) -> None:
     if parsed.scheme == "s3":
         import boto3  # only S3 sources need it; boto3 honours AWS_ENDPOINT_URL and the AWS_* credentials
 
-        boto3.client("s3").download_file(parsed.netloc, parsed.path.lstrip("/"), str(destination))
+        # scripts/pin_upload.py pins the object version it saw (a newer upload then fails the fetch, not the lineage).
+        pin = {arg: os.environ[var] for arg, var in (("VersionId", "DATA_S3_VERSION_ID"), ("IfMatch", "DATA_S3_ETAG"))
+               if os.environ.get(var)}
+        if pin:
+            body = boto3.client("s3").get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"), **pin)["Body"]
+            with destination.open("wb") as out:
+                shutil.copyfileobj(body, out)
+        else:
+            boto3.client("s3").download_file(parsed.netloc, parsed.path.lstrip("/"), str(destination))
     elif parsed.scheme in ("http", "https"):
         request = urllib.request.Request(url, headers={"User-Agent": "housing-mlops-fetch"})
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, destination.open("wb") as out:  # nosec B310  # scheme checked: http(s) only here

@@ -1,22 +1,32 @@
-"""register stage: register the best candidate, then promote it only if it passes the gate.
+"""register stage: register the best candidate, score it against the champion, and record the gate's verdict.
 
-The gate: the challenger must meet the absolute bars in params.yaml, and its holdout RMSE must be no
-worse than the current champion's RMSE re-measured on the same holdout rows (within `tolerance`).
-Promotion moves alias `champion`, keeps the replaced version as alias `previous_champion` (and as a tag
-on the new one, for `make rollback`), and mirrors it to stage Production for stage-pinned deployments.
-A rejected challenger stays registered, tagged with the reason; the champion is untouched.
+The gate (`decide`) promotes only on evidence the upload cannot forge:
+1. absolute bars (params.yaml gate.max_rmse, gate.min_r2) on the holdout split from the upload AND on the
+   reference set, trusted rows kept in git apart from the uploads (scripts/reference.py);
+2. against the champion, on the reference set: the challenger must not be worse there, and its predictions
+   must not move further than gate.reference.max_prediction_shift from the champion's;
+3. against the champion, on the same holdout rows: strictly better (gate.min_improvement). Equal is rejected.
+
+This stage changes no alias. It tags the new version with the verdict (gate_decision, gate_check, gate_reason,
+the scores; promotion=rejected when refused), logs the decision to the training run and writes
+reports/decision.json + .md. `make retrain` moves the alias afterwards (scripts/promote.py), and only once the
+data version is pushed: a failure before then leaves the champion and dvc.lock as they were.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import yaml
 from mlflow.entities.model_registry import ModelVersion
@@ -24,13 +34,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features import FEATURES, TARGET
+from scripts import reference
 from train import regression_metrics
+
+log = logging.getLogger("register")
 
 HOLDOUT = Path("data/holdout.csv")
 CANDIDATES = Path("reports/candidates.json")
 DECISION = Path("reports/decision.json")
 DECISION_TABLE = Path("reports/decision.md")
 CHAMPION, PREVIOUS = "champion", "previous_champion"
+# Version tag that says how a version reached production; serving loads only gate|human (docs/promotion.md).
+PROMOTION = "promotion"
 
 
 def model_name() -> str:
@@ -46,30 +61,79 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
         raise
 
 
-def evaluate(model_uri: str, holdout: pd.DataFrame) -> dict[str, float]:
+@dataclass(frozen=True)
+class Scores:
+    """A model's metrics on the holdout and on the reference set, and its reference predictions."""
+
+    holdout: dict[str, float]
+    reference: dict[str, float]
+    reference_predictions: np.ndarray
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {"holdout": self.holdout, "reference": self.reference}
+
+
+def score(model_uri: str, holdout: pd.DataFrame, trusted: pd.DataFrame) -> Scores:
     model = mlflow.pyfunc.load_model(model_uri)
-    predicted = model.predict(holdout[list(FEATURES)])
-    return regression_metrics(holdout[TARGET].to_numpy(), pd.Series(predicted).to_numpy())
+
+    def metrics(frame: pd.DataFrame) -> tuple[dict[str, float], np.ndarray]:
+        predicted = np.asarray(model.predict(frame[list(FEATURES)]), dtype=float).ravel()
+        return regression_metrics(frame[TARGET].to_numpy(), predicted), predicted
+
+    on_holdout, _ = metrics(holdout)
+    on_reference, predictions = metrics(trusted)
+    return Scores(on_holdout, on_reference, predictions)
 
 
-def decide(challenger: dict[str, float], champion: dict[str, float] | None, gate: dict) -> tuple[bool, str]:
-    """The gate as a pure function: (promote?, reason)."""
-    if challenger["rmse"] > gate["max_rmse"]:
-        return False, f"holdout RMSE {challenger['rmse']:,.0f} is above the bar of {gate['max_rmse']:,.0f}"
-    if challenger["r2"] < gate["min_r2"]:
-        return False, f"holdout R2 {challenger['r2']:.4f} is below the bar of {gate['min_r2']:.4f}"
+def prediction_shift(challenger: np.ndarray, champion: np.ndarray) -> float:
+    """Median absolute relative change of the challenger's predictions from the champion's."""
+    return float(np.median(np.abs(challenger - champion) / np.maximum(np.abs(champion), 1.0)))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    check: str  # which rule decided: the name a person greps the docs for
+    reason: str
+
+
+def decide(challenger: Scores, champion: Scores | None, gate: dict) -> Verdict:
+    """The gate as a pure function of the scores and params.yaml's `gate` section."""
+    for where in ("holdout", "reference"):
+        metrics = getattr(challenger, where)
+        if metrics["rmse"] > gate["max_rmse"]:
+            return Verdict(False, f"{where}_bar", f"{where} RMSE {metrics['rmse']:,.0f} is above the bar of "
+                           f"{gate['max_rmse']:,.0f}; a better model or better data is needed")
+        if metrics["r2"] < gate["min_r2"]:
+            return Verdict(False, f"{where}_bar", f"{where} R2 {metrics['r2']:.4f} is below the bar of "
+                           f"{gate['min_r2']:.4f}; a better model or better data is needed")
     if champion is None:
-        return True, "no champion yet; the challenger meets the absolute bars"
-    allowed = champion["rmse"] * (1 + gate["tolerance"])
-    if challenger["rmse"] > allowed:
-        return False, (f"holdout RMSE {challenger['rmse']:,.0f} is worse than the champion's {champion['rmse']:,.0f} "
-                       f"on the same rows (tolerance {gate['tolerance']:.1%})")
-    return True, (f"holdout RMSE {challenger['rmse']:,.0f} <= champion's {champion['rmse']:,.0f} "
-                  f"on the same rows (tolerance {gate['tolerance']:.1%})")
+        return Verdict(True, "first_champion", "no champion yet; the challenger clears the bars on the holdout "
+                       "and on the reference set")
+    limits = gate["reference"]
+    ours, theirs = challenger.reference["rmse"], champion.reference["rmse"]
+    if ours > theirs * (1 + limits["max_rmse_increase"]):
+        return Verdict(False, "reference_rmse", f"reference set: RMSE {ours:,.0f} is worse than the champion's "
+                       f"{theirs:,.0f} on the trusted rows (the upload's labels may be wrong); check the data, "
+                       f"or approve by hand: make promote VERSION=n REASON=...")
+    shift = prediction_shift(challenger.reference_predictions, champion.reference_predictions)
+    if shift > limits["max_prediction_shift"]:
+        return Verdict(False, "prediction_shift", f"reference set: predictions moved {shift:.1%} (median) from "
+                       f"the champion's, above the limit of {limits['max_prediction_shift']:.1%}; if the shift is "
+                       f"real, approve by hand: make promote VERSION=n REASON=...")
+    ours, theirs = challenger.holdout["rmse"], champion.holdout["rmse"]
+    needed = theirs * (1 - gate["min_improvement"])
+    if not ours < needed:
+        return Verdict(False, "not_better", f"not better: holdout RMSE {ours:,.0f} is not below the champion's "
+                       f"{theirs:,.0f} on the same rows (min_improvement {gate['min_improvement']:.1%}); "
+                       f"the champion stays")
+    return Verdict(True, "better", f"holdout RMSE {ours:,.0f} < champion's {theirs:,.0f} on the same rows; "
+                   f"reference RMSE {challenger.reference['rmse']:,.0f} vs {champion.reference['rmse']:,.0f}, "
+                   f"predictions moved {shift:.1%}")
 
 
 def point_champion(client: MlflowClient, name: str, version: str, previous: str | None) -> None:
-    """Make `version` the champion; `previous` becomes the rollback target."""
+    """Make `version` the champion; `previous` becomes the rollback target. The last step of any promotion."""
     client.set_registered_model_alias(name, CHAMPION, version)
     if previous:
         client.set_registered_model_alias(name, PREVIOUS, previous)
@@ -85,58 +149,98 @@ def decision_table(record: dict) -> str:
     rows = ["| | challenger | champion |", "|---|---|---|",
             f"| version | {challenger['version']} ({challenger['candidate']}) | "
             f"{champion['version'] if champion else 'none'} |"]
-    for metric, fmt in (("rmse", "{:,.0f}"), ("mae", "{:,.0f}"), ("r2", "{:.4f}")):
-        theirs = fmt.format(champion["metrics"][metric]) if champion else "-"
-        rows.append(f"| {metric} | {fmt.format(challenger['metrics'][metric])} | {theirs} |")
-    return "\n".join([*rows, "", f"**Decision: {record['decision']}** ({record['reason']})", ""])
+    for where in ("holdout", "reference"):
+        for metric, fmt in (("rmse", "{:,.0f}"), ("mae", "{:,.0f}"), ("r2", "{:.4f}")):
+            theirs = fmt.format(champion["metrics"][where][metric]) if champion else "-"
+            rows.append(f"| {where} {metric} | {fmt.format(challenger['metrics'][where][metric])} | {theirs} |")
+    if record.get("prediction_shift") is not None:
+        rows.append(f"| reference prediction shift | {record['prediction_shift']:.1%} | |")
+    return "\n".join([*rows, "", f"**Decision: {record['decision']}** — check `{record['check']}`: "
+                      f"{record['reason']}", ""])
+
+
+def write_decision(record: dict) -> None:
+    DECISION.write_text(json.dumps(record, indent=2) + "\n")
+    DECISION_TABLE.write_text(f"### {record['model_name']}: challenger vs champion on {record['holdout_rows']} "
+                              f"holdout rows and {record['reference_rows']} reference rows\n\n"
+                              + decision_table(record))
+
+
+def data_pin() -> dict[str, str]:
+    """The S3 object version the fetch stage was pinned to (scripts/pin_upload.py), for the version's lineage."""
+    pins = {"data_s3_etag": os.environ.get("DATA_S3_ETAG", ""),
+            "data_s3_version_id": os.environ.get("DATA_S3_VERSION_ID", "")}
+    return {key: value for key, value in pins.items() if value}
 
 
 def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     params = yaml.safe_load(Path("params.yaml").read_text())
+    try:
+        trusted = reference.load(params)
+    except ValueError as error:
+        print(f"register: {error}", file=sys.stderr)
+        return 1
     candidates = json.loads(CANDIDATES.read_text())
     holdout = pd.read_csv(HOLDOUT)
     client, name = MlflowClient(), model_name()
     best = candidates["candidates"][candidates["best"]]
 
     champion_version = version_by_alias(client, name, CHAMPION)
-    champion = None
+    champion_scores = None
     if champion_version:
         champion_uri = f"models:/{name}/{champion_version.version}"
+        log.info("scoring the champion (version %s) on %d holdout and %d reference rows",
+                 champion_version.version, len(holdout), len(trusted))
         try:
-            champion = {"version": champion_version.version, "metrics": evaluate(champion_uri, holdout)}
+            champion_scores = score(champion_uri, holdout, trusted)
         except Exception as error:  # noqa: BLE001 - whatever broke, the champion stays and we stop
-            print(f"register: cannot re-evaluate the champion {champion_uri}: {error}\n"
+            print(f"register: cannot score the champion {champion_uri}: {error}\n"
                   f"register: nothing promoted; fix or `make rollback` the champion, then retry", file=sys.stderr)
             return 1
 
     registered = mlflow.register_model(best["model_uri"], name, tags={
-        "candidate": candidates["best"], "run_id": best["run_id"], **candidates["lineage"]})
-    challenger = {"version": registered.version, "candidate": candidates["best"], "run_id": best["run_id"],
-                  "metrics": evaluate(f"models:/{name}/{registered.version}", holdout)}
-    promote, reason = decide(challenger["metrics"], champion and champion["metrics"], params["gate"])
+        "candidate": candidates["best"], "run_id": best["run_id"], "parent_run_id": candidates["parent_run_id"],
+        **candidates["lineage"], **data_pin()})
+    log.info("registered version %s; scoring it on the same rows", registered.version)
+    challenger_scores = score(f"models:/{name}/{registered.version}", holdout, trusted)
+    verdict = decide(challenger_scores, champion_scores, params["gate"])
+    shift = (prediction_shift(challenger_scores.reference_predictions, champion_scores.reference_predictions)
+             if champion_scores else None)
 
-    record = {"model_name": name, "decision": "promoted" if promote else "rejected", "reason": reason,
-              "challenger": challenger, "champion": champion, "gate": params["gate"],
-              "holdout_rows": len(holdout), "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    for key, value in {"gate_decision": record["decision"], "gate_reason": reason,
-                       "holdout_rmse": f"{challenger['metrics']['rmse']:.2f}"}.items():
+    reference_md5 = hashlib.md5(reference.reference_path(params).read_bytes()).hexdigest()
+    record = {
+        "model_name": name,
+        "decision": "passed" if verdict.passed else "rejected",
+        "check": verdict.check,
+        "reason": verdict.reason,
+        "challenger": {"version": registered.version, "candidate": candidates["best"], "run_id": best["run_id"],
+                       "metrics": challenger_scores.summary()},
+        "champion": champion_scores and {"version": champion_version.version,
+                                         "metrics": champion_scores.summary()},
+        "prediction_shift": shift,
+        "gate": params["gate"],
+        "data_md5": candidates["lineage"]["data_md5"],
+        "reference_md5": reference_md5,
+        "holdout_rows": len(holdout),
+        "reference_rows": len(trusted),
+        "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tags = {"gate_decision": record["decision"], "gate_check": verdict.check, "gate_reason": verdict.reason,
+            "holdout_rmse": f"{challenger_scores.holdout['rmse']:.2f}",
+            "reference_rmse": f"{challenger_scores.reference['rmse']:.2f}", "reference_md5": reference_md5}
+    if shift is not None:
+        tags["prediction_shift"] = f"{shift:.4f}"
+    if not verdict.passed:
+        tags[PROMOTION] = "rejected"
+    for key, value in tags.items():
         client.set_model_version_tag(name, registered.version, key, value)
-    # Before the alias moves: serving loads only versions tagged promotion=gate or human (serving/model.py).
-    client.set_model_version_tag(name, registered.version, "promotion", "gate" if promote else "rejected")
-    if promote:
-        previous = champion["version"] if champion else None
-        if previous:
-            client.set_model_version_tag(name, registered.version, PREVIOUS, previous)
-        point_champion(client, name, registered.version, previous)
     client.log_dict(candidates["parent_run_id"], record, "decision.json")
     client.set_tag(candidates["parent_run_id"], "gate_decision", record["decision"])
-
-    DECISION.write_text(json.dumps(record, indent=2) + "\n")
-    DECISION_TABLE.write_text(f"### {name}: challenger vs champion on {len(holdout)} holdout rows\n\n"
-                              + decision_table(record))
+    write_decision(record)
     print(decision_table(record))
-    print(f"register: {name} version {registered.version} {record['decision']}"
-          + (f"; alias {CHAMPION} -> {registered.version}" if promote else f"; {CHAMPION} unchanged"))
+    print(f"register: {name} version {registered.version} {record['decision']} by the gate ({verdict.check})"
+          + ("; the alias moves once the data version is pushed" if verdict.passed else f"; {CHAMPION} unchanged"))
     return 0
 
 

@@ -1,8 +1,9 @@
 """Real local services as subprocesses on 127.0.0.1, for end-to-end tests.
 
-`LocalServices` runs `scripts/services.sh up|down` (moto for S3 + Secrets Manager, an MLflow server whose artifacts
-live in a moto bucket) with its own state directory and free ports; `serving_app` runs `python serve.py`. Each
-process tree gets its own session and is stopped by its process group, whatever happened in the test.
+`LocalServices` runs `scripts/services.sh up|down` (moto for S3 + Secrets Manager, an MLflow server with basic auth
+whose artifacts live in a moto bucket) with its own state directory and free ports; `serving_app` runs
+`python serve.py`. Each process tree gets its own session and is stopped by its process group, whatever happened
+in the test.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class LocalServices:
     def aws_env(self) -> dict[str, str]:
         """What a client of moto needs: endpoint, dummy credentials, region."""
         return {"AWS_ENDPOINT_URL": self.moto_url, "AWS_DEFAULT_REGION": REGION, **DUMMY_CREDENTIALS}
+
+    def account(self, role: str) -> dict[str, str]:
+        """The MLflow settings of `role`: "writer" (retraining) or "reader" (serving); passwords from services.sh."""
+        secrets = dict(line.split("=", 1) for line in (self.state_dir / "credentials").read_text().splitlines())
+        return {"MLFLOW_TRACKING_URI": self.mlflow_url, "MLFLOW_TRACKING_USERNAME": role,
+                "MLFLOW_TRACKING_PASSWORD": secrets[f"{role.upper()}_PASSWORD"]}
 
     def client(self, service: str) -> Any:
         """A boto3 client of `service` ("s3", "secretsmanager") talking to this moto."""

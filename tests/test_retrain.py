@@ -1,8 +1,9 @@
 """`make retrain` end to end in a copy of the repository: real DVC, real MLflow (sqlite store), real data files.
 
-One project lives through a story: v1 promoted; the same data again is a no-op; a weak challenger is refused;
-corrupt and bad files change nothing; the data version comes back from the remote; v2 is promoted and rolled
-back. Each step is a module fixture that needs the step before it and records what its test looks at, so the
+One project lives through a story: v1 promoted; the same data again is a no-op; an identical retrain is refused
+as not better; a weak challenger is refused; corrupt and bad files change nothing; the data version comes back
+from the remote; v2 is promoted and rolled back; a new, empty registry with unchanged data gets a champion again.
+Each step is a module fixture that needs the step before it and records what its test looks at, so the
 steps run in story order whichever test runs first (the suite runs in random order).
 """
 
@@ -51,8 +52,16 @@ class Project:
         params = yaml.safe_load((self.root / "params.yaml").read_text())
         params["train"]["candidates"] = candidates
         params["train"]["cv_folds"] = 0
-        params["gate"].update(max_rmse=200_000, min_r2=0.0, tolerance=0.05)
+        params["gate"].update(max_rmse=200_000, min_r2=0.0)
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def set_cv_folds(self, folds: int) -> None:
+        params = yaml.safe_load((self.root / "params.yaml").read_text())
+        params["train"]["cv_folds"] = folds
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def lock(self) -> str:
+        return (self.root / "dvc.lock").read_text()
 
     def dvc(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(ROOT / ".venv/bin/dvc"), *args], cwd=self.root, capture_output=True, text=True)
@@ -75,10 +84,22 @@ def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
+def seed_reference(root: Path, frame: pd.DataFrame) -> None:
+    """`make reference SOURCE=...` in the project with data the test trusts, committed as a person would."""
+    source = root.parent / f"{root.name}-trusted.csv"
+    frame.to_csv(source, index=False)
+    result = run_make(root, "reference", f"SOURCE={source}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for command in (["git", "add", "reference"],
+                    ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "reference"]):
+        subprocess.run(command, cwd=root, check=True)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Project:
     project = Project(project_copy(tmp_path_factory.mktemp("repo")))
     project.set_candidates(SMALL_PARAMS["candidates"])
+    seed_reference(project.root, synthetic_housing(4000, seed=9))
     return project
 
 
@@ -155,15 +176,23 @@ def v1_again(v1: Step, project: Project, datasets: dict[str, Path]) -> Step:
 
 
 @pytest.fixture(scope="module")
-def weak(v1_again: Step, project: Project, datasets: dict[str, Path]) -> Step:
-    """Step 3: a weak candidate trained on the same data."""
+def identical(v1_again: Step, project: Project) -> Step:
+    """Step 3: train runs again (another CV setting) on the same data: the same model, so not better."""
+    lock_before = project.lock()
+    project.set_cv_folds(2)  # train runs again; the fitted models are the same
+    return observe(project, project.retrain(project.root / "data/housing.csv"), lock_before=lock_before)
+
+
+@pytest.fixture(scope="module")
+def weak(identical: Step, project: Project, datasets: dict[str, Path]) -> Step:
+    """Step 4: a weak candidate trained on the same data."""
     project.set_candidates(SMALL_PARAMS["weak"])
     return observe(project, project.retrain(datasets["v1"]))
 
 
 @pytest.fixture(scope="module")
 def corrupt(weak: Step, project: Project, datasets: dict[str, Path]) -> Step:
-    """Step 4: corrupt data, with the good candidates back."""
+    """Step 5: corrupt data, with the good candidates back."""
     project.set_candidates(SMALL_PARAMS["candidates"])
     result = project.retrain(datasets["corrupt"])
     return observe(project, result, validation=json.loads((project.root / "reports/validation.json").read_text()))
@@ -190,7 +219,7 @@ BAD_FILES = {  # kind: (make the file's text from good data, what the refusal mu
 
 @pytest.fixture(scope="module")
 def bad_files(corrupt: Step, project: Project, datasets: dict[str, Path]) -> dict[str, Step]:
-    """Step 5: every kind of bad file, one after the other."""
+    """Step 6: every kind of bad file, one after the other."""
     steps = {}
     for kind, (make_text, _) in BAD_FILES.items():
         path = datasets["v1"].parent / f"{kind.replace(' ', '_')}.csv"
@@ -201,7 +230,7 @@ def bad_files(corrupt: Step, project: Project, datasets: dict[str, Path]) -> dic
 
 @pytest.fixture(scope="module")
 def restored(bad_files: dict[str, Step], project: Project) -> Step:
-    """Step 6: the data file and the local cache are lost; `dvc pull` brings the locked version back."""
+    """Step 7: the data file and the local cache are lost; `dvc pull` brings the locked version back."""
     (project.root / "data/housing.csv").unlink()
     shutil.rmtree(project.root / ".dvc/cache")
     return observe(project, project.dvc("pull", "fetch"), locked_data_md5=project.locked_data_md5())
@@ -209,7 +238,7 @@ def restored(bad_files: dict[str, Step], project: Project) -> Step:
 
 @pytest.fixture(scope="module")
 def v2_rolled_back(restored: Step, project: Project, datasets: dict[str, Path]) -> list[Step]:
-    """Step 7: new data is promoted, then rolled back, then rolled back again (nothing left to go back to)."""
+    """Step 8: new data is promoted, then rolled back, then rolled back again (nothing left to go back to)."""
     promoted = observe(project, project.retrain(datasets["v2"]), locked_data_md5=project.locked_data_md5())
     rollback = [
         observe(project, run_make(project.root, "rollback", MLFLOW_TRACKING_URI=project.tracking_uri))
@@ -224,12 +253,21 @@ def test_first_retrain_registers_and_promotes_v1(v1: Step, project: Project, dat
     assert v1.champion == "1"
     version = v1.versions["1"]
     assert version.current_stage == "Production"
-    assert version.tags["gate_decision"] == "promoted"
+    assert version.tags["gate_decision"] == "passed"
+    assert version.tags["promotion"] == "gate"
+    assert version.tags["gate_check"] == "first_champion"
+    assert float(version.tags["reference_rmse"]) > 0
     assert version.tags["data_md5"] == v1.notes["locked_data_md5"] == md5(datasets["v1"])
     assert version.tags["data_url"] == str(datasets["v1"])
     assert len(version.tags["git_commit"]) == 40
     assert v1.decision["decision"] == "promoted"
-    assert "| rmse |" in result.stdout and "Decision: promoted" in result.stdout
+    assert "| holdout rmse |" in result.stdout and "| reference rmse |" in result.stdout
+    assert "Decision: passed" in result.stdout
+    assert "retrain summary" in result.stdout
+    assert "  champion before  none\n" in result.stdout
+    assert "  champion after   version 1 (promotion=gate)\n" in result.stdout
+    assert f"mlflow ui --backend-store-uri {project.tracking_uri}; reports/decision.md" in result.stdout
+    assert "retrain: 3/5 dvc push" in result.stderr and "train: candidate 2/2: gbdt" in result.stderr
 
     parent = project.client.get_run(v1.decision["challenger"]["run_id"]).data.tags["mlflow.parentRunId"]
     children = project.client.search_runs([project.client.get_run(parent).info.experiment_id],
@@ -257,18 +295,33 @@ def test_second_retrain_with_nothing_changed_is_a_noop(v1_again: Step):
     assert "unchanged" in result.stdout  # fetch did look upstream
     assert set(v1_again.versions) == {"1"}
     assert v1_again.notes["runs_after"] == v1_again.notes["runs_before"]
+    assert "decision         none: data, code and params unchanged, nothing retrained" in result.stdout
 
 
-def test_worse_challenger_is_registered_but_not_promoted(weak: Step):
+def test_an_identical_retrain_is_rejected_as_not_better(identical: Step):
+    result = identical.result
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert identical.decision["decision"] == "rejected"
+    assert identical.decision["check"] == "not_better"
+    assert identical.versions["2"].tags["promotion"] == "rejected"
+    assert identical.versions["2"].tags["gate_reason"].startswith("not better: holdout RMSE")
+    assert identical.champion == "1"
+    assert identical.lock == identical.notes["lock_before"]
+    assert "the gate rejected the challenger (reports/decision.md), champion unchanged" in result.stderr
+
+
+def test_worse_challenger_is_registered_but_not_promoted(identical: Step, weak: Step):
     result = weak.result
     assert result.returncode == 0, result.stdout + result.stderr
-    assert set(weak.versions) == {"1", "2"}
-    assert weak.versions["2"].tags["gate_decision"] == "rejected"
-    assert "worse than the champion's" in weak.versions["2"].tags["gate_reason"]
+    assert set(weak.versions) == {"1", "2", "3"}
+    assert weak.versions["3"].tags["gate_decision"] == "rejected"
+    assert "worse than the champion's" in weak.versions["3"].tags["gate_reason"]
     assert weak.champion == "1"
+    assert weak.lock == identical.lock
     assert weak.versions["1"].current_stage == "Production"
     assert weak.decision["decision"] == "rejected"
-    assert weak.decision["challenger"]["metrics"]["rmse"] > weak.decision["champion"]["metrics"]["rmse"]
+    assert weak.decision["challenger"]["metrics"]["reference"]["rmse"] \
+        > weak.decision["champion"]["metrics"]["reference"]["rmse"]
 
 
 def test_corrupt_data_is_rejected_and_nothing_changes(weak: Step, corrupt: Step, datasets: dict[str, Path]):
@@ -276,7 +329,7 @@ def test_corrupt_data_is_rejected_and_nothing_changes(weak: Step, corrupt: Step,
     assert result.returncode != 0
     assert "validate: latitude: 5 values outside [32.5, 42.1], e.g. 51.5 (lines 2, 3, 4, ...)" in result.stderr
     assert "validate: population: 1 values are not finite numbers, e.g. ['n/a'] (line 12)" in result.stderr
-    assert set(corrupt.versions) == {"1", "2"}
+    assert set(corrupt.versions) == {"1", "2", "3"}
     assert corrupt.champion == "1"
     assert corrupt.lock == weak.lock
     assert corrupt.data_md5 == md5(datasets["v1"])
@@ -293,7 +346,7 @@ def test_every_kind_of_bad_data_is_refused_with_its_reason(
     assert step.result.returncode != 0
     assert refusal in step.result.stderr, step.result.stderr
     assert "dvc.lock and data/ restored to the last good version" in step.result.stderr
-    assert set(step.versions) == {"1", "2"}
+    assert set(step.versions) == {"1", "2", "3"}
     assert step.champion == "1"
     assert step.lock == corrupt.lock
     assert step.data_md5 == md5(datasets["v1"])
@@ -309,16 +362,38 @@ def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(
 ):
     promoted, rolled_back, nothing_left = v2_rolled_back
     assert promoted.result.returncode == 0, promoted.result.stdout + promoted.result.stderr
-    assert promoted.champion == "3"
-    assert promoted.versions["3"].tags["previous_champion"] == "1"
+    assert promoted.champion == "4"
+    assert promoted.versions["4"].tags["previous_champion"] == "1"
+    assert promoted.versions["4"].tags["gate_check"] == "better"
     assert promoted.versions["1"].current_stage == "Archived"
     assert promoted.notes["locked_data_md5"] == md5(datasets["v2"])
 
     assert rolled_back.result.returncode == 0, rolled_back.result.stderr
-    assert "moved from version 3 to version 1" in rolled_back.result.stdout
+    assert "moved from version 4 to version 1" in rolled_back.result.stdout
     assert rolled_back.champion == "1"
     assert rolled_back.versions["1"].current_stage == "Production"
 
     assert nothing_left.result.returncode != 0
     assert "version 1 has no 'previous_champion' tag" in nothing_left.result.stderr
     assert nothing_left.champion == "1"
+
+
+@pytest.fixture(scope="module")
+def empty_registry(v2_rolled_back: list[Step], project: Project, datasets: dict[str, Path]) -> Step:
+    """Last step: a new MLflow store, as after a wiped mlflow.db or a move to a new server, with unchanged data."""
+    # (Deleting the file this process has open would leave MLflow's cached engine reading the old one.)
+    project.tracking_uri = f"sqlite:///{project.root / 'mlflow-new.db'}"
+    project.client = MlflowClient(project.tracking_uri, project.tracking_uri)
+    return observe(project, project.retrain(datasets["v2"]), locked_data_md5=project.locked_data_md5())
+
+
+def test_an_empty_registry_with_unchanged_data_retrains_and_leaves_a_champion(
+    empty_registry: Step, datasets: dict[str, Path]
+):
+    result = empty_registry.result
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"has no {MODEL}@champion for dvc.lock's data (md5 {md5(datasets['v2'])}): retraining" in result.stdout
+    assert "Running stage 'train'" in result.stdout
+    assert empty_registry.champion == "1"
+    assert empty_registry.versions["1"].tags["data_md5"] == empty_registry.notes["locked_data_md5"] \
+        == md5(datasets["v2"])

@@ -1,0 +1,162 @@
+"""Move alias `champion`: the last step of a promotion, after every check passed and the data version is pushed.
+
+  python -m scripts.promote gate                  `make retrain`, after `dvc push`: promote what the gate passed
+  python -m scripts.promote human VERSION REASON  `make promote`: a person approves a version the gate refused
+  python -m scripts.promote record-lock           `make retrain`, after `dvc repro`: keep the run's dvc.lock with
+                                                  its model version, so an approval can restore its data version
+
+Every promotion tags the version `promotion=gate` or `promotion=human` (with approved_by, approval_reason,
+approved_at) before the alias moves, so the registry records how each champion got there; serving can refuse
+anything else. The gate's own refusals carry `promotion=rejected` (scripts/register.py).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from scripts.register import (
+    CHAMPION,
+    DECISION,
+    PREVIOUS,
+    PROMOTION,
+    model_name,
+    point_champion,
+    version_by_alias,
+    write_decision,
+)
+
+LOCK = Path("dvc.lock")
+LOCK_ARTIFACT = "dvc.lock"
+
+
+class Refused(Exception):
+    """A promotion that must not happen; the message names the cause and the fix."""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def promote(client: MlflowClient, name: str, version: str, how: str, tags: dict[str, str]) -> str | None:
+    """Tag `version` with how it was promoted, then move the alias; return the replaced champion's version."""
+    current = version_by_alias(client, name, CHAMPION)
+    previous = current.version if current else None
+    for key, value in {PROMOTION: how, "promoted_at": now(), **tags}.items():
+        client.set_model_version_tag(name, version, key, value)
+    if previous:
+        client.set_model_version_tag(name, version, PREVIOUS, previous)
+    point_champion(client, name, version, previous)
+    return previous
+
+
+def by_gate(client: MlflowClient, name: str) -> str:
+    if not DECISION.is_file():
+        return "promote: no decision in this run (nothing retrained); champion unchanged"
+    record = json.loads(DECISION.read_text())
+    challenger = record["challenger"]["version"]
+    if record["decision"] != "passed":
+        return f"promote: version {challenger} was rejected by the gate; champion unchanged"
+    decided_against = record["champion"]["version"] if record["champion"] else None
+    current = version_by_alias(client, name, CHAMPION)
+    if (current.version if current else None) != decided_against:
+        raise Refused(f"the champion moved from {decided_against} to {current and current.version} while version "
+                      f"{challenger} was being judged; nothing promoted: run `make retrain` again to judge it "
+                      f"against the new champion")
+    previous = promote(client, name, challenger, "gate", {"gate_check": record["check"]})
+    record.update(decision="promoted", champion_before=previous, promoted_at=now())
+    write_decision(record)
+    return f"promote: {name} alias {CHAMPION} -> version {challenger} (was {previous or 'none'}), promotion=gate"
+
+
+def lock_of(client: MlflowClient, name: str, version: str) -> str:
+    """The dvc.lock of the retrain run that produced `version` (logged by `record-lock`)."""
+    run_id = client.get_model_version(name, version).run_id
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            return Path(client.download_artifacts(run_id, LOCK_ARTIFACT, folder)).read_text()
+    except (MlflowException, OSError) as error:
+        raise Refused(f"version {version} has no {LOCK_ARTIFACT} in run {run_id} ({error}): its data version is "
+                      f"unknown; retrain on its data instead (make retrain DATA_URL=...)") from error
+
+
+def by_human(client: MlflowClient, name: str, version: str, reason: str) -> str:
+    if not reason.strip():
+        raise Refused('an approval needs a reason: make promote VERSION=n REASON="why this shift is real"')
+    try:
+        candidate = client.get_model_version(name, version)
+    except MlflowException as error:
+        raise Refused(f"{name} has no version {version!r}: pick one from the registry (mlflow ui)") from error
+    if "gate_decision" not in candidate.tags:
+        raise Refused(f"version {version} was never scored by the gate (no gate_decision tag): a person approves a "
+                      f"judged version, not an arbitrary model; register it through `make retrain`")
+    current = version_by_alias(client, name, CHAMPION)
+    if current and current.version == version:
+        raise Refused(f"version {version} is already the champion")
+    lock = lock_of(client, name, version)
+    approver = os.environ.get("PROMOTED_BY") or git_identity() or getpass.getuser()
+    approval = {"version": version, "approved_by": approver, "reason": reason, "approved_at": now(),
+                "champion_before": current.version if current else None,
+                "gate_check": candidate.tags.get("gate_check"), "gate_reason": candidate.tags.get("gate_reason")}
+    client.log_dict(candidate.run_id, approval, f"approval-{approval['approved_at']}.json")
+    old_lock = LOCK.read_text() if LOCK.is_file() else None
+    LOCK.write_text(lock)
+    try:
+        promote(client, name, version, "human", {"approved_by": approver, "approval_reason": reason,
+                                                 "approved_at": approval["approved_at"]})
+    except BaseException:
+        if old_lock is None:
+            LOCK.unlink()
+        else:
+            LOCK.write_text(old_lock)
+        raise
+    return (f"promote: {name} alias {CHAMPION} -> version {version} (was {approval['champion_before'] or 'none'}), "
+            f"promotion=human, approved by {approver}: {reason}\n"
+            f"promote: dvc.lock now describes version {version}'s data: `dvc checkout`, then commit dvc.lock "
+            f"(scripts/publish_lock.sh publish does it in CI)")
+
+
+def git_identity() -> str:
+    found = subprocess.run(["git", "config", "user.email"], capture_output=True, text=True)
+    return found.stdout.strip()
+
+
+def record_lock(client: MlflowClient) -> str:
+    if not DECISION.is_file():
+        return "promote: no decision in this run; no dvc.lock to record"
+    run_id = json.loads(DECISION.read_text())["challenger"]["run_id"]
+    client.log_artifact(run_id, str(LOCK))
+    return f"promote: dvc.lock recorded with run {run_id}"
+
+
+def main(argv: list[str]) -> int:
+    client, name = MlflowClient(), model_name()
+    try:
+        match argv:
+            case ["gate"]:
+                message = by_gate(client, name)
+            case ["human", version, reason]:
+                message = by_human(client, name, version, reason)
+            case ["record-lock"]:
+                message = record_lock(client)
+            case _:
+                print(__doc__, file=sys.stderr)
+                return 2
+    except Refused as refusal:
+        print(f"promote: refused: {refusal}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
