@@ -3,7 +3,8 @@
 Wire it to the data bucket with an EventBridge rule on "Object Created" (infra/housing-mlops.yml does), with an
 S3 event notification, or through SQS (an event source mapping with ReportBatchItemFailures). Each new object that
 passes the key filter and the name checks becomes one `workflow_dispatch` of `GITHUB_WORKFLOW` with the inputs
-`s3_bucket`, `s3_key` and `s3_etag`.
+`s3_bucket`, `s3_key`, `s3_etag` and `s3_version_id` (empty when the bucket is not versioned): the workflow pins
+that version of the object, or says so when the key has moved on since.
 
 Configuration (environment, read at every invocation):
     GITHUB_OWNER, GITHUB_REPO, GITHUB_WORKFLOW   the workflow file name (retrain.yml) or its numeric id
@@ -56,6 +57,7 @@ USER_AGENT = "housing-mlops-dispatch-lambda"
 BUCKET_PATTERN = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 KEY_SEGMENT_PATTERN = re.compile(r"[A-Za-z0-9_.()+,=@ -]{1,255}")
 ETAG_PATTERN = re.compile(r"[0-9a-f]{32}(-[0-9]{1,5})?")  # MD5, or MD5-parts for multipart uploads
+VERSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,1024}")  # S3 version ids: URL-safe characters; "null" unversioned
 MAX_KEY_BYTES = 1024
 
 # Read by Budget at each invocation, so that tests can stand in for time.
@@ -152,12 +154,13 @@ class S3Object:
     bucket: str
     key: str
     etag: str
+    version_id: str = ""
 
     def __str__(self) -> str:  # safe to log: every field passed its allow-list
-        return f"s3://{self.bucket}/{self.key} (etag {self.etag or '-'})"
+        return f"s3://{self.bucket}/{self.key} (etag {self.etag or '-'}, version {self.version_id or '-'})"
 
 
-def checked_object(bucket: Any, key: Any, etag: Any) -> S3Object:
+def checked_object(bucket: Any, key: Any, etag: Any, version_id: Any = "") -> S3Object:
     """An S3Object whose names (the key decoded already) passed the allow-lists, or Refused naming the field (its value
     quoted, escaped). scripts/check_s3_object.py applies the same checks to the retrain workflow's inputs."""
     if not isinstance(bucket, str) or not BUCKET_PATTERN.fullmatch(bucket) or ".." in bucket:
@@ -177,7 +180,10 @@ def checked_object(bucket: Any, key: Any, etag: Any) -> S3Object:
     etag = "" if etag is None else etag
     if not isinstance(etag, str) or not (etag == "" or ETAG_PATTERN.fullmatch(etag.strip('"'))):
         raise Refused(f"etag {_quoted(etag)} is not an S3 ETag")
-    return S3Object(bucket, key, etag.strip('"'))
+    version_id = "" if version_id is None else version_id
+    if not isinstance(version_id, str) or not (version_id == "" or VERSION_ID_PATTERN.fullmatch(version_id)):
+        raise Refused(f"version id {_quoted(version_id)} is not an S3 version id")
+    return S3Object(bucket, key, etag.strip('"'), version_id)
 
 
 def _decoded(key: Any) -> Any:
@@ -266,7 +272,8 @@ def _objects_in_event(event: Mapping[str, Any], where: str) -> Iterator[S3Object
         try:
             detail = event["detail"]
             key = _decoded(detail["object"]["key"])
-            yield checked_object(detail["bucket"]["name"], key, detail["object"].get("etag"))
+            yield checked_object(detail["bucket"]["name"], key, detail["object"].get("etag"),
+                                 detail["object"].get("version-id"))
         except (KeyError, TypeError, AttributeError):
             logger.warning(
                 "Skipping %s: an Object Created event without detail.bucket.name and detail.object.key", where
@@ -296,7 +303,8 @@ def _object_in_record(record: Any) -> S3Object | None:
         return None
     try:
         s3 = record["s3"]
-        return checked_object(s3["bucket"]["name"], _decoded(s3["object"]["key"]), s3["object"].get("eTag"))
+        return checked_object(s3["bucket"]["name"], _decoded(s3["object"]["key"]), s3["object"].get("eTag"),
+                              s3["object"].get("versionId"))
     except (KeyError, TypeError, AttributeError):
         raise Refused("an ObjectCreated record without s3.bucket.name and s3.object.key") from None
 
@@ -421,7 +429,8 @@ class Dispatcher:
         return wait, f"{answer}; GitHub's rate limit asks to wait"
 
     def _request(self, obj: S3Object) -> urllib.request.Request:
-        body = {"ref": self.config.ref, "inputs": {"s3_bucket": obj.bucket, "s3_key": obj.key, "s3_etag": obj.etag}}
+        body = {"ref": self.config.ref, "inputs": {"s3_bucket": obj.bucket, "s3_key": obj.key, "s3_etag": obj.etag,
+                                                   "s3_version_id": obj.version_id}}
         headers = {
             "Accept": "application/vnd.github+json",
             "Authorization": f"Bearer {self.token}",

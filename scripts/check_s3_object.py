@@ -24,7 +24,8 @@ from dispatch_lambda import Refused, checked_object
 def main() -> int:
     env = os.environ
     try:
-        obj = checked_object(env.get("S3_BUCKET", ""), env.get("S3_KEY", ""), env.get("S3_ETAG", ""))
+        obj = checked_object(env.get("S3_BUCKET", ""), env.get("S3_KEY", ""), env.get("S3_ETAG", ""),
+                             env.get("S3_VERSION_ID", ""))
     except Refused as refused:
         print(f"::error::retrain refused: {refused}")
         return 1

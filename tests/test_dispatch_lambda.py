@@ -125,8 +125,34 @@ def eventbridge_event(obj: tuple[str, str, str]) -> dict:
     }
 
 
-def inputs(bucket: str, key: str, etag: str = ETAG) -> dict[str, str]:
-    return {"s3_bucket": bucket, "s3_key": key, "s3_etag": etag}
+def inputs(bucket: str, key: str, etag: str = ETAG, version_id: str = "") -> dict[str, str]:
+    return {"s3_bucket": bucket, "s3_key": key, "s3_etag": etag, "s3_version_id": version_id}
+
+
+def object_of(dispatch: Dispatch) -> tuple[str, str, str]:
+    return dispatch.inputs["s3_bucket"], dispatch.inputs["s3_key"], dispatch.inputs["s3_etag"]
+
+
+@pytest.mark.parametrize("make_event", [s3_notification, eventbridge_event])
+def test_the_object_version_of_a_versioned_bucket_is_dispatched(
+    github: FakeGitHub, make_event: Callable[..., dict]
+) -> None:
+    event = make_event(("landing", "data/housing.csv", ETAG))
+    for obj in [record["s3"]["object"] for record in event.get("Records", [])] or [event["detail"]["object"]]:
+        obj["versionId" if "eTag" in obj else "version-id"] = "3HL4kqtJvjVBH40Nrjfkd"
+
+    assert dispatch_lambda.handler(event, None) == 1
+
+    assert github.dispatches[0].inputs == inputs("landing", "data/housing.csv", version_id="3HL4kqtJvjVBH40Nrjfkd")
+
+
+def test_a_hostile_version_id_is_refused_before_github_is_asked(github: FakeGitHub) -> None:
+    event = s3_notification(("landing", "data/housing.csv", ETAG))
+    event["Records"][0]["s3"]["object"]["versionId"] = "v1\n::set-output name=x::y"
+
+    dispatch_lambda.handler(event, None)
+
+    assert github.dispatches == []
 
 
 def test_s3_notification_dispatches_the_workflow(github: FakeGitHub) -> None:
@@ -222,7 +248,7 @@ def test_malformed_sqs_messages_are_logged_and_skipped_and_the_rest_dispatched(
 
     assert dispatch_lambda.handler(event, None) == {"batchItemFailures": []}  # retrying malformed ones cannot help
 
-    assert [tuple(d.inputs.values()) for d in github.dispatches] == [good]
+    assert [object_of(d) for d in github.dispatches] == [good]
     skipped = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert skipped == [
         "Skipping SQS message 'm1': its body is not JSON",
@@ -331,7 +357,7 @@ def test_batch_dispatches_once_per_distinct_object_version(github: FakeGitHub) -
     assert dispatch_lambda.handler(direct, None) == 3
     assert dispatch_lambda.handler(via_sqs, None) == {"batchItemFailures": []}
 
-    assert [tuple(d.inputs.values()) for d in github.dispatches] == [first, second, other_bucket, second, first]
+    assert [object_of(d) for d in github.dispatches] == [first, second, other_bucket, second, first]
 
 
 def test_token_is_read_once_and_never_logged(
@@ -474,7 +500,7 @@ def test_sqs_batch_reports_only_the_messages_that_failed(github: FakeGitHub, tim
     result = dispatch_lambda.handler(event, LambdaContext(60_000))
 
     assert result == {"batchItemFailures": [{"itemIdentifier": "m1"}]}  # SQS redelivers m1 only, then its DLQ
-    assert [tuple(d.inputs.values()) for d in github.dispatches] == [second]
+    assert [object_of(d) for d in github.dispatches] == [second]
 
 
 def test_read_timeout_after_github_accepted_is_not_sent_again(
@@ -546,7 +572,7 @@ def test_undeclared_inputs_fail_at_once_with_githubs_message(
         with pytest.raises(dispatch_lambda.DispatchError) as raised:
             dispatch_lambda.handler(s3_notification(("landing", "housing.csv", ETAG)), None)
 
-    assert 'Unexpected inputs provided: ["s3_bucket", "s3_etag", "s3_key"]' in str(raised.value)
+    assert 'Unexpected inputs provided: ["s3_bucket", "s3_etag", "s3_key", "s3_version_id"]' in str(raised.value)
     assert "422" in str(raised.value)
     assert len(fake.requests) == 1
 
@@ -675,7 +701,8 @@ def test_workflow_check_accepts_what_the_lambda_dispatches(github: FakeGitHub) -
     result = run_check(inputs["s3_bucket"], inputs["s3_key"], inputs["s3_etag"])
 
     assert result.returncode == 0, result.stdout
-    assert result.stdout == f"retrain: s3://landing/data/2026+11/new housing.csv (etag {ETAG})\n"  # decoded once
+    # the key is decoded once, by the Lambda
+    assert result.stdout == f"retrain: s3://landing/data/2026+11/new housing.csv (etag {ETAG}, version -)\n"
 
 
 def workflow_step(name: str) -> str:
