@@ -254,6 +254,10 @@ switch_to() { # $1 container
 release() { # $1 image reference
   local image=$1 colour port current token_args=() admin_args=()
   [[ -f $ENV_FILE ]] || fail "$ENV_FILE is missing: write the app's settings in it (MLFLOW_TRACKING_URI=..., README)"
+  if [[ -z $ADMIN_PORT ]] && grep -qE '^ADMIN_PORT=0*[1-9]' "$ENV_FILE"; then # the app would hide /metrics from nginx
+    fail "$ENV_FILE sets ADMIN_PORT but this deploy has none: set the same ADMIN_PORT in $DEPLOY_CONFIG, so that" \
+      "nginx routes it (or remove it from $ENV_FILE)"
+  fi
   fetch_image "$image"
   if [[ -n ${RELOAD_TOKEN_SECRET_ARN:-} ]]; then
     read_reload_token

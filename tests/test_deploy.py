@@ -671,3 +671,12 @@ def test_admin_port_0_means_none(host: Host):
     assert result.returncode == 0, result.stderr
     assert "ADMIN_PORT" not in host.containers()[BLUE]["env"]
     assert host.get(host.http_port, "/metrics")[0] == 200
+
+
+def test_admin_port_in_the_apps_settings_only_fails_before_anything_starts(host: Host):
+    """The app would move /metrics to its container's loopback, where neither nginx nor Prometheus reaches it."""
+    host.env_file.write_text(host.env_file.read_text() + "ADMIN_PORT=9100\n")
+    result = host.deploy("v1")
+    assert result.returncode == 1
+    assert "serve.env sets ADMIN_PORT but this deploy has none: set the same ADMIN_PORT in" in result.stderr
+    assert not (host.docker_state / "calls.jsonl").exists()
