@@ -317,9 +317,9 @@ main() {
   if [[ ${DEPLOY_LOCK_FD:-} != 9 ]]; then exec 9>"$STATE_DIR/lock"; fi
   flock -n 9 || fail "another deploy holds $STATE_DIR/lock; wait for it to finish"
   if [[ -n $ADMIN_PORT ]] && ! [[ $ADMIN_PORT =~ ^[1-9][0-9]{0,4}$ && $ADMIN_PORT -le 65535 &&
-    $ADMIN_PORT != 80 && $ADMIN_PORT != "$APP_PORT" ]]; then
+    $ADMIN_PORT != 80 && $ADMIN_PORT != "$APP_PORT" && $ADMIN_PORT != "$HTTP_PORT" ]]; then
     fail "ADMIN_PORT must be a port number other than 80 and $APP_PORT (nginx's and the app's public ports" \
-      "inside their containers), not '$ADMIN_PORT'; unset it to serve everything on port $HTTP_PORT"
+      "inside their containers) and HTTP_PORT, not '$ADMIN_PORT'; unset it to serve everything on port $HTTP_PORT"
   fi
   case ${1:-} in
     deploy)

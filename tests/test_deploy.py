@@ -658,8 +658,9 @@ def test_setting_admin_port_on_a_host_whose_proxy_predates_it_fails_before_anyth
     assert set(serving.containers()) == {GREEN, PROXY}
 
 
-@pytest.mark.parametrize("value", ["80", "8000", "9100x", "-1", "70000"])
+@pytest.mark.parametrize("value", ["80", "8000", "HTTP_PORT", "9100x", "-1", "70000"])
 def test_admin_port_must_be_a_free_port_number(host: Host, value: str):
+    value = str(host.http_port) if value == "HTTP_PORT" else value
     result = host.deploy("v1", ADMIN_PORT=value)
     assert result.returncode == 1
     assert "ADMIN_PORT must be a port number other than 80 and 8000" in result.stderr and value in result.stderr

@@ -611,7 +611,7 @@ def nginx_config(data: dict[str, Any], proxy: dict[str, Any]) -> dict[str, Any]:
             line = text[: match.start(2)].count("\n") + 1
             raise NginxError(f'nginx: [emerg] host not found in upstream "{match[2]}:{match[3]}" in {where}:{line}')
         upstreams[match[1]] = (match[2], int(match[3]))
-    servers = []
+    servers: list[dict[str, Any]] = []
     for body in server_blocks(text):
         proxy_pass = re.search(r"\bproxy_pass\s+http://(\w+)\s*;", body)
         if not proxy_pass or proxy_pass[1] not in upstreams:
