@@ -17,6 +17,13 @@
 # prints the new container's last log lines and exits 1. A reload nginx refuses (non-zero exit) or does not apply
 # (port $HTTP_PORT keeps answering from the old container) is such a failure.
 #
+# With ADMIN_PORT set the app answers /reload and /metrics only on its admin port (serving/admin.py), and nginx
+# proxies host port $ADMIN_PORT to the live colour's admin port: a second `server` block in the same file, switched by
+# the same reload, so both ports always name one colour. The app listens there on 0.0.0.0 (ADMIN_HOST): inside the
+# container, 127.0.0.1 is the container's own loopback, which nginx cannot reach. The port is published on all the
+# host's interfaces; the security group opens it to AdminIngressCidr only. After the switch, port $ADMIN_PORT must
+# answer GET /metrics from the new container and port $HTTP_PORT must answer it 404, or the release fails as above.
+#
 # The live container is the one nginx serves now: the X-Served-By header of its answer on port $HTTP_PORT (set by
 # the configuration nginx has loaded), not the configuration file, which a failed reload leaves out of step.
 #
@@ -26,6 +33,8 @@
 #                            AWS_DEFAULT_REGION, ...), passed with --env-file; none of it is in the image
 #   RELOAD_TOKEN_SECRET_ARN  Secrets Manager secret whose value becomes the app's RELOAD_TOKEN (read with the
 #                            instance role); unset: ENV_FILE may set RELOAD_TOKEN itself
+#   ADMIN_PORT               the app's admin port (/reload, /metrics), also nginx's on the host (unset or 0: none,
+#                            everything on $HTTP_PORT); the stack writes it into deploy.env and serve.env
 #   HTTP_PORT=80  BLUE_PORT=8001  GREEN_PORT=8002  NETWORK=housing  PROXY=housing-proxy  PROXY_IMAGE=nginx:1.27-alpine
 #   READY_TIMEOUT_S=180      time for the new container to answer /ready (it downloads and checks the model)
 #   SWITCH_TIMEOUT_S=15      time for port $HTTP_PORT to answer from the new container after the switch
@@ -43,6 +52,8 @@ if [[ -f $DEPLOY_CONFIG ]]; then
 fi
 ENV_FILE=${ENV_FILE:-/etc/housing/serve.env}
 HTTP_PORT=${HTTP_PORT:-80}
+ADMIN_PORT=${ADMIN_PORT:-}
+if [[ $ADMIN_PORT == 0 ]]; then ADMIN_PORT=""; fi
 BLUE_PORT=${BLUE_PORT:-8001}
 GREEN_PORT=${GREEN_PORT:-8002}
 NETWORK=${NETWORK:-housing}
@@ -153,7 +164,7 @@ smoke_test() { # $1 container, $2 its host port
 
 write_conf() { # $1 upstream container. nginx reads conf.d/*.conf only: the .new file is inert until renamed
   cat >"$CONF.new" <<EOF
-# Written by scripts/deploy.sh: port $HTTP_PORT -> $1
+# Written by scripts/deploy.sh: port $HTTP_PORT -> $1${ADMIN_PORT:+, port $ADMIN_PORT -> its admin port}
 upstream app { server $1:$APP_PORT; }
 server {
   listen 80;
@@ -166,6 +177,21 @@ server {
   }
 }
 EOF
+  if [[ -n $ADMIN_PORT ]]; then
+    cat >>"$CONF.new" <<EOF
+# port $ADMIN_PORT (private: the security group) -> the admin port of $1: /reload, /metrics
+upstream admin { server $1:$ADMIN_PORT; }
+server {
+  listen $ADMIN_PORT;
+  location / {
+    proxy_pass http://admin;
+    proxy_set_header Host \$host;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    add_header X-Served-By $1 always;
+  }
+}
+EOF
+  fi
   if [[ -f $CONF ]]; then cp "$CONF" "$CONF.previous"; fi
   switching=1
   mv "$CONF.new" "$CONF"
@@ -174,6 +200,14 @@ EOF
 serves() { # $1 container: port $HTTP_PORT answers GET /ready, through nginx, from it
   curl -fsS --max-time 5 -D - -o /dev/null "http://127.0.0.1:$HTTP_PORT/ready" 2>/dev/null |
     tr -d '\r' | grep -qix "x-served-by: $1"
+}
+
+serves_admin() { # $1 container: port $ADMIN_PORT answers GET /metrics from it, port $HTTP_PORT answers it 404
+  local public
+  curl -fsS --max-time 5 -D - -o /dev/null "http://127.0.0.1:$ADMIN_PORT/metrics" 2>/dev/null |
+    tr -d '\r' | grep -qix "x-served-by: $1" || return 1
+  public=$(curl -sS --max-time 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$HTTP_PORT/metrics" 2>/dev/null)
+  [[ $public == 404 ]]
 }
 
 served_by() { # the container nginx's loaded configuration sends port $HTTP_PORT to ("" when no proxy runs)
@@ -189,7 +223,8 @@ served_by() { # the container nginx's loaded configuration sends port $HTTP_PORT
 }
 
 switch_to() { # $1 container
-  local output deadline=$((SECONDS + SWITCH_TIMEOUT_S))
+  local output deadline=$((SECONDS + SWITCH_TIMEOUT_S)) publish=(-p "$HTTP_PORT:80")
+  if [[ -n $ADMIN_PORT ]]; then publish+=(-p "$ADMIN_PORT:$ADMIN_PORT"); fi
   write_conf "$1"
   if [[ $(status_of "$PROXY") == running ]]; then
     output=$(docker exec "$PROXY" nginx -t 2>&1) || fail "nginx refused the new configuration: $output"
@@ -197,7 +232,7 @@ switch_to() { # $1 container
   else
     ! exists "$PROXY" || docker rm -f "$PROXY" >/dev/null
     proxy_started=1
-    docker run -d --name "$PROXY" --restart unless-stopped --network "$NETWORK" -p "$HTTP_PORT:80" \
+    docker run -d --name "$PROXY" --restart unless-stopped --network "$NETWORK" "${publish[@]}" \
       -v "$STATE_DIR/nginx:/etc/nginx/conf.d:ro" --log-opt max-size=10m --log-opt max-file=3 \
       "$PROXY_IMAGE" >/dev/null || fail "could not start $PROXY on port $HTTP_PORT"
   fi
@@ -206,18 +241,36 @@ switch_to() { # $1 container
       "(nginx did not apply the new configuration: see docker logs $PROXY)"
     sleep "$POLL_INTERVAL_S"
   done
+  if [[ -n $ADMIN_PORT ]]; then
+    until serves_admin "$1"; do
+      ((SECONDS < deadline)) || fail "port $ADMIN_PORT did not answer GET /metrics from $1, or port $HTTP_PORT" \
+        "did not answer it 404, within ${SWITCH_TIMEOUT_S}s: does $1's image predate ADMIN_PORT (serving/admin.py)?"
+      sleep "$POLL_INTERVAL_S"
+    done
+  fi
   rm -f "$CONF.previous"
 }
 
 release() { # $1 image reference
-  local image=$1 colour port current token_args=()
+  local image=$1 colour port current token_args=() admin_args=()
   [[ -f $ENV_FILE ]] || fail "$ENV_FILE is missing: write the app's settings in it (MLFLOW_TRACKING_URI=..., README)"
+  if [[ -z $ADMIN_PORT ]] && grep -qE '^ADMIN_PORT=0*[1-9]' "$ENV_FILE"; then # the app would hide /metrics from nginx
+    fail "$ENV_FILE sets ADMIN_PORT but this deploy has none: set the same ADMIN_PORT in $DEPLOY_CONFIG, so that" \
+      "nginx routes it (or remove it from $ENV_FILE)"
+  fi
   fetch_image "$image"
   if [[ -n ${RELOAD_TOKEN_SECRET_ARN:-} ]]; then
     read_reload_token
     token_args=(-e RELOAD_TOKEN) # the name only: docker copies the value, which stays off the command line
   fi
   live=$(served_by) || exit 1
+  if [[ -n $ADMIN_PORT && -n $live ]] && ! docker port "$PROXY" "$ADMIN_PORT" >/dev/null 2>&1; then
+    fail "$PROXY does not publish port $ADMIN_PORT: it started before ADMIN_PORT was set. Recreate it:" \
+      "docker rm -f $PROXY, then deploy again (port $HTTP_PORT answers nothing until that deploy switches)"
+  fi
+  if [[ -n $ADMIN_PORT ]]; then # 0.0.0.0 inside the container: nginx reaches it over $NETWORK, not its loopback
+    admin_args=(-e "ADMIN_PORT=$ADMIN_PORT" -e ADMIN_HOST=0.0.0.0)
+  fi
   if [[ -z $live ]]; then # no proxy runs, so nothing is served: the file names the colour to replace last
     live=$(sed -n "s/^upstream app { server \($APP-[a-z]*\):.*/\1/p" "$CONF" 2>/dev/null || true)
   fi
@@ -228,7 +281,8 @@ release() { # $1 image reference
   log "starting $image as $APP-$colour on 127.0.0.1:$port"
   candidate=$APP-$colour
   docker run -d --name "$candidate" --restart unless-stopped --network "$NETWORK" -p "127.0.0.1:$port:$APP_PORT" \
-    --env-file "$ENV_FILE" "${token_args[@]}" -e PORT=$APP_PORT --log-opt max-size=10m --log-opt max-file=3 \
+    --env-file "$ENV_FILE" "${token_args[@]}" -e PORT=$APP_PORT "${admin_args[@]}" \
+    --log-opt max-size=10m --log-opt max-file=3 \
     "$image" >/dev/null || fail "could not start $candidate"
   wait_until_ready "$candidate" "$port"
   smoke_test "$candidate" "$port"
@@ -262,6 +316,11 @@ main() {
   mkdir -p "$STATE_DIR/nginx"
   if [[ ${DEPLOY_LOCK_FD:-} != 9 ]]; then exec 9>"$STATE_DIR/lock"; fi
   flock -n 9 || fail "another deploy holds $STATE_DIR/lock; wait for it to finish"
+  if [[ -n $ADMIN_PORT ]] && ! [[ $ADMIN_PORT =~ ^[1-9][0-9]{0,4}$ && $ADMIN_PORT -le 65535 &&
+    $ADMIN_PORT != 80 && $ADMIN_PORT != "$APP_PORT" && $ADMIN_PORT != "$HTTP_PORT" ]]; then
+    fail "ADMIN_PORT must be a port number other than 80 and $APP_PORT (nginx's and the app's public ports" \
+      "inside their containers) and HTTP_PORT, not '$ADMIN_PORT'; unset it to serve everything on port $HTTP_PORT"
+  fi
   case ${1:-} in
     deploy)
       [[ -n ${IMAGE:-} && -n ${IMAGE_TAG:-} ]] ||

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ class Host:
             "MODEL_ALIAS=champion\n"
         )
         self.http_port = free_port()
+        self.admin_port = free_port()  # used once deploy.env sets ADMIN_PORT (`admin_host`)
         self.settings = {
             "PATH": f"{FAKE_DOCKER}{os.pathsep}{os.environ['PATH']}",
             "FAKE_DOCKER_PYTHON": sys.executable,
@@ -126,6 +128,20 @@ class Host:
             assert isinstance(json.loads(response.read())["prediction"], float)
             return f"{response.headers['X-Fake-Image']} by {response.headers['X-Served-By']}"
 
+    def get(self, port: int, path: str) -> tuple[int, dict[str, str]]:
+        """GET a path on a host port: the status and the headers (an error status is an answer too)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                return response.status, dict(response.headers)
+        except urllib.error.HTTPError as error:
+            return error.code, dict(error.headers)
+
+    def admin_image(self) -> str:
+        """GET /metrics on the admin port, as Prometheus scrapes it: which image answered, through which container."""
+        status, headers = self.get(self.admin_port, "/metrics")
+        assert status == 200, (status, headers)
+        return f"{headers['X-Fake-Image']} by {headers['X-Served-By']}"
+
     def stop_containers(self) -> None:
         if not (self.docker_state / "state.json").exists():
             return
@@ -153,15 +169,35 @@ def serving(host: Host) -> Host:
     return host
 
 
-def assert_port_kept_serving(host: Host, calls: list[dict], from_the_start: bool) -> None:
-    """Once port HTTP_PORT served /predict, it did after every later docker call."""
+def assert_port_kept_serving(
+    host: Host, calls: list[dict], from_the_start: bool, port: int | None = None, kind: str = "serving"
+) -> None:
+    """Once port HTTP_PORT served /predict (`port` /metrics, with kind "admin"), it did after every later docker
+    call."""
+    port = port or host.http_port
     serving = from_the_start
     for number, call in enumerate(calls):
-        if host.http_port in call["serving"]:
+        if port in call[kind]:
             serving = True
         else:
-            assert not serving, f"no container served port 80 after call {number}: docker {' '.join(call['argv'])}"
+            assert not serving, f"nothing served port {port} after call {number}: docker {' '.join(call['argv'])}"
     assert serving
+
+
+@pytest.fixture
+def admin_host(host: Host) -> Host:
+    """A host whose deploy.env sets ADMIN_PORT, as the stack writes it."""
+    Path(host.settings["DEPLOY_CONFIG"]).write_text(f"ADMIN_PORT={host.admin_port}\n")
+    return host
+
+
+@pytest.fixture
+def admin_serving(admin_host: Host) -> Host:
+    """An admin-port host serving v1 from the blue container, with the calls of that first release forgotten."""
+    result = admin_host.deploy("v1")
+    assert result.returncode == 0, result.stderr
+    (admin_host.docker_state / "calls.jsonl").unlink()
+    return admin_host
 
 
 def test_first_release_starts_the_app_and_the_proxy_on_port_80(host: Host):
@@ -184,6 +220,8 @@ def test_first_release_starts_the_app_and_the_proxy_on_port_80(host: Host):
     assert app["restart"] == containers[PROXY]["restart"] == "unless-stopped"
     assert app["network"] == containers[PROXY]["network"] == "housing"
     assert [(p["host_port"], p["container_port"]) for p in containers[PROXY]["ports"]] == [(host.http_port, 80)]
+    assert host.get(host.http_port, "/metrics")[0] == 200  # without ADMIN_PORT, /metrics stays on port 80
+    assert "admin" not in (host.state_dir / "nginx" / "default.conf").read_text()
     assert_port_kept_serving(host, host.calls(), from_the_start=False)
 
 
@@ -464,8 +502,10 @@ def test_reload_token_comes_from_secrets_manager_and_stays_off_command_lines(ser
     assert serving.served_image() == f"{IMAGE}:v2 by {GREEN}"
 
 
-def test_every_docker_call_is_accepted_by_the_real_docker_cli(serving: Host, tmp_path: Path):
+@pytest.mark.parametrize("setup", ["serving", "admin_serving"])
+def test_every_docker_call_is_accepted_by_the_real_docker_cli(setup: str, request, tmp_path: Path):
     """The real client parses its arguments before it needs a daemon: all of deploy.sh's calls must get that far."""
+    serving: Host = request.getfixturevalue(setup)
     assert serving.deploy("v2").returncode == 0
     assert serving.deploy("broken").returncode == 1
     assert serving.run("rollback").returncode == 0
@@ -473,6 +513,7 @@ def test_every_docker_call_is_accepted_by_the_real_docker_cli(serving: Host, tmp
     assert real, "this test needs the docker CLI (the client is enough)"
     shapes = {tuple(call["argv"]) for call in serving.calls()}
     assert {shape[0] for shape in shapes} >= {"pull", "network", "inspect", "run", "exec", "logs", "rm", "stop"}
+    assert ("port" in {shape[0] for shape in shapes}) == (setup == "admin_serving")
     for argv in sorted(shapes):
         result = subprocess.run(
             [real, *argv],
@@ -530,3 +571,113 @@ def test_the_deploy_jobs_commands_leave_the_host_on_the_deployed_commit(host: Ho
     assert result.returncode == 0, result.stdout + result.stderr
     assert git("rev-parse", "HEAD", cwd=clone) == deployed
     assert host.served_image() == f"{IMAGE}:{deployed} by {BLUE}"
+
+
+def test_with_admin_port_metrics_answer_there_from_the_live_colour_and_404_on_port_80(admin_host: Host):
+    result = admin_host.deploy("v1")
+    assert result.returncode == 0, result.stderr
+    admin = admin_host.admin_port
+    assert admin_host.served_image() == f"{IMAGE}:v1 by {BLUE}"
+    assert admin_host.admin_image() == f"{IMAGE}:v1 by {BLUE}"
+    assert admin_host.get(admin_host.http_port, "/metrics")[0] == 404
+    assert admin_host.get(admin, "/ready")[0] == 404  # the admin port serves the admin endpoints only
+
+    containers = admin_host.containers()
+    env = containers[BLUE]["env"]
+    assert (env["ADMIN_PORT"], env["ADMIN_HOST"]) == (str(admin), "0.0.0.0")  # nginx cannot reach its loopback
+    assert [(p["host_ip"], p["container_port"]) for p in containers[BLUE]["ports"]] == [("127.0.0.1", 8000)]
+    assert [(p["host_port"], p["container_port"]) for p in containers[PROXY]["ports"]] == [
+        (admin_host.http_port, 80),
+        (admin, admin),
+    ]
+
+    result = admin_host.deploy("v2")
+    assert result.returncode == 0, result.stderr
+    assert admin_host.served_image() == f"{IMAGE}:v2 by {GREEN}"
+    assert admin_host.admin_image() == f"{IMAGE}:v2 by {GREEN}"
+    assert admin_host.get(admin_host.http_port, "/metrics")[0] == 404
+    assert set(admin_host.containers()) == {GREEN, PROXY}
+    calls = admin_host.calls()
+    assert_port_kept_serving(admin_host, calls, from_the_start=False)
+    assert_port_kept_serving(admin_host, calls, from_the_start=False, port=admin, kind="admin")
+
+
+def test_with_admin_port_rollback_moves_both_ports_together(admin_serving: Host):
+    assert admin_serving.deploy("v2").returncode == 0
+
+    result = admin_serving.run("rollback")
+
+    assert result.returncode == 0, result.stderr
+    assert admin_serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+    assert admin_serving.admin_image() == f"{IMAGE}:v1 by {BLUE}"
+    assert admin_serving.get(admin_serving.http_port, "/metrics")[0] == 404
+    calls = admin_serving.calls()
+    assert_port_kept_serving(admin_serving, calls, from_the_start=True)
+    assert_port_kept_serving(admin_serving, calls, from_the_start=True, port=admin_serving.admin_port, kind="admin")
+    # after every call, the two ports were served by the same colour's app or by no app at all
+    for call in calls:
+        assert (admin_serving.http_port in call["serving"]) == (admin_serving.admin_port in call["admin"]), call
+
+
+def test_with_admin_port_an_image_that_predates_it_is_not_switched_to(admin_serving: Host):
+    """Rolling forward (or back) to an app without ADMIN_PORT would publish /metrics on port 80 and leave the admin
+    port answering 502: the check after the switch catches it, and both ports go back to the live colour."""
+    conf = (admin_serving.state_dir / "nginx" / "default.conf").read_text()
+
+    result = admin_serving.deploy("v0-noadmin")
+
+    assert result.returncode == 1
+    assert f"port {admin_serving.admin_port} did not answer GET /metrics from {GREEN}" in result.stderr
+    assert f"removed {GREEN}; port {admin_serving.http_port} is served as before, by {BLUE}" in result.stderr
+    assert (admin_serving.state_dir / "nginx" / "default.conf").read_text() == conf
+    assert set(admin_serving.containers()) == {BLUE, PROXY}
+    assert admin_serving.state() == f"CURRENT={IMAGE}:v1\nPREVIOUS=\n"
+    assert admin_serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+    assert admin_serving.admin_image() == f"{IMAGE}:v1 by {BLUE}"
+    assert admin_serving.get(admin_serving.http_port, "/metrics")[0] == 404
+    assert_port_kept_serving(admin_serving, admin_serving.calls(), from_the_start=True)
+
+
+def test_setting_admin_port_on_a_host_whose_proxy_predates_it_fails_before_anything_starts(serving: Host):
+    """The running nginx does not publish the admin port; recreating it would take port 80 down: that is the
+    operator's call, so the deploy says how and changes nothing."""
+    result = serving.deploy("v2", ADMIN_PORT=str(serving.admin_port))
+
+    assert result.returncode == 1
+    assert f"{PROXY} does not publish port {serving.admin_port}: it started before ADMIN_PORT was set" in result.stderr
+    assert f"docker rm -f {PROXY}, then deploy again" in result.stderr
+    assert "run" not in [call["argv"][0] for call in serving.calls()]
+    assert set(serving.containers()) == {BLUE, PROXY}
+    assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+    assert serving.docker("rm", "-f", PROXY).returncode == 0  # the fix the message names
+    result = serving.deploy("v2", ADMIN_PORT=str(serving.admin_port))
+    assert result.returncode == 0, result.stderr
+    assert serving.served_image() == f"{IMAGE}:v2 by {GREEN}"
+    assert serving.admin_image() == f"{IMAGE}:v2 by {GREEN}"
+    assert set(serving.containers()) == {GREEN, PROXY}
+
+
+@pytest.mark.parametrize("value", ["80", "8000", "HTTP_PORT", "9100x", "-1", "70000"])
+def test_admin_port_must_be_a_free_port_number(host: Host, value: str):
+    value = str(host.http_port) if value == "HTTP_PORT" else value
+    result = host.deploy("v1", ADMIN_PORT=value)
+    assert result.returncode == 1
+    assert "ADMIN_PORT must be a port number other than 80 and 8000" in result.stderr and value in result.stderr
+    assert not (host.docker_state / "calls.jsonl").exists()
+
+
+def test_admin_port_0_means_none(host: Host):
+    result = host.deploy("v1", ADMIN_PORT="0")
+    assert result.returncode == 0, result.stderr
+    assert "ADMIN_PORT" not in host.containers()[BLUE]["env"]
+    assert host.get(host.http_port, "/metrics")[0] == 200
+
+
+def test_admin_port_in_the_apps_settings_only_fails_before_anything_starts(host: Host):
+    """The app would move /metrics to its container's loopback, where neither nginx nor Prometheus reaches it."""
+    host.env_file.write_text(host.env_file.read_text() + "ADMIN_PORT=9100\n")
+    result = host.deploy("v1")
+    assert result.returncode == 1
+    assert "serve.env sets ADMIN_PORT but this deploy has none: set the same ADMIN_PORT in" in result.stderr
+    assert not (host.docker_state / "calls.jsonl").exists()

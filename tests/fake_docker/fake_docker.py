@@ -3,7 +3,8 @@
 `tests/fake_docker/docker` runs `fake_docker.py cli ARGS...`. State lives in the directory $FAKE_DOCKER_STATE:
 
     state.json     images, networks and containers (written under state.lock)
-    calls.jsonl    one line per call: its argv, exit status, and the host ports served after it ("serving")
+    calls.jsonl    one line per call: its argv, exit status, and the host ports that served /predict after it
+                   ("serving") and those that served the admin endpoint /metrics ("admin")
     logs/ID.log    what a container printed: what `docker logs` shows
     registry-down  while this file exists, pulls fail as if Docker Hub were unreachable
     nginx-reload-fails    while it exists, `nginx -s reload` fails to signal the master (exit 1)
@@ -13,15 +14,20 @@
 A container is a process (`fake_docker.py container SPEC`) listening on 127.0.0.1 at its published host ports and
 at an internal port that stands for its address on a docker network. What it does depends on its image:
 
-    nginx*     a reverse proxy configured by the *.conf files mounted at /etc/nginx/conf.d: `listen`, one
-               `upstream NAME { server HOST:PORT; }` with HOST a running container on the proxy's user-defined
-               network, `proxy_pass http://NAME;` and `add_header`. `docker exec PROXY nginx -t` and
-               `nginx -s reload` behave like nginx: both parse the configuration first and exit 1 on an error
-               (the master keeps the old one); `add_header ... always` is added to nginx's own 502 as well.
+    nginx*     a reverse proxy configured by the *.conf files mounted at /etc/nginx/conf.d: `upstream NAME
+               { server HOST:PORT; }` blocks with HOST a running container on the proxy's user-defined network,
+               and `server` blocks with `listen`, `proxy_pass http://NAME;` and `add_header`; a reload applies
+               new `listen`s too (reachable from the host where `docker run -p` published them).
+               `docker exec PROXY nginx -t` and `nginx -s reload` behave like nginx: both parse the configuration
+               first and exit 1 on an error (the master keeps the old one); `add_header ... always` is added to
+               nginx's own 502 as well. `docker port PROXY PORT` names where PORT is published.
     any other  the serving app on $PORT (8000): GET /health, GET /ready, POST /predict. By image tag:
                "broken" never gets ready, "slow" gets ready 1 s after its start, "badpredict" answers /predict
                with 500, "crash" exits at once. Without MLFLOW_TRACKING_URI or MODEL_URI in its environment it
-               never gets ready either, like serve.py without a registry.
+               never gets ready either, like serve.py without a registry. GET /metrics answers 200; with
+               ADMIN_PORT set it moves to that port, which listens on ADMIN_HOST (127.0.0.1 unless set: the
+               container's own loopback, out of reach of published ports and other containers), and both ports
+               answer 404 for the other's endpoints. Tags containing "noadmin" predate ADMIN_PORT: it is ignored.
 
 Tags containing "missing" are not in the registry. Errors use docker's messages and exit statuses (125 for
 `docker run` and for flag errors). A real command, option or template this fake does not simulate exits 2 with
@@ -57,6 +63,7 @@ LOAD_ERROR = (
     "RESOURCE_DOES_NOT_EXIST: Registered model alias champion not found."
 )
 NGINX_CONF_DIR = "/etc/nginx/conf.d"
+ADMIN_PATHS = frozenset({"/reload", "/metrics"})
 # The app's input fields (features.FEATURES), listed here: importing features.py (numpy, scipy, scikit-learn)
 # would cost every `docker` call a second.
 FEATURES = (
@@ -225,9 +232,10 @@ class Store:
 
     def record(self, args: list[str], status: int) -> None:
         with self.locked() as data:
-            served = serving_ports(data, time.time())
+            now = time.time()
+            served, admin = serving_ports(data, now), serving_ports(data, now, "admin")
         with open(self.root / "calls.jsonl", "a") as calls:
-            calls.write(json.dumps({"argv": args, "status": status, "serving": served}) + "\n")
+            calls.write(json.dumps({"argv": args, "status": status, "serving": served, "admin": admin}) + "\n")
 
 
 def alive(pid: int) -> bool:
@@ -253,10 +261,25 @@ def configured(env: dict[str, str]) -> bool:
     return bool(env.get("MLFLOW_TRACKING_URI") or env.get("MODEL_URI"))
 
 
-def listening_port(container: dict[str, Any]) -> int:
+def app_ports(container: dict[str, Any]) -> dict[int, str]:
+    """The app's listening ports reachable from outside the container, each "public" or "admin" (serving/admin.py):
+    with ADMIN_PORT set (and not 0) the admin endpoints move to it, on ADMIN_HOST, 127.0.0.1 unless set: the
+    container's own loopback, which neither its published ports nor other containers reach. Images tagged
+    "noadmin" predate ADMIN_PORT and ignore it."""
+    env = container["env"]
+    ports = {int(env.get("PORT") or APP_PORT): "public"}
+    admin = int(env.get("ADMIN_PORT") or 0)
+    reachable = env.get("ADMIN_HOST", "127.0.0.1") in ("0.0.0.0", "::")
+    if admin and admin not in ports and reachable and "noadmin" not in split_reference(container["image"])[1]:
+        ports[admin] = "admin"
+    return ports
+
+
+def listening_ports(container: dict[str, Any]) -> list[int]:
+    """Container ports something listens on (outside the container's loopback)."""
     if container["behaviour"] == "proxy":
-        return container["config"]["listen"]
-    return int(container["env"].get("PORT") or APP_PORT)
+        return [server["listen"] for server in container["config"]["servers"]]
+    return list(app_ports(container))
 
 
 def resolve(data: dict[str, Any], proxy: dict[str, Any], host: str) -> dict[str, Any] | None:
@@ -272,25 +295,36 @@ def resolve(data: dict[str, Any], proxy: dict[str, Any], host: str) -> dict[str,
     return target
 
 
-def upstream_of(data: dict[str, Any], proxy: dict[str, Any]) -> dict[str, Any] | None:
-    config = proxy["config"]
-    target = resolve(data, proxy, config["upstream"])
-    if target is None or listening_port(target) != config["upstream_port"]:
+def server_for(proxy: dict[str, Any], container_port: int) -> dict[str, Any] | None:
+    """The `server` block of the proxy's loaded configuration that listens on `container_port`."""
+    return next((s for s in proxy["config"]["servers"] if s["listen"] == container_port), None)
+
+
+def upstream_of(data: dict[str, Any], proxy: dict[str, Any], server: dict[str, Any]) -> dict[str, Any] | None:
+    """The container `server` proxies to, if it resolves and listens (reachably) on the upstream's port."""
+    target = resolve(data, proxy, server["upstream"])
+    if target is None or server["upstream_port"] not in listening_ports(target):
         return None
     return target
 
 
-def serving_ports(data: dict[str, Any], now: float) -> list[int]:
-    """Host ports where a request would reach an app that answers /predict."""
+def serving_ports(data: dict[str, Any], now: float, role: str = "public") -> list[int]:
+    """Host ports where a request would reach an app that answers /predict ("public") or /metrics ("admin")."""
     served = []
     for container in data["containers"].values():
         if container["status"] != "running":
             continue
-        app = upstream_of(data, container) if container["behaviour"] == "proxy" else container
-        if app is not None and app_serves(app, now):
-            served += [
-                port["host_port"] for port in container["ports"] if port["container_port"] == listening_port(container)
-            ]
+        for port in container["ports"]:
+            if container["behaviour"] == "proxy":
+                server = server_for(container, port["container_port"])
+                app = upstream_of(data, container, server) if server else None
+                app_port = server["upstream_port"] if server else 0
+            else:
+                app, app_port = container, port["container_port"]
+            if app is None or app_ports(app).get(app_port) != role:
+                continue
+            if app_serves(app, now) if role == "public" else app["status"] == "running":
+                served.append(port["host_port"])
     return sorted(served)
 
 
@@ -329,6 +363,7 @@ def dispatch(store: Store, args: list[str]) -> int:
         "rm": remove,
         "stop": stop,
         "network": network,
+        "port": port,
     }
     if command not in handlers:
         raise NotSimulated(f"`docker {' '.join(args[:2])}`")
@@ -505,8 +540,8 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
                     f"{port['host_ip']}:{port['host_port']} failed: port is already allocated.",
                     125,
                 )
-    listen = listening_port(container)
-    sockets = [(bind("127.0.0.1", 0, container, None), listen)]  # the container's own address on its network
+    # The container's own address on its network: one socket per port something listens on, at start.
+    sockets = [(bind("127.0.0.1", 0, container, None), listen) for listen in listening_ports(container)]
     try:
         for port in container["ports"]:
             sockets.append((bind("127.0.0.1", port["host_port"], container, port), port["container_port"]))
@@ -515,7 +550,7 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
         for sock, _ in sockets:
             sock.close()
         raise
-    endpoint = sockets[0][0].getsockname()[1]
+    endpoints = {str(port): sock.getsockname()[1] for sock, port in sockets[: len(listening_ports(container))]}
     spec = {
         "name": container["name"],
         "id": container["id"],
@@ -523,7 +558,7 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
         "image": container["image"],
         "behaviour": container["behaviour"],
         "env": container["env"],
-        "listen": listen,
+        "listen": listening_ports(container),
         "started_at": time.time(),
         "sockets": [[sock.fileno(), port] for sock, port in sockets],
     }
@@ -538,7 +573,7 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
         )
     for sock, _ in sockets:
         sock.close()
-    container.update(status="running", pid=process.pid, started_at=spec["started_at"], endpoint=endpoint)
+    container.update(status="running", pid=process.pid, started_at=spec["started_at"], endpoints=endpoints)
 
 
 def bind(host: str, port: int, container: dict[str, Any], published_port: dict[str, Any] | None) -> socket.socket:
@@ -570,21 +605,46 @@ def nginx_config(data: dict[str, Any], proxy: dict[str, Any]) -> dict[str, Any]:
     where = f"{NGINX_CONF_DIR}/{files[-1].name}" if files else NGINX_CONF_DIR
     if text.count("{") != text.count("}"):
         raise NginxError(f'nginx: [emerg] unexpected end of file, expecting "}}" in {where}')
-    upstream = re.search(r"\bupstream\s+(\w+)\s*\{\s*server\s+([\w.-]+):(\d+)\s*;\s*\}", text)
-    proxy_pass = re.search(r"\bproxy_pass\s+http://(\w+)\s*;", text)
-    if not upstream or not proxy_pass or proxy_pass[1] != upstream[1]:
-        raise NotSimulated("an nginx configuration without one upstream block and its proxy_pass")
-    if resolve(data, proxy, upstream[2]) is None:
-        line = text[: upstream.start(2)].count("\n") + 1
-        raise NginxError(f'nginx: [emerg] host not found in upstream "{upstream[2]}:{upstream[3]}" in {where}:{line}')
-    listen = re.search(r"\blisten\s+(\d+)\s*;", text)
-    headers = re.findall(r"\badd_header\s+(\S+)\s+\"?([^\s\";]+)\"?(\s+always)?\s*;", text)
-    return {
-        "listen": int(listen[1]) if listen else 80,
-        "upstream": upstream[2],
-        "upstream_port": int(upstream[3]),
-        "headers": [[name, value, bool(always)] for name, value, always in headers],
-    }
+    upstreams = {}
+    for match in re.finditer(r"\bupstream\s+(\w+)\s*\{\s*server\s+([\w.-]+):(\d+)\s*;\s*\}", text):
+        if resolve(data, proxy, match[2]) is None:  # nginx resolves every upstream when it loads the configuration
+            line = text[: match.start(2)].count("\n") + 1
+            raise NginxError(f'nginx: [emerg] host not found in upstream "{match[2]}:{match[3]}" in {where}:{line}')
+        upstreams[match[1]] = (match[2], int(match[3]))
+    servers: list[dict[str, Any]] = []
+    for body in server_blocks(text):
+        proxy_pass = re.search(r"\bproxy_pass\s+http://(\w+)\s*;", body)
+        if not proxy_pass or proxy_pass[1] not in upstreams:
+            raise NotSimulated("an nginx server block without a proxy_pass to one of the upstream blocks")
+        listen = re.search(r"\blisten\s+(\d+)\s*;", body)
+        port = int(listen[1]) if listen else 80
+        if any(server["listen"] == port for server in servers):
+            raise NginxError(f"nginx: [emerg] a duplicate listen 0.0.0.0:{port} in {where}")
+        headers = re.findall(r"\badd_header\s+(\S+)\s+\"?([^\s\";]+)\"?(\s+always)?\s*;", body)
+        host, upstream_port = upstreams[proxy_pass[1]]
+        servers.append(
+            {
+                "listen": port,
+                "upstream": host,
+                "upstream_port": upstream_port,
+                "headers": [[name, value, bool(always)] for name, value, always in headers],
+            }
+        )
+    if not servers:
+        raise NotSimulated("an nginx configuration without a server block")
+    return {"servers": servers}
+
+
+def server_blocks(text: str) -> list[str]:
+    """The bodies of the top-level `server { ... }` blocks (braces balanced: nginx_config counted them)."""
+    bodies = []
+    for match in re.finditer(r"(?m)^\s*server\s*\{", text):
+        depth, position = 1, match.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[position], 0)
+            position += 1
+        bodies.append(text[match.end() : position - 1])
+    return bodies
 
 
 def find(data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -714,7 +774,7 @@ def execute(store: Store, args: list[str]) -> int:
                 log.write("nginx: [alert] could not apply the new configuration; the old one stays\n")
             print("[notice] signal process started", file=sys.stderr)
         else:
-            container["config"] = {**config, "listen": container["config"]["listen"]}  # sockets stay as they are
+            container["config"] = config  # the published ports stay as `docker run` set them
             print("[notice] signal process started", file=sys.stderr)
     return 0
 
@@ -784,6 +844,25 @@ def terminate(container: dict[str, Any], first: signal.Signals, grace_s: float) 
             time.sleep(0.01)
 
 
+def port(store: Store, args: list[str]) -> int:
+    """`docker port CONTAINER PRIVATE_PORT[/tcp]`: the host addresses that container port is published on."""
+    spec = Spec("port")
+    _, positional = spec.parse(args)
+    spec.require(positional, 1, 2)
+    if len(positional) == 1:
+        raise NotSimulated("`docker port` without a private port")
+    match = re.fullmatch(r"(\d+)(?:/tcp)?", positional[1])
+    if not match:
+        raise NotSimulated(f"`docker port` of {positional[1]!r}")
+    with store.locked() as data:
+        container = find(data, positional[0])
+    addresses = [f"{p['host_ip']}:{p['host_port']}" for p in container["ports"] if p["container_port"] == int(match[1])]
+    if container["status"] != "running" or not addresses:
+        raise DockerError(f"Error: No public port '{match[1]}/tcp' published for {positional[0]}")
+    print("\n".join(addresses))
+    return 0
+
+
 def network(store: Store, args: list[str]) -> int:
     if args[:1] not in (["create"], ["inspect"]):
         raise NotSimulated(f"`docker network {' '.join(args[:1])}`")
@@ -828,6 +907,7 @@ class Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     spec: dict[str, Any]
+    port: int  # the container port this server listens on
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -850,7 +930,28 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class App(Handler):
-    """serve.py's contract: /health, /ready (200 once a model is loaded), POST /predict with one record."""
+    """serve.py's contract: /health, /ready (200 once a model is loaded), POST /predict with one record, GET /metrics.
+    With ADMIN_PORT set, /metrics answers only on it and everything else only on PORT; each port answers 404 for the
+    other's endpoints (serving/admin.py)."""
+
+    def misplaced(self) -> bool:
+        """Whether the path belongs to the other port: then it has answered 404."""
+        admin = int(self.spec["env"].get("ADMIN_PORT") or 0)
+        if "noadmin" in split_reference(self.spec["image"])[1]:
+            admin = 0
+        if admin and (self.path in ADMIN_PATHS) != (self.port == admin):
+            self.reply(404, {"error": "Not Found"})
+            return True
+        return False
+
+    def metrics(self) -> None:
+        content = b"# TYPE housing_model_loaded gauge\nhousing_model_loaded 1.0\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.send_header("Content-Length", str(len(content)))
+        self.send_header("X-Fake-Image", self.spec["image"])
+        self.end_headers()
+        self.wfile.write(content)
 
     def ready(self) -> bool:
         spec = self.spec
@@ -863,7 +964,11 @@ class App(Handler):
         return spec["behaviour"] == "broken" or not configured(spec["env"])
 
     def do_GET(self) -> None:
-        if self.path == "/health":
+        if self.misplaced():
+            return
+        if self.path == "/metrics":
+            self.metrics()
+        elif self.path == "/health":
             self.reply(200, {"status": "ok"})
         elif self.path == "/ready":
             if self.ready():
@@ -877,6 +982,8 @@ class App(Handler):
 
     def do_POST(self) -> None:
         body = self.body()
+        if self.misplaced():
+            return
         if self.path != "/predict":
             self.reply(404, {"error": "Not Found"})
         elif not self.ready():
@@ -901,24 +1008,30 @@ class App(Handler):
 
 
 class Proxy(Handler):
-    """nginx: every request goes to the upstream of the configuration loaded last."""
+    """nginx: a request goes to the upstream of the server block, in the configuration loaded last, that listens on
+    the port it came in on; with no such block the connection closes unanswered."""
 
     def forward(self) -> None:
         body = self.body()
         data = Store(Path(self.spec["state"])).load()
         me = data["containers"].get(self.spec["name"])
-        target = upstream_of(data, me) if me else None
+        server = server_for(me, self.port) if me else None
+        if server is None:
+            self.close_connection = True
+            return
+        target = upstream_of(data, me, server)
         if target is None or not alive(target["pid"]):
             content = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
             self.send_response(502)
-            for name, value, always in me["config"]["headers"] if me else []:
+            for name, value, always in server["headers"]:
                 if always:
                     self.send_header(name, value)
             self.send_header("Content-Length", str(len(content)))
             self.end_headers()
             self.wfile.write(content)
             return
-        connection = http.client.HTTPConnection("127.0.0.1", target["endpoint"], timeout=10)
+        endpoint = target["endpoints"][str(server["upstream_port"])]
+        connection = http.client.HTTPConnection("127.0.0.1", endpoint, timeout=10)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "host")}
         connection.request(self.command, self.path, body or None, headers)
         answer = connection.getresponse()
@@ -927,7 +1040,7 @@ class Proxy(Handler):
         for name, value in answer.getheaders():
             if name.lower() not in ("connection", "transfer-encoding", "server", "date", "content-length"):
                 self.send_header(name, value)
-        for name, value, always in me["config"]["headers"]:
+        for name, value, always in server["headers"]:
             if always or answer.status < 400:
                 self.send_header(name, value)
         self.send_header("Content-Length", str(len(content)))
@@ -953,10 +1066,15 @@ def run_container(spec: dict[str, Any]) -> int:
         )
         (Path(spec["state"]) / "exits" / spec["id"]).write_text("1")
         return 1
-    handler = type("Bound", (Proxy if spec["behaviour"] == "proxy" else App,), {"spec": spec})
-    servers = [
-        Server(socket.socket(fileno=fd), handler if port == spec["listen"] else Closed) for fd, port in spec["sockets"]
-    ]
+    proxy = spec["behaviour"] == "proxy"
+
+    def handler(port: int) -> type[socketserver.BaseRequestHandler]:
+        if not proxy and port not in spec["listen"]:
+            return Closed
+        return type("Bound", (Proxy if proxy else App,), {"spec": spec, "port": port})
+
+    # nginx opens the ports of a reloaded configuration's new `listen`s: every socket of a proxy gets the handler.
+    servers = [Server(socket.socket(fileno=fd), handler(port)) for fd, port in spec["sockets"]]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     if spec["behaviour"] == "proxy":
@@ -964,7 +1082,7 @@ def run_container(spec: dict[str, Any]) -> int:
     elif App.broken(spec):
         print(LOAD_ERROR, flush=True)
     else:
-        print(f"INFO:     Uvicorn running on http://0.0.0.0:{spec['listen']} (Press CTRL+C to quit)", flush=True)
+        print(f"INFO:     Uvicorn running on http://0.0.0.0:{spec['listen'][0]} (Press CTRL+C to quit)", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     print("INFO:     Shutting down", flush=True)
     return 0
