@@ -47,9 +47,9 @@ def seed(source: Path, rows: int, params: dict) -> tuple[Path, dict]:
     sample.to_csv(path, index=False)
     manifest = {
         "source": str(source),
-        "source_md5": hashlib.md5(source.read_bytes()).hexdigest(),
+        "source_md5": hashlib.md5(source.read_bytes(), usedforsecurity=False).hexdigest(),
         "rows": len(sample),
-        "md5": hashlib.md5(path.read_bytes()).hexdigest(),
+        "md5": hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest(),
         "split": {"holdout_fraction": split["holdout_fraction"], "seed": split["seed"]},
         "seeded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

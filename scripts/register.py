@@ -208,7 +208,7 @@ def main() -> int:
     shift = (prediction_shift(challenger_scores.reference_predictions, champion_scores.reference_predictions)
              if champion_scores else None)
 
-    reference_md5 = hashlib.md5(reference.reference_path(params).read_bytes()).hexdigest()
+    reference_md5 = hashlib.md5(reference.reference_path(params).read_bytes(), usedforsecurity=False).hexdigest()
     record = {
         "model_name": name,
         "decision": "passed" if verdict.passed else "rejected",
