@@ -15,9 +15,11 @@ import subprocess  # git rev-parse/status below: fixed argv, never a shell  # no
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any, cast
 
 import mlflow
 import numpy as np
@@ -43,6 +45,7 @@ from features import (
     PROFILE_FILE,
     TARGET,
     HousingFeatures,
+    ReferenceProfile,
     reference_profile,
 )
 from scripts.fetch import DEFAULT_DATA_URL
@@ -60,14 +63,16 @@ ESTIMATORS = {
 }
 MODEL_REQUIREMENTS = ("scikit-learn", "scipy", "numpy", "pandas", "cloudpickle")
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("double", name, required=name not in OPTIONAL_FEATURES) for name in NUMERIC_FEATURES]
+    # mlflow annotates Schema's argument as an invariant list[ColSpec | TensorSpec]; a list[ColSpec] is one.
+    inputs=Schema([ColSpec("double", name, required=name not in OPTIONAL_FEATURES)  # type: ignore[arg-type]
+                   for name in NUMERIC_FEATURES]
                   + [ColSpec("string", CATEGORICAL_FEATURE)]),
     outputs=Schema([ColSpec("double", TARGET)]),
 )
 
 
 @contextmanager
-def _quiet(logger: str):
+def _quiet(logger: str) -> Iterator[None]:
     level = logging.getLogger(logger).level
     logging.getLogger(logger).setLevel(logging.ERROR)
     try:
@@ -76,7 +81,7 @@ def _quiet(logger: str):
         logging.getLogger(logger).setLevel(level)
 
 
-def build_pipeline(spec: dict) -> Pipeline:
+def build_pipeline(spec: dict[str, Any]) -> Pipeline:
     """One candidate from its params.yaml entry: {model, features, params}."""
     if spec["model"] not in ESTIMATORS:
         raise ValueError(f"unknown model {spec['model']!r} in params.yaml; choose from {sorted(ESTIMATORS)}")
@@ -93,7 +98,7 @@ def build_pipeline(spec: dict) -> Pipeline:
     return Pipeline(steps)
 
 
-def log_pipeline(pipeline: Pipeline, example: pd.DataFrame, profile: dict | None = None) -> ModelInfo:
+def log_pipeline(pipeline: Pipeline, example: pd.DataFrame, profile: ReferenceProfile | None = None) -> ModelInfo:
     """Log a fitted pipeline to the active run as a model that loads anywhere features.py can be imported.
 
     `profile` (features.reference_profile) is stored in the model directory as extra_files/reference_profile.json,
@@ -105,11 +110,12 @@ def log_pipeline(pipeline: Pipeline, example: pd.DataFrame, profile: dict | None
             extra_files.append(str(Path(folder) / PROFILE_FILE))
             Path(extra_files[0]).write_text(json.dumps(profile))
         # cloudpickle, not skops: the pipeline holds our own transformer and a cKDTree, which skops refuses.
-        return mlflow.sklearn.log_model(
+        # mlflow.sklearn's log_model is not annotated: it returns the ModelInfo of what it logged.
+        return cast(ModelInfo, mlflow.sklearn.log_model(
             pipeline, name="model", signature=SIGNATURE, input_example=example,
             code_paths=[str(Path(__file__).with_name("features.py"))], serialization_format="cloudpickle",
             pip_requirements=[f"{p}=={version(p)}" for p in MODEL_REQUIREMENTS], extra_files=extra_files,
-        )
+        ))
 
 
 def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -168,7 +174,7 @@ def plot_importance(pipeline: Pipeline, X: pd.DataFrame, y: np.ndarray, name: st
     return figure
 
 
-def train_candidate(name: str, spec: dict, data: dict, cv_folds: int, seed: int) -> dict:
+def train_candidate(name: str, spec: dict[str, Any], data: dict[str, Any], cv_folds: int, seed: int) -> dict[str, Any]:
     X_train, y_train, X_holdout, y_holdout = data["X_train"], data["y_train"], data["X_holdout"], data["y_holdout"]
     pipeline = build_pipeline(spec)
     with mlflow.start_run(run_name=name, nested=True) as run:
@@ -176,7 +182,7 @@ def train_candidate(name: str, spec: dict, data: dict, cv_folds: int, seed: int)
         mlflow.log_params({"model": spec["model"], **{f"features.{k}": v for k, v in spec.get("features", {}).items()},
                            **spec.get("params", {})})
         started = time.perf_counter()
-        metrics = {}
+        metrics: dict[str, float] = {}
         if cv_folds > 1:
             scores = -cross_val_score(build_pipeline(spec), X_train, y_train, scoring="neg_root_mean_squared_error",
                                       cv=KFold(cv_folds, shuffle=True, random_state=seed))
