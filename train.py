@@ -19,13 +19,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import mlflow
 import numpy as np
 import pandas as pd
 import yaml
-from matplotlib.figure import Figure
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import ColSpec, Schema
@@ -49,6 +48,9 @@ from features import (
     reference_profile,
 )
 from scripts.fetch import DEFAULT_DATA_URL
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("train")
 
@@ -139,7 +141,11 @@ def lineage() -> dict[str, str]:
     }
 
 
+# The plot_* functions import matplotlib themselves: scripts/register.py imports regression_metrics from here and
+# must not pay for (or depend on) plotting code it never draws.
 def plot_predictions(actual: np.ndarray, predicted: np.ndarray, name: str) -> Figure:
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(6, 6))
     axis = figure.subplots()
     axis.scatter(actual, predicted, s=4, alpha=0.3)
@@ -150,6 +156,8 @@ def plot_predictions(actual: np.ndarray, predicted: np.ndarray, name: str) -> Fi
 
 
 def plot_residuals(actual: np.ndarray, predicted: np.ndarray, name: str) -> Figure:
+    from matplotlib.figure import Figure
+
     residuals = actual - predicted
     figure = Figure(figsize=(11, 4.5), layout="tight")
     left, right = figure.subplots(1, 2)
@@ -163,6 +171,8 @@ def plot_residuals(actual: np.ndarray, predicted: np.ndarray, name: str) -> Figu
 
 def plot_importance(pipeline: Pipeline, X: pd.DataFrame, y: np.ndarray, name: str, seed: int) -> Figure:
     """Permutation importance of the raw input fields, comparable across candidates."""
+    from matplotlib.figure import Figure
+
     sample = X.sample(min(len(X), 2000), random_state=seed)
     result = permutation_importance(pipeline, sample, y[X.index.get_indexer(sample.index)], n_repeats=3,
                                     random_state=seed, scoring="neg_root_mean_squared_error")
