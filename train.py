@@ -15,15 +15,16 @@ import subprocess  # git rev-parse/status below: fixed argv, never a shell  # no
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import mlflow
 import numpy as np
 import pandas as pd
 import yaml
-from matplotlib.figure import Figure
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types.schema import ColSpec, Schema
@@ -43,9 +44,13 @@ from features import (
     PROFILE_FILE,
     TARGET,
     HousingFeatures,
+    ReferenceProfile,
     reference_profile,
 )
 from scripts.fetch import DEFAULT_DATA_URL
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("train")
 
@@ -60,14 +65,16 @@ ESTIMATORS = {
 }
 MODEL_REQUIREMENTS = ("scikit-learn", "scipy", "numpy", "pandas", "cloudpickle")
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("double", name, required=name not in OPTIONAL_FEATURES) for name in NUMERIC_FEATURES]
+    # mlflow annotates Schema's argument as an invariant list[ColSpec | TensorSpec]; a list[ColSpec] is one.
+    inputs=Schema([ColSpec("double", name, required=name not in OPTIONAL_FEATURES)  # type: ignore[arg-type]
+                   for name in NUMERIC_FEATURES]
                   + [ColSpec("string", CATEGORICAL_FEATURE)]),
     outputs=Schema([ColSpec("double", TARGET)]),
 )
 
 
 @contextmanager
-def _quiet(logger: str):
+def _quiet(logger: str) -> Iterator[None]:
     level = logging.getLogger(logger).level
     logging.getLogger(logger).setLevel(logging.ERROR)
     try:
@@ -76,7 +83,7 @@ def _quiet(logger: str):
         logging.getLogger(logger).setLevel(level)
 
 
-def build_pipeline(spec: dict) -> Pipeline:
+def build_pipeline(spec: dict[str, Any]) -> Pipeline:
     """One candidate from its params.yaml entry: {model, features, params}."""
     if spec["model"] not in ESTIMATORS:
         raise ValueError(f"unknown model {spec['model']!r} in params.yaml; choose from {sorted(ESTIMATORS)}")
@@ -93,7 +100,7 @@ def build_pipeline(spec: dict) -> Pipeline:
     return Pipeline(steps)
 
 
-def log_pipeline(pipeline: Pipeline, example: pd.DataFrame, profile: dict | None = None) -> ModelInfo:
+def log_pipeline(pipeline: Pipeline, example: pd.DataFrame, profile: ReferenceProfile | None = None) -> ModelInfo:
     """Log a fitted pipeline to the active run as a model that loads anywhere features.py can be imported.
 
     `profile` (features.reference_profile) is stored in the model directory as extra_files/reference_profile.json,
@@ -105,11 +112,12 @@ def log_pipeline(pipeline: Pipeline, example: pd.DataFrame, profile: dict | None
             extra_files.append(str(Path(folder) / PROFILE_FILE))
             Path(extra_files[0]).write_text(json.dumps(profile))
         # cloudpickle, not skops: the pipeline holds our own transformer and a cKDTree, which skops refuses.
-        return mlflow.sklearn.log_model(
+        # mlflow.sklearn's log_model is not annotated: it returns the ModelInfo of what it logged.
+        return cast(ModelInfo, mlflow.sklearn.log_model(
             pipeline, name="model", signature=SIGNATURE, input_example=example,
             code_paths=[str(Path(__file__).with_name("features.py"))], serialization_format="cloudpickle",
             pip_requirements=[f"{p}=={version(p)}" for p in MODEL_REQUIREMENTS], extra_files=extra_files,
-        )
+        ))
 
 
 def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -133,7 +141,11 @@ def lineage() -> dict[str, str]:
     }
 
 
+# The plot_* functions import matplotlib themselves: scripts/register.py imports regression_metrics from here and
+# must not pay for (or depend on) plotting code it never draws.
 def plot_predictions(actual: np.ndarray, predicted: np.ndarray, name: str) -> Figure:
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(6, 6))
     axis = figure.subplots()
     axis.scatter(actual, predicted, s=4, alpha=0.3)
@@ -144,6 +156,8 @@ def plot_predictions(actual: np.ndarray, predicted: np.ndarray, name: str) -> Fi
 
 
 def plot_residuals(actual: np.ndarray, predicted: np.ndarray, name: str) -> Figure:
+    from matplotlib.figure import Figure
+
     residuals = actual - predicted
     figure = Figure(figsize=(11, 4.5), layout="tight")
     left, right = figure.subplots(1, 2)
@@ -157,6 +171,8 @@ def plot_residuals(actual: np.ndarray, predicted: np.ndarray, name: str) -> Figu
 
 def plot_importance(pipeline: Pipeline, X: pd.DataFrame, y: np.ndarray, name: str, seed: int) -> Figure:
     """Permutation importance of the raw input fields, comparable across candidates."""
+    from matplotlib.figure import Figure
+
     sample = X.sample(min(len(X), 2000), random_state=seed)
     result = permutation_importance(pipeline, sample, y[X.index.get_indexer(sample.index)], n_repeats=3,
                                     random_state=seed, scoring="neg_root_mean_squared_error")
@@ -168,7 +184,7 @@ def plot_importance(pipeline: Pipeline, X: pd.DataFrame, y: np.ndarray, name: st
     return figure
 
 
-def train_candidate(name: str, spec: dict, data: dict, cv_folds: int, seed: int) -> dict:
+def train_candidate(name: str, spec: dict[str, Any], data: dict[str, Any], cv_folds: int, seed: int) -> dict[str, Any]:
     X_train, y_train, X_holdout, y_holdout = data["X_train"], data["y_train"], data["X_holdout"], data["y_holdout"]
     pipeline = build_pipeline(spec)
     with mlflow.start_run(run_name=name, nested=True) as run:
@@ -176,7 +192,7 @@ def train_candidate(name: str, spec: dict, data: dict, cv_folds: int, seed: int)
         mlflow.log_params({"model": spec["model"], **{f"features.{k}": v for k, v in spec.get("features", {}).items()},
                            **spec.get("params", {})})
         started = time.perf_counter()
-        metrics = {}
+        metrics: dict[str, float] = {}
         if cv_folds > 1:
             scores = -cross_val_score(build_pipeline(spec), X_train, y_train, scoring="neg_root_mean_squared_error",
                                       cv=KFold(cv_folds, shuffle=True, random_state=seed))

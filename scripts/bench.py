@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -44,7 +45,7 @@ class Server:
     name: str
     port: int
     path: str  # where predictions are posted
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     log: Path
 
     def url(self, path: str) -> str:
@@ -90,7 +91,7 @@ class Tally:
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        return cast(int, probe.getsockname()[1])  # (host, port) for an AF_INET socket
 
 
 def start(name: str, command: list[str], path: str, env: dict[str, str], scratch: Path) -> Server:
@@ -184,7 +185,8 @@ def payload(records: pd.DataFrame) -> bytes:
     return json.dumps({"instances": rows}).encode()
 
 
-def print_row(size: int | str, connections: int, name: str, summary: dict, ratio: float | None = None) -> None:
+def print_row(size: int | str, connections: int, name: str, summary: dict[str, Any],
+              ratio: float | None = None) -> None:
     print(f"{size:>7} {connections:>4} {name:>11} {summary['req/s']:>8.1f} {summary['p50']:>8.2f} "
           f"{summary['p99']:>8.2f} {summary['errors']:>6}" + (f" {ratio:>10.1f}x" if ratio else ""))
 

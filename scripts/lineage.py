@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
 import yaml
 from mlflow.entities.model_registry import ModelVersion
@@ -31,7 +32,7 @@ def locked_data_md5() -> str | None:
         return None
     for out in yaml.safe_load(LOCK.read_text())["stages"].get("fetch", {}).get("outs", []):
         if out["path"] == "data/housing.csv":
-            return out["md5"]
+            return cast(str, out["md5"])  # dvc.lock: md5 is a hex string
     return None
 
 

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -83,7 +84,8 @@ def lock_of(client: MlflowClient, name: str, version: str) -> str:
     run_id = client.get_model_version(name, version).run_id
     try:
         with tempfile.TemporaryDirectory() as folder:
-            return Path(client.download_artifacts(run_id, LOCK_ARTIFACT, folder)).read_text()
+            # run_id is None only for a version registered without a run; ours come from register.py's runs.
+            return Path(client.download_artifacts(run_id, LOCK_ARTIFACT, folder)).read_text()  # type: ignore[arg-type]
     except (MlflowException, OSError) as error:
         raise Refused(f"version {version} has no {LOCK_ARTIFACT} in run {run_id} ({error}): its data version is "
                       f"unknown; retrain on its data instead (make retrain DATA_URL=...)") from error
@@ -104,10 +106,11 @@ def by_human(client: MlflowClient, name: str, version: str, reason: str) -> str:
         raise Refused(f"version {version} is already the champion")
     lock = lock_of(client, name, version)
     approver = os.environ.get("PROMOTED_BY") or git_identity() or getpass.getuser()
-    approval = {"version": version, "approved_by": approver, "reason": reason, "approved_at": now(),
+    approval: dict[str, Any] = {"version": version, "approved_by": approver, "reason": reason, "approved_at": now(),
                 "champion_before": current.version if current else None,
                 "gate_check": candidate.tags.get("gate_check"), "gate_reason": candidate.tags.get("gate_reason")}
-    client.log_dict(candidate.run_id, approval, f"approval-{approval['approved_at']}.json")
+    client.log_dict(candidate.run_id, approval,  # type: ignore[arg-type]  # gate-judged versions come from runs
+                    f"approval-{approval['approved_at']}.json")
     old_lock = LOCK.read_text() if LOCK.is_file() else None
     LOCK.write_text(lock)
     try:

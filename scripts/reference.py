@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -26,11 +27,11 @@ from scripts.split import holdout_mask
 DEFAULT_ROWS = 2000
 
 
-def reference_path(params: dict) -> Path:
+def reference_path(params: dict[str, Any]) -> Path:
     return Path(params["gate"]["reference"]["path"])
 
 
-def seed(source: Path, rows: int, params: dict) -> tuple[Path, dict]:
+def seed(source: Path, rows: int, params: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Sample up to `rows` holdout-side rows of `source` into the reference set; return its path and manifest."""
     frame = pd.read_csv(source)
     missing = [column for column in COLUMNS if column not in frame.columns]
@@ -57,7 +58,7 @@ def seed(source: Path, rows: int, params: dict) -> tuple[Path, dict]:
     return path, manifest
 
 
-def load(params: dict) -> pd.DataFrame:
+def load(params: dict[str, Any]) -> pd.DataFrame:
     """The reference set, checked to be usable with the current split settings; ValueError says the fix."""
     path = reference_path(params)
     if not path.is_file():

@@ -24,6 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -97,7 +98,7 @@ class Verdict:
     reason: str
 
 
-def decide(challenger: Scores, champion: Scores | None, gate: dict) -> Verdict:
+def decide(challenger: Scores, champion: Scores | None, gate: dict[str, Any]) -> Verdict:
     """The gate as a pure function of the scores and params.yaml's `gate` section."""
     for where in ("holdout", "reference"):
         metrics = getattr(challenger, where)
@@ -144,7 +145,7 @@ def point_champion(client: MlflowClient, name: str, version: str, previous: str 
         client.transition_model_version_stage(name, version, "Production", archive_existing_versions=True)
 
 
-def decision_table(record: dict) -> str:
+def decision_table(record: dict[str, Any]) -> str:
     challenger, champion = record["challenger"], record["champion"]
     rows = ["| | challenger | champion |", "|---|---|---|",
             f"| version | {challenger['version']} ({challenger['candidate']}) | "
@@ -159,7 +160,7 @@ def decision_table(record: dict) -> str:
                       f"{record['reason']}", ""])
 
 
-def write_decision(record: dict) -> None:
+def write_decision(record: dict[str, Any]) -> None:
     DECISION.write_text(json.dumps(record, indent=2) + "\n")
     DECISION_TABLE.write_text(f"### {record['model_name']}: challenger vs champion on {record['holdout_rows']} "
                               f"holdout rows and {record['reference_rows']} reference rows\n\n"
@@ -216,7 +217,8 @@ def main() -> int:
         "reason": verdict.reason,
         "challenger": {"version": registered.version, "candidate": candidates["best"], "run_id": best["run_id"],
                        "metrics": challenger_scores.summary()},
-        "champion": champion_scores and {"version": champion_version.version,
+        # champion_scores is only set when champion_version is.
+        "champion": champion_scores and {"version": champion_version.version,  # type: ignore[union-attr]
                                          "metrics": champion_scores.summary()},
         "prediction_shift": shift,
         "gate": params["gate"],

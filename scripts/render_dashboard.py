@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import yaml
@@ -102,7 +102,7 @@ class Window:
         variables = {"__rate_interval": self.rate_interval_s, "__interval": self.step_s,
                      "__range": self.end - self.start}
 
-        def value(match: re.Match) -> str:
+        def value(match: re.Match[str]) -> str:
             name = match[1] or match[2]
             if name not in variables:
                 raise ValueError(f"{expr}: Grafana variable ${name} is not supported here")
@@ -164,7 +164,7 @@ def color(name: str) -> str:
     return NAMED_COLORS.get(name, name)
 
 
-def threshold_color(value: float, steps: Sequence[dict]) -> str:
+def threshold_color(value: float, steps: Sequence[dict[str, Any]]) -> str:
     """The colour of the last step at or below `value` (the first step, value null, is the base)."""
     chosen = steps[0]["color"] if steps else "green"
     for step in steps[1:]:
@@ -210,18 +210,18 @@ def legend(template: str, labels: dict[str, str]) -> str:
     return f"{labels.get('__name__', '')}{{{inner}}}" if inner else labels.get("__name__", "value")
 
 
-def mapped(value: float, mappings: Sequence[dict]) -> dict[str, str]:
+def mapped(value: float, mappings: Sequence[dict[str, Any]]) -> dict[str, str]:
     """The value mapping result ({"text": ..., "color": ...}) for `value`, or {}."""
     for mapping in mappings:
         options = mapping["options"]
         if mapping["type"] == "value":
             for key, result in options.items():
                 if re.fullmatch(r"-?\d+(\.\d+)?", key) and float(key) == value:
-                    return result
+                    return cast("dict[str, str]", result)  # dashboard JSON: text and color
         elif mapping["type"] == "range":
             low, high = options.get("from"), options.get("to")
             if (low is None or value >= low) and (high is None or value <= high):
-                return options["result"]
+                return cast("dict[str, str]", options["result"])
     return {}
 
 
@@ -235,7 +235,7 @@ REDUCERS: dict[str, Callable[[np.ndarray], float]] = {
 }
 
 
-def reduce(series: Series, panel: dict) -> float:
+def reduce(series: Series, panel: dict[str, Any]) -> float:
     (calc,) = panel.get("options", {}).get("reduceOptions", {}).get("calcs", ["lastNotNull"])
     return REDUCERS[calc](series.values)
 
@@ -243,7 +243,7 @@ def reduce(series: Series, panel: dict) -> float:
 # --- panels ----------------------------------------------------------------------------------------------------
 
 
-def fetch(prometheus: Prometheus, panel: dict, window: Window) -> list[Series]:
+def fetch(prometheus: Prometheus, panel: dict[str, Any], window: Window) -> list[Series]:
     """Every target's series, named by its legend format, instant or range as the target says."""
     found = []
     for target in panel.get("targets", []):
@@ -278,7 +278,8 @@ def style_axes(axes: Axes, unit: str | None, decimals: int | None) -> None:
     axes.yaxis.set_major_locator(MaxNLocator(5, integer=decimals == 0))
 
 
-def draw_timeseries(panel: dict, series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
+def draw_timeseries(panel: dict[str, Any], series: list[Series], place: Place, window: Window,
+                    marks: list[Mark]) -> int:
     defaults = panel.get("fieldConfig", {}).get("defaults", {})
     custom = defaults.get("custom", {})
     per_row = max(1, int(place.width / 2.0))
@@ -294,7 +295,9 @@ def draw_timeseries(panel: dict, series: list[Series], place: Place, window: Win
             axes.fill_between(times, values, color=line_color, alpha=custom["fillOpacity"] / 100, linewidth=0)
     start, end = (np.array([window.start, window.end]) * 1000).astype("datetime64[ms]")
     axes.set_xlim(start, end)
-    axes.xaxis.set_major_formatter(DateFormatter("%H:%M:%S" if window.end - window.start < 600 else "%H:%M"))
+    # matplotlib.dates is not annotated.
+    axes.xaxis.set_major_formatter(DateFormatter(  # type: ignore[no-untyped-call]
+        "%H:%M:%S" if window.end - window.start < 600 else "%H:%M"))
     axes.xaxis.set_major_locator(MaxNLocator(6))
     if "min" in defaults:
         axes.set_ylim(bottom=defaults["min"])
@@ -313,7 +316,8 @@ def draw_timeseries(panel: dict, series: list[Series], place: Place, window: Win
                 axes.axhspan(low, high, color=color(step["color"]), alpha=0.12, linewidth=0)
     for mark in marks:
         for moment in mark.moments:
-            axes.axvline(date2num(np.datetime64(int(moment * 1000), "ms")), color=mark.color, linewidth=0.8,
+            axes.axvline(date2num(np.datetime64(int(moment * 1000), "ms")),  # type: ignore[no-untyped-call]
+                         color=mark.color, linewidth=0.8,
                          linestyle=":")
     if series:
         handles = [Line2D([], [], color=CLASSIC_PALETTE[i % len(CLASSIC_PALETTE)], linewidth=2) for i in
@@ -326,7 +330,7 @@ def draw_timeseries(panel: dict, series: list[Series], place: Place, window: Win
     return len(series)
 
 
-def draw_stat(panel: dict, series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
+def draw_stat(panel: dict[str, Any], series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
     defaults = panel.get("fieldConfig", {}).get("defaults", {})
     options = panel.get("options", {})
     axes = place.axes(bottom_in=0.06, left_in=0.06, right_in=0.06)
@@ -374,7 +378,7 @@ def fitting_font(text: str, width_in: float, height_in: float) -> float:
     return max(5.0, min(26.0, by_width, by_height))
 
 
-def draw_bargauge(panel: dict, series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
+def draw_bargauge(panel: dict[str, Any], series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
     defaults = panel.get("fieldConfig", {}).get("defaults", {})
     axes = place.axes(bottom_in=0.08, left_in=0.08, right_in=0.08)
     axes.set_axis_off()
@@ -404,7 +408,7 @@ def draw_bargauge(panel: dict, series: list[Series], place: Place, window: Windo
     return rows
 
 
-def draw_table(panel: dict, series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
+def draw_table(panel: dict[str, Any], series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
     axes = place.axes(bottom_in=0.06, left_in=0.08, right_in=0.08)
     axes.set_axis_off()
     if not series:
@@ -443,7 +447,7 @@ def draw_table(panel: dict, series: list[Series], place: Place, window: Window, 
     return len(rows)
 
 
-def draw_heatmap(panel: dict, series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
+def draw_heatmap(panel: dict[str, Any], series: list[Series], place: Place, window: Window, marks: list[Mark]) -> int:
     """Prometheus buckets as Grafana's "heatmap" format shows them: cumulative `le` series made per-bucket counts."""
     options = panel.get("options", {})
     unit = options.get("yAxis", {}).get("unit")
@@ -471,7 +475,9 @@ def draw_heatmap(panel: dict, series: list[Series], place: Place, window: Window
     axes.set_yticks(np.arange(len(labels))[::every] + 0.5, labels[::every])
     start, end = (np.array([window.start, window.end]) * 1000).astype("datetime64[ms]")
     axes.set_xlim(start, end)
-    axes.xaxis.set_major_formatter(DateFormatter("%H:%M:%S" if window.end - window.start < 600 else "%H:%M"))
+    # matplotlib.dates is not annotated.
+    axes.xaxis.set_major_formatter(DateFormatter(  # type: ignore[no-untyped-call]
+        "%H:%M:%S" if window.end - window.start < 600 else "%H:%M"))
     axes.xaxis.set_major_locator(MaxNLocator(4))
     return len(buckets)
 
@@ -480,7 +486,7 @@ def no_data(axes: Axes) -> None:
     axes.text(0.5, 0.5, "No data", transform=axes.transAxes, ha="center", va="center", color=DIM, fontsize=11)
 
 
-DRAWERS: dict[str, Callable[[dict, list[Series], Place, Window, list[Mark]], int]] = {
+DRAWERS: dict[str, Callable[[dict[str, Any], list[Series], Place, Window, list[Mark]], int]] = {
     "timeseries": draw_timeseries, "stat": draw_stat, "bargauge": draw_bargauge, "table": draw_table,
     "heatmap": draw_heatmap,
 }
@@ -520,7 +526,7 @@ class Place:
         return self.figure.add_axes((x0, y0, x1 - x0, y1 - y0))
 
 
-def annotation_marks(prometheus: Prometheus, dashboard: dict, window: Window) -> list[Mark]:
+def annotation_marks(prometheus: Prometheus, dashboard: dict[str, Any], window: Window) -> list[Mark]:
     marks = []
     for annotation in dashboard.get("annotations", {}).get("list", []):
         if not annotation.get("enable", True) or "expr" not in annotation:

@@ -11,6 +11,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -56,7 +57,7 @@ def read_raw(path: Path) -> tuple[pd.DataFrame | None, list[Problem]]:
     return frame, problems
 
 
-def check(raw: pd.DataFrame, params: dict) -> tuple[list[Problem], dict]:
+def check(raw: pd.DataFrame, params: dict[str, Any]) -> tuple[list[Problem], dict[str, Any]]:
     problems: list[Problem] = []
     rows = len(raw)
     missing_columns = [c for c in COLUMNS if c not in raw.columns]
@@ -113,7 +114,7 @@ def check(raw: pd.DataFrame, params: dict) -> tuple[list[Problem], dict]:
 def main() -> int:
     params = yaml.safe_load(Path("params.yaml").read_text())["validate"]
     raw, problems = read_raw(DATA)
-    summary: dict = {}
+    summary: dict[str, Any] = {}
     if raw is not None:
         found, summary = check(raw, params)
         problems += found

@@ -27,13 +27,16 @@ from serving.settings import Settings
 # Real coordinates; far beyond them the neighbourhood features of features.py fail.
 COORDINATE_BOUNDS = {"longitude": (-180.0, 180.0), "latitude": (-90.0, 90.0)}
 
+# The one example district: the OpenAPI example, the README's and docs/protocols.md's curl, and the tests' record.
+EXAMPLE_RECORD: dict[str, Any] = {
+    "longitude": -122.23, "latitude": 37.88, "housing_median_age": 41.0, "total_rooms": 880.0,
+    "total_bedrooms": 129.0, "population": 322.0, "households": 126.0, "median_income": 8.3252,
+    "ocean_proximity": "NEAR BAY"}
+
 # One district per category, one without total_bedrooms. A model is served only if it predicts them all, finitely,
-# and its fast path agrees with the pipeline's own predict() on them (model.smoke_test); the first is the OpenAPI
-# example.
+# and its fast path agrees with the pipeline's own predict() on them (model.smoke_test); the first is the example.
 SMOKE_RECORDS: tuple[dict[str, Any], ...] = (
-    {"longitude": -122.23, "latitude": 37.88, "housing_median_age": 41.0, "total_rooms": 880.0,
-     "total_bedrooms": 129.0, "population": 322.0, "households": 126.0, "median_income": 8.3252,
-     "ocean_proximity": "NEAR BAY"},
+    EXAMPLE_RECORD,
     {"longitude": -118.3, "latitude": 34.05, "housing_median_age": 30.0, "total_rooms": 2000.0,
      "total_bedrooms": 450.0, "population": 1200.0, "households": 420.0, "median_income": 3.5,
      "ocean_proximity": "<1H OCEAN"},
@@ -157,7 +160,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "required": [name for name in FEATURES if name not in OPTIONAL_FEATURES],
         "properties": {**{name: number(name) for name in NUMERIC_FEATURES},
                        CATEGORICAL_FEATURE: {"type": "string", "enum": list(CATEGORIES)}},
-        "example": SMOKE_RECORDS[0],
+        "example": EXAMPLE_RECORD,
     }
     batch = {"type": "object", "additionalProperties": False, "required": ["instances"],
              "properties": {"instances": {"type": "array", "minItems": 1, "maxItems": settings.max_batch_rows,
@@ -175,7 +178,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
             {"$ref": "#/components/schemas/Record"}, {"$ref": "#/components/schemas/Batch"}]},
             # The first fills the body of "Try it out" on /docs.
-            "examples": {"record": {"summary": "one district", "value": SMOKE_RECORDS[0]},
+            "examples": {"record": {"summary": "one district", "value": EXAMPLE_RECORD},
                          "batch": {"summary": "a batch of districts, one without total_bedrooms",
                                    "value": {"instances": [SMOKE_RECORDS[1], SMOKE_RECORDS[4]]}}}}}},
         "responses": {

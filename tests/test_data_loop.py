@@ -39,6 +39,7 @@ from mlflow.tracking import MlflowClient
 import dispatch_lambda
 from features import TARGET
 from scripts.split import holdout_mask
+from serving.schema import EXAMPLE_RECORD
 from tests.actions_runner import RETRAIN_TIMEOUT_S, WORKFLOW, ActionsRunner, Job
 from tests.conftest import clean_environment, project_copy, synthetic_housing
 from tests.fake_github import FakeGitHub
@@ -68,17 +69,7 @@ FAST_TRAINING = {
     },
 }
 LOOSE_GATE = {"max_rmse": 200_000, "min_r2": -1.0}
-RECORD = {
-    "longitude": -122.23,
-    "latitude": 37.88,
-    "housing_median_age": 41.0,
-    "total_rooms": 880.0,
-    "total_bedrooms": None,
-    "population": 322.0,
-    "households": 126.0,
-    "median_income": 8.3252,
-    "ocean_proximity": "NEAR BAY",
-}
+RECORD = {**EXAMPLE_RECORD, "total_bedrooms": None}  # the example district, without its optional field
 
 
 # --- the loop's parts ------------------------------------------------------------------------------------------

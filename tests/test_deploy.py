@@ -26,6 +26,7 @@ import boto3
 import pytest
 import yaml
 
+from serving.schema import EXAMPLE_RECORD
 from tests.conftest import ROOT
 from tests.servers import free_port
 
@@ -35,17 +36,6 @@ DEPLOY = ROOT / "scripts" / "deploy.sh"
 FAKE_DOCKER = ROOT / "tests" / "fake_docker"
 IMAGE = "acme/housing-serve"
 BLUE, GREEN, PROXY = "housing-serve-blue", "housing-serve-green", "housing-proxy"
-RECORD = {
-    "longitude": -122.23,
-    "latitude": 37.88,
-    "housing_median_age": 41.0,
-    "total_rooms": 880.0,
-    "total_bedrooms": 129.0,
-    "population": 322.0,
-    "households": 126.0,
-    "median_income": 8.3252,
-    "ocean_proximity": "NEAR BAY",
-}
 
 
 class Host:
@@ -121,7 +111,7 @@ class Host:
         """POST /predict to port 80 of the host, as a client would: which image answered, through which container."""
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}/predict",
-            data=json.dumps(RECORD).encode(),
+            data=json.dumps(EXAMPLE_RECORD).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=10) as response:

@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 import train
 from features import FEATURES, TARGET
 from serving.docs import CONTENT_SECURITY_POLICY
-from serving.schema import SMOKE_RECORDS
+from serving.schema import EXAMPLE_RECORD
 from tests.conftest import synthetic_housing
 from tests.servers import ROOT, ServerProcess, start_serve, wait_until_answering
 
@@ -117,7 +117,7 @@ def requested_urls(browser: WebDriver) -> set[str]:
 def test_openapi_document_carries_the_example_record_and_each_example_is_answered(server):
     document = httpx.get(server.url + "/openapi.json", timeout=10).json()
     examples = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["examples"]
-    assert next(iter(examples.values()))["value"] == SMOKE_RECORDS[0]  # the first is the one "Try it out" shows
+    assert next(iter(examples.values()))["value"] == EXAMPLE_RECORD  # the first is the one "Try it out" shows
     for example in examples.values():
         assert httpx.post(server.url + "/predict", json=example["value"], timeout=10).status_code == 200
 
@@ -144,7 +144,7 @@ def test_try_it_out_with_the_example_record_answers_200_with_a_prediction(browse
         visible.element_to_be_clickable((By.CSS_SELECTOR, ".opblock-post .try-out__btn"))).click()
     body = WebDriverWait(browser, WAIT_S).until(
         visible.visibility_of_element_located((By.CSS_SELECTOR, ".opblock-post textarea.body-param__text")))
-    assert json.loads(body.get_attribute("value") or "") == SMOKE_RECORDS[0]
+    assert json.loads(body.get_attribute("value") or "") == EXAMPLE_RECORD
 
     operation.find_element(By.CSS_SELECTOR, "button.execute").click()
     status = WebDriverWait(browser, WAIT_S).until(visible.visibility_of_element_located(
@@ -155,7 +155,7 @@ def test_try_it_out_with_the_example_record_answers_200_with_a_prediction(browse
     screenshot = save_screenshot(browser)
 
     assert status.text == "200"
-    expected = httpx.post(server.url + "/predict", json=SMOKE_RECORDS[0], timeout=10).json()
+    expected = httpx.post(server.url + "/predict", json=EXAMPLE_RECORD, timeout=10).json()
     assert answer == expected  # the prediction, and the model that made it
     assert console_errors(browser) == []
     with capsys.disabled():  # shown without -s

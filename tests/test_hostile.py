@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 
+from serving.schema import EXAMPLE_RECORD as GOOD
 from serving.settings import Settings
 from tests.conftest import clean_environment
 from tests.servers import ServerProcess, free_port, start_serve, wait_until_answering
@@ -25,9 +26,6 @@ pytestmark = pytest.mark.integration
 
 LIMITS = Settings()
 EIGHT_MB = 8 * 1024 * 1024
-GOOD = {"longitude": -122.23, "latitude": 37.88, "housing_median_age": 41.0, "total_rooms": 880.0,
-        "total_bedrooms": 129.0, "population": 322.0, "households": 126.0, "median_income": 8.3252,
-        "ocean_proximity": "NEAR BAY"}
 
 
 def many_keys(size: int) -> bytes:

@@ -7,10 +7,7 @@ import orjson
 
 from serving.metrics import METRICS
 from serving.prediction_log import PredictionLog
-
-RECORD = {"longitude": -122.23, "latitude": 37.88, "housing_median_age": 41.0, "total_rooms": 880.0,
-          "total_bedrooms": 129.0, "population": 322.0, "households": 126.0, "median_income": 8.3252,
-          "ocean_proximity": "NEAR BAY"}
+from serving.schema import EXAMPLE_RECORD as RECORD
 
 
 def entry(request_id: str, records: int = 1) -> dict:
