@@ -43,7 +43,8 @@ def register_two(data: pd.DataFrame, uri: str) -> tuple[str, str]:
         pipeline = train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
         with mlflow.start_run():
             info = train.log_pipeline(pipeline, data[list(FEATURES)].dropna().head(3))
-        versions.append(str(mlflow.register_model(info.model_uri, MODEL).version))
+        # serving loads only what the gate passed (serving/model.py): these stand-ins are tagged as the gate tags
+        versions.append(str(mlflow.register_model(info.model_uri, MODEL, tags={"promotion": "gate"}).version))
     client.set_registered_model_alias(MODEL, "champion", versions[0])
     return versions[0], versions[1]
 

@@ -32,6 +32,8 @@ from tests.fake_github import Dispatch
 from tests.servers import ROOT
 from tests.services import LocalServices
 
+pytestmark = pytest.mark.integration  # a real MLflow server with basic auth, moto, DVC and git
+
 MODEL = "California_Housing_Regression"
 BRANCH = "main"
 FAST_TRAINING = {

@@ -53,7 +53,7 @@ def version(registry: Registry) -> str:
     with mlflow.start_run(experiment_id=registry.experiment_id):
         info = train.log_pipeline(pipeline, synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)],
                                   reference_profile(data, pipeline.predict(data)))
-    version = str(mlflow.register_model(info.model_uri, "served").version)
+    version = str(mlflow.register_model(info.model_uri, "served", tags={"promotion": "gate"}).version)  # as the gate
     registry.client.set_registered_model_alias("served", "champion", version)
     return version
 

@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import clean_environment
 from tests.servers import ROOT
 
+pytestmark = pytest.mark.integration  # git and the script, as subprocesses
+
 SCRIPT = ROOT / "scripts" / "publish_lock.sh"
 IDENTITY = {"GIT_AUTHOR_NAME": "bot", "GIT_AUTHOR_EMAIL": "bot@example.com",
             "GIT_COMMITTER_NAME": "bot", "GIT_COMMITTER_EMAIL": "bot@example.com"}

@@ -61,7 +61,7 @@ def fitted(spec: dict) -> Pipeline:
 def register(client: MlflowClient, experiment_id: str, pipeline: Pipeline) -> str:
     with mlflow.start_run(experiment_id=experiment_id):
         info = train.log_pipeline(pipeline, synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)])
-    return str(mlflow.register_model(info.model_uri, MODEL).version)
+    return str(mlflow.register_model(info.model_uri, MODEL, tags={"promotion": "gate"}).version)  # as the gate does
 
 
 def samples(server: ServerProcess) -> dict[tuple[str, frozenset], float]:

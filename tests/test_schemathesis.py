@@ -43,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         experiment = mlflow.create_experiment("schemathesis", artifact_location=(tmp / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
             info = train.log_pipeline(pipeline, data[list(FEATURES)].head(3).fillna(0.0))
-        version = mlflow.register_model(info.model_uri, "fuzzed").version
+        version = mlflow.register_model(info.model_uri, "fuzzed", tags={"promotion": "gate"}).version  # as the gate
         MlflowClient(uri).set_registered_model_alias("fuzzed", "champion", version)
     env = {**clean_environment(), "HOST": "127.0.0.1", "MLFLOW_TRACKING_URI": uri, "MODEL_NAME": "fuzzed",
            "RELOAD_INTERVAL_S": "0", "RELOAD_TOKEN": TOKEN, "PREDICTION_LOG_DIR": str(tmp / "predictions")}
