@@ -33,6 +33,7 @@ from tests.servers import ROOT
 from tests.services import LocalServices
 
 pytestmark = pytest.mark.integration  # a real MLflow server with basic auth, moto, DVC and git
+STORY_IN_FILE_ORDER = True  # the steps build on each other (tests/conftest.py); to become chained fixtures
 
 MODEL = "California_Housing_Regression"
 BRANCH = "main"

@@ -57,20 +57,35 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         server.stop()
 
 
+# The Open Inference Protocol's infer operations need equally long tensors (one value per record in each column), which
+# JSON Schema cannot state: schemathesis's positive_data_acceptance would call their 400s for columns of different
+# lengths a failure. They get every other check, in a run of their own; everything else gets every check.
+V2_INFER = r"^/v2/models/\{name\}(/versions/\{version\})?/infer$"
+RUNS = {
+    "every operation but v2 infer, every check": ["--checks", "all", "--exclude-path-regex", V2_INFER],
+    "v2 infer, every check but positive_data_acceptance": [
+        "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--include-path-regex", V2_INFER],
+}
+
+
 def test_every_schemathesis_check_passes_on_over_a_thousand_cases(server, tmp_path):
-    har = tmp_path / "requests.har"
-    command = [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(CONFIG),
-               "run", f"{server.url}/openapi.json",
-               "--checks", "all", "--max-examples", str(EXAMPLES_PER_OPERATION), "--seed", "20261203",
-               "--header", f"Authorization: Bearer {TOKEN}", "--workers", "1", "--no-color",
-               "--report", "har", "--report-har-path", str(har)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=clean_environment(),
-                         cwd=tmp_path)  # its example database (.schemathesis/) stays out of the repository
-    entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
+    entries = []
+    for name, selection in RUNS.items():
+        har = tmp_path / f"requests-{len(entries)}.har"
+        command = [str(Path(sys.executable).with_name("schemathesis")), "--config-file", str(CONFIG),
+                   "run", f"{server.url}/openapi.json", *selection,
+                   "--max-examples", str(EXAMPLES_PER_OPERATION), "--seed", "20261203",
+                   "--header", f"Authorization: Bearer {TOKEN}", "--workers", "1", "--no-color",
+                   "--report", "har", "--report-har-path", str(har)]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=clean_environment(),
+                             cwd=tmp_path)  # its example database (.schemathesis/) stays out of the repository
+        found = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
+        summary = run.stdout[run.stdout.find("=== SUMMARY"):]
+        print(f"\nschemathesis, {name}: {len(found)} requests\n{summary}")
+        shortened = "\n".join(line[:300] for line in run.stdout.splitlines())  # request bodies can be megabytes
+        assert run.returncode == 0, shortened[-8000:] + run.stderr[-2000:]
+        entries += found
     statuses = Counter(entry["response"]["status"] for entry in entries)
-    summary = run.stdout[run.stdout.find("=== SUMMARY"):]
-    print(f"\nschemathesis: {len(entries)} requests, statuses {dict(sorted(statuses.items()))}\n{summary}")
-    shortened = "\n".join(line[:300] for line in run.stdout.splitlines())  # request bodies can be megabytes
-    assert run.returncode == 0, shortened[-8000:] + run.stderr[-2000:]
+    print(f"schemathesis: {len(entries)} requests in all, statuses {dict(sorted(statuses.items()))}")
     assert len(entries) >= MIN_CASES
     assert 500 not in statuses
