@@ -434,7 +434,8 @@ def test_v1_upload_is_promoted_and_served(v1: Step, loop: DataLoop) -> None:
     assert v1.notes["ready_before"] == 503  # nothing to serve yet
     assert v1.notes["delivered"] == 1
     assert job.succeeded, job.log()
-    assert v1.notes["dispatched"] == {"s3_bucket": bucket, "s3_key": v1.key, "s3_etag": v1.notes["etag"]}
+    assert v1.notes["dispatched"] == {"s3_bucket": bucket, "s3_key": v1.key, "s3_etag": v1.notes["etag"],
+                                      "s3_version_id": ""}  # the test bucket is not versioned
     assert f"fetch: s3://{bucket}/{v1.key} -> data/housing.csv" in job.output("Retrain")
     assert v1.champion == "1"
     assert v1.versions["1"].tags["gate_decision"] == "passed"
