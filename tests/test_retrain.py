@@ -382,9 +382,14 @@ def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(
 def empty_registry(v2_rolled_back: list[Step], project: Project, datasets: dict[str, Path]) -> Step:
     """Last step: a new MLflow store, as after a wiped mlflow.db or a move to a new server, with unchanged data."""
     # (Deleting the file this process has open would leave MLflow's cached engine reading the old one.)
+    # The step puts the project's registry back afterwards: the other tests look at the first one, in any order.
+    first_uri, first_client = project.tracking_uri, project.client
     project.tracking_uri = f"sqlite:///{project.root / 'mlflow-new.db'}"
     project.client = MlflowClient(project.tracking_uri, project.tracking_uri)
-    return observe(project, project.retrain(datasets["v2"]), locked_data_md5=project.locked_data_md5())
+    try:
+        return observe(project, project.retrain(datasets["v2"]), locked_data_md5=project.locked_data_md5())
+    finally:
+        project.tracking_uri, project.client = first_uri, first_client
 
 
 def test_an_empty_registry_with_unchanged_data_retrains_and_leaves_a_champion(
