@@ -143,7 +143,8 @@ spec = {"model": "hist_gradient_boosting", "features": {"neighbours": [4], "fold
 mlflow.set_experiment("image-check")
 with mlflow.start_run():
     info = log_pipeline(build_pipeline(spec).fit(X, y), X.dropna().head(3))
-version = mlflow.register_model(info.model_uri, sys.argv[1]).version
+# serving loads only what the gate passed (serving/model.py): tagged as the gate tags a promoted version
+version = mlflow.register_model(info.model_uri, sys.argv[1], tags={"promotion": "gate"}).version
 mlflow.MlflowClient().set_registered_model_alias(sys.argv[1], "champion", version)
 EOF
 }
