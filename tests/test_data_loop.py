@@ -226,7 +226,8 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["train"].update(FAST_TRAINING)
     params["gate"].update(LOOSE_GATE)
     (seed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    trusted = seed.parent / "trusted.csv"
+    # Each module gets its own folder: basetemp is shared by the whole session, and a name there would collide.
+    trusted = tmp_path_factory.mktemp("reference-source") / "trusted.csv"
     synthetic_housing(4000, seed=9).to_csv(trusted, index=False)
     subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "scripts.reference", str(trusted)], cwd=seed, check=True)
     for command in (
@@ -234,7 +235,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["git", "branch", "-M", BRANCH],
     ):
         subprocess.run(command, cwd=seed, check=True)
-    bare = seed.parent / "origin.git"
+    bare = tmp_path_factory.mktemp("origin") / "origin.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
     return bare
 

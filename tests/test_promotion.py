@@ -133,13 +133,14 @@ def pipeline(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) 
     params["train"].update(FAST_TRAINING)
     params["gate"].update(LOOSE_BARS)
     (seed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    trusted = seed.parent / "trusted.csv"
+    # Each module gets its own folder: basetemp is shared by the whole session, and a name there would collide.
+    trusted = tmp_path_factory.mktemp("reference-source") / "trusted.csv"
     synthetic_housing(4000, seed=9).to_csv(trusted, index=False)
     result = run_make(seed, "reference", f"SOURCE={trusted}")
     assert result.returncode == 0, result.stderr
     git(seed, *GIT_USER, "commit", "-qam", "fast training params, synthetic reference set")
     git(seed, "branch", "-M", BRANCH)
-    origin = seed.parent / "origin.git"
+    origin = tmp_path_factory.mktemp("origin") / "origin.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(origin)], check=True)
     return Pipeline(services, origin, tmp_path_factory.mktemp("jobs"))
 
