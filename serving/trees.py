@@ -14,14 +14,17 @@ from features import CATEGORIES, FloatArray
 
 log = logging.getLogger("housing.serve")
 
-FLAT_TREES_MAX_ROWS = 128  # above this, sklearn's predict() is faster than FlatTrees
+# Where FlatTrees and sklearn's predict() cross for the 1,400-tree champion, with one OpenMP thread as serving runs
+# it (measured 2026-12-03, best of 7, FlatTrees vs sklearn: 96 rows 18.6 vs 22.7 ms, 128 rows 26.0 vs 25.4 ms,
+# 256 rows 70 vs 33 ms). Above it sklearn's predict() wins.
+FLAT_TREES_MAX_ROWS = 128
 
 
 class FlatTrees:
     """A HistGradientBoostingRegressor's trees as flat arrays, walked all at once, one tree level per numpy step.
 
-    For a few rows, sklearn's predict() is nearly all fixed cost: input checks, then a Python call per tree (~1.4 ms
-    for one row through the champion's 225 trees); walking all trees together takes ~0.08 ms. Beyond
+    For a few rows, sklearn's predict() is nearly all fixed cost: input checks, then a Python call per tree (~14 ms
+    for one row through the champion's 1,400 trees); walking all trees together takes ~0.15 ms. Beyond
     FLAT_TREES_MAX_ROWS rows sklearn is the faster one. This reads sklearn's private tree arrays, so `flatten` only
     returns one that reproduces predict() bit for bit on probe rows. Input: rows without NaN; if some split is
     categorical, column 0 holds the category code, as features.HousingFeatures makes it for the ordinal encoding.
