@@ -72,7 +72,7 @@ class DispatchError(RuntimeError):
     """At least one object was not dispatched; the message gives each one's reason."""
 
 
-class Refused(ValueError):
+class RecordRefused(ValueError):
     """A record that cannot be dispatched as it is: malformed, not about S3, or with a name outside the allow-list."""
 
 
@@ -163,28 +163,28 @@ class S3Object:
 
 
 def checked_object(bucket: Any, key: Any, etag: Any, version_id: Any = "") -> S3Object:
-    """An S3Object whose names (the key decoded already) passed the allow-lists, or Refused naming the field (its value
-    quoted, escaped). scripts/check_s3_object.py applies the same checks to the retrain workflow's inputs."""
+    """An S3Object whose names (the key decoded already) passed the allow-lists, or RecordRefused naming the field (its
+    value quoted, escaped). scripts/check_s3_object.py applies the same checks to the retrain workflow's inputs."""
     if not isinstance(bucket, str) or not BUCKET_PATTERN.fullmatch(bucket) or ".." in bucket:
-        raise Refused(f"bucket {_quoted(bucket)} is not a valid S3 bucket name")
+        raise RecordRefused(f"bucket {_quoted(bucket)} is not a valid S3 bucket name")
     if not isinstance(key, str):
-        raise Refused(f"key {_quoted(key)} is not a string")
+        raise RecordRefused(f"key {_quoted(key)} is not a string")
     segments = key.split("/")
     if (
         len(key.encode()) > MAX_KEY_BYTES
         or not all(KEY_SEGMENT_PATTERN.fullmatch(segment) for segment in segments)
         or any(segment in (".", "..") for segment in segments)
     ):
-        raise Refused(
+        raise RecordRefused(
             f"key {_quoted(key)} is outside the allowed pattern (segments of letters, digits and ' _.()+,=@-', "
             "no '.' or '..' segments): rename the object"
         )
     etag = "" if etag is None else etag
     if not isinstance(etag, str) or not (etag == "" or ETAG_PATTERN.fullmatch(etag.strip('"'))):
-        raise Refused(f"etag {_quoted(etag)} is not an S3 ETag")
+        raise RecordRefused(f"etag {_quoted(etag)} is not an S3 ETag")
     version_id = "" if version_id is None else version_id
     if not isinstance(version_id, str) or not (version_id == "" or VERSION_ID_PATTERN.fullmatch(version_id)):
-        raise Refused(f"version id {_quoted(version_id)} is not an S3 version id")
+        raise RecordRefused(f"version id {_quoted(version_id)} is not an S3 version id")
     return S3Object(bucket, key, etag.strip('"'), version_id)
 
 
@@ -266,7 +266,7 @@ def _objects_in_event(event: Mapping[str, Any], where: str) -> Iterator[S3Object
         for number, record in enumerate(records):
             try:
                 obj = _object_in_record(record)
-            except Refused as refused:
+            except RecordRefused as refused:
                 logger.warning("Skipping record %d of %s: %s", number, where, refused)
             else:
                 if obj is not None:
@@ -281,7 +281,7 @@ def _objects_in_event(event: Mapping[str, Any], where: str) -> Iterator[S3Object
             logger.warning(
                 "Skipping %s: an Object Created event without detail.bucket.name and detail.object.key", where
             )
-        except Refused as refused:
+        except RecordRefused as refused:
             logger.warning("Skipping %s: %s", where, refused)
     else:
         logger.info(
@@ -294,7 +294,7 @@ def _objects_in_event(event: Mapping[str, Any], where: str) -> Iterator[S3Object
 
 def _object_in_record(record: Any) -> S3Object | None:
     if not isinstance(record, dict):
-        raise Refused("the record is not an object")
+        raise RecordRefused("the record is not an object")
     event_name = record.get("eventName")
     if "s3" not in record or not isinstance(event_name, str):
         logger.info(
@@ -309,7 +309,7 @@ def _object_in_record(record: Any) -> S3Object | None:
         return checked_object(s3["bucket"]["name"], _decoded(s3["object"]["key"]), s3["object"].get("eTag"),
                               s3["object"].get("versionId"))
     except (KeyError, TypeError, AttributeError):
-        raise Refused("an ObjectCreated record without s3.bucket.name and s3.object.key") from None
+        raise RecordRefused("an ObjectCreated record without s3.bucket.name and s3.object.key") from None
 
 
 def _selected(objects: Iterator[S3Object], config: Config) -> list[S3Object]:

@@ -41,7 +41,7 @@ WARM_UP_S = 0.5
 
 
 @dataclass
-class Server:
+class BenchedServer:
     name: str
     port: int
     path: str  # where predictions are posted
@@ -94,17 +94,17 @@ def free_port() -> int:
         return cast(int, probe.getsockname()[1])  # (host, port) for an AF_INET socket
 
 
-def start(name: str, command: list[str], path: str, env: dict[str, str], scratch: Path) -> Server:
+def start(name: str, command: list[str], path: str, env: dict[str, str], scratch: Path) -> BenchedServer:
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in command]
     log = scratch / f"{name}.log"
     with log.open("wb") as output:
         process = subprocess.Popen(command, cwd=ROOT, env={**env, "PORT": str(port)}, stdout=output,  # nosec B603  # argv built here
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(name, port, path, process, log)
+    return BenchedServer(name, port, path, process, log)
 
 
-def wait_ready(server: Server, ready_path: str, timeout_s: float = 180) -> None:
+def wait_ready(server: BenchedServer, ready_path: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -119,14 +119,15 @@ def wait_ready(server: Server, ready_path: str, timeout_s: float = 180) -> None:
     raise SystemExit(f"{server.name} not ready after {timeout_s:.0f} s; see {server.log}")
 
 
-def predictions(server: Server, body: bytes) -> np.ndarray:
+def predictions(server: BenchedServer, body: bytes) -> np.ndarray:
     request = urllib.request.Request(server.url(server.path), data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:  # nosec B310  # http://127.0.0.1 it started
         return np.asarray(json.loads(response.read())["predictions"], dtype=float).ravel()
 
 
-async def one_connection(server: Server, request: bytes, keep_going: Callable[[Tally], bool], tally: Tally) -> None:
+async def one_connection(server: BenchedServer, request: bytes, keep_going: Callable[[Tally], bool],
+                         tally: Tally) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     try:
         while keep_going(tally):
@@ -146,7 +147,7 @@ async def one_connection(server: Server, request: bytes, keep_going: Callable[[T
         writer.close()
 
 
-def closed_loop(server: Server, body: bytes, connections: int, keep_going: Callable[[Tally], bool]) -> Tally:
+def closed_loop(server: BenchedServer, body: bytes, connections: int, keep_going: Callable[[Tally], bool]) -> Tally:
     """`connections` clients, each sending `body` again as soon as it has the answer, while `keep_going`."""
 
     async def run() -> Tally:
@@ -169,7 +170,8 @@ def for_requests(count: int) -> Callable[[Tally], bool]:
     return lambda tally: tally.answered < count
 
 
-def compare(servers: list[Server], body: bytes, connections: int, seconds: float, rounds: int) -> dict[str, Tally]:
+def compare(servers: list[BenchedServer], body: bytes, connections: int, seconds: float,
+            rounds: int) -> dict[str, Tally]:
     """Rounds of load on each server in turn, the order alternating, after a short warm-up of each."""
     for server in servers:
         closed_loop(server, body, connections, for_seconds(WARM_UP_S))
@@ -191,7 +193,7 @@ def print_row(size: int | str, connections: int, name: str, summary: dict[str, A
           f"{summary['p99']:>8.2f} {summary['errors']:>6}" + (f" {ratio:>10.1f}x" if ratio else ""))
 
 
-def run(servers: list[Server], records: pd.DataFrame, args: argparse.Namespace) -> None:
+def run(servers: list[BenchedServer], records: pd.DataFrame, args: argparse.Namespace) -> None:
     *ours, mlflow = servers
     theirs = predictions(mlflow, payload(records.head(100)))
     for server in ours:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dispatch_lambda import Refused, checked_object
+from dispatch_lambda import RecordRefused, checked_object
 
 
 def main() -> int:
@@ -26,7 +26,7 @@ def main() -> int:
     try:
         obj = checked_object(env.get("S3_BUCKET", ""), env.get("S3_KEY", ""), env.get("S3_ETAG", ""),
                              env.get("S3_VERSION_ID", ""))
-    except Refused as refused:
+    except RecordRefused as refused:
         print(f"::error::retrain refused: {refused}")
         return 1
     print(f"retrain: {obj}")

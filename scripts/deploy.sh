@@ -162,36 +162,31 @@ smoke_test() { # $1 container, $2 its host port
   [[ $answer =~ $pattern ]] || fail "$1 answered the smoke POST /predict without a prediction: $answer"
 }
 
+proxy_server() { # $1 upstream name, $2 container, $3 its port, $4 the port nginx listens on, $5 largest body (optional)
+  cat <<EOF
+upstream $1 { server $2:$3; }
+server {
+  listen $4;${5:+
+  client_max_body_size $5;}
+  location / {
+    proxy_pass http://$1;
+    proxy_set_header Host \$host;
+    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    add_header X-Served-By $2 always;
+  }
+}
+EOF
+}
+
 write_conf() { # $1 upstream container. nginx reads conf.d/*.conf only: the .new file is inert until renamed
-  cat >"$CONF.new" <<EOF
-# Written by scripts/deploy.sh: port $HTTP_PORT -> $1${ADMIN_PORT:+, port $ADMIN_PORT -> its admin port}
-upstream app { server $1:$APP_PORT; }
-server {
-  listen 80;
-  client_max_body_size 8m;
-  location / {
-    proxy_pass http://app;
-    proxy_set_header Host \$host;
-    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    add_header X-Served-By $1 always;
-  }
-}
-EOF
-  if [[ -n $ADMIN_PORT ]]; then
-    cat >>"$CONF.new" <<EOF
-# port $ADMIN_PORT (private: the security group) -> the admin port of $1: /reload, /metrics
-upstream admin { server $1:$ADMIN_PORT; }
-server {
-  listen $ADMIN_PORT;
-  location / {
-    proxy_pass http://admin;
-    proxy_set_header Host \$host;
-    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    add_header X-Served-By $1 always;
-  }
-}
-EOF
-  fi
+  {
+    echo "# Written by scripts/deploy.sh: port $HTTP_PORT -> $1${ADMIN_PORT:+, port $ADMIN_PORT -> its admin port}"
+    proxy_server app "$1" "$APP_PORT" 80 8m
+    if [[ -n $ADMIN_PORT ]]; then
+      echo "# port $ADMIN_PORT (private: the security group) -> the admin port of $1: /reload, /metrics"
+      proxy_server admin "$1" "$ADMIN_PORT" "$ADMIN_PORT"
+    fi
+  } >"$CONF.new"
   if [[ -f $CONF ]]; then cp "$CONF" "$CONF.previous"; fi
   switching=1
   mv "$CONF.new" "$CONF"

@@ -40,7 +40,7 @@ LOCK = Path("dvc.lock")
 LOCK_ARTIFACT = "dvc.lock"
 
 
-class Refused(Exception):
+class PromotionRefused(Exception):
     """A promotion that must not happen; the message names the cause and the fix."""
 
 
@@ -70,9 +70,9 @@ def by_gate(client: MlflowClient, name: str) -> str:
     decided_against = record["champion"]["version"] if record["champion"] else None
     current = version_by_alias(client, name, CHAMPION)
     if (current.version if current else None) != decided_against:
-        raise Refused(f"the champion moved from {decided_against} to {current and current.version} while version "
-                      f"{challenger} was being judged; nothing promoted: run `make retrain` again to judge it "
-                      f"against the new champion")
+        raise PromotionRefused(f"the champion moved from {decided_against} to {current and current.version} while "
+                               f"version {challenger} was being judged; nothing promoted: run `make retrain` again to "
+                               f"judge it against the new champion")
     previous = promote(client, name, challenger, "gate", {"gate_check": record["check"]})
     record.update(decision="promoted", champion_before=previous, promoted_at=now())
     write_decision(record)
@@ -87,23 +87,23 @@ def lock_of(client: MlflowClient, name: str, version: str) -> str:
             # run_id is None only for a version registered without a run; ours come from register.py's runs.
             return Path(client.download_artifacts(run_id, LOCK_ARTIFACT, folder)).read_text()  # type: ignore[arg-type]
     except (MlflowException, OSError) as error:
-        raise Refused(f"version {version} has no {LOCK_ARTIFACT} in run {run_id} ({error}): its data version is "
-                      f"unknown; retrain on its data instead (make retrain DATA_URL=...)") from error
+        raise PromotionRefused(f"version {version} has no {LOCK_ARTIFACT} in run {run_id} ({error}): its data version "
+                               f"is unknown; retrain on its data instead (make retrain DATA_URL=...)") from error
 
 
 def by_human(client: MlflowClient, name: str, version: str, reason: str) -> str:
     if not reason.strip():
-        raise Refused('an approval needs a reason: make promote VERSION=n REASON="why this shift is real"')
+        raise PromotionRefused('an approval needs a reason: make promote VERSION=n REASON="why this shift is real"')
     try:
         candidate = client.get_model_version(name, version)
     except MlflowException as error:
-        raise Refused(f"{name} has no version {version!r}: pick one from the registry (mlflow ui)") from error
+        raise PromotionRefused(f"{name} has no version {version!r}: pick one from the registry (mlflow ui)") from error
     if "gate_decision" not in candidate.tags:
-        raise Refused(f"version {version} was never scored by the gate (no gate_decision tag): a person approves a "
-                      f"judged version, not an arbitrary model; register it through `make retrain`")
+        raise PromotionRefused(f"version {version} was never scored by the gate (no gate_decision tag): a person "
+                               f"approves a judged version, not an arbitrary model; register it through `make retrain`")
     current = version_by_alias(client, name, CHAMPION)
     if current and current.version == version:
-        raise Refused(f"version {version} is already the champion")
+        raise PromotionRefused(f"version {version} is already the champion")
     lock = lock_of(client, name, version)
     approver = os.environ.get("PROMOTED_BY") or git_identity() or getpass.getuser()
     approval: dict[str, Any] = {"version": version, "approved_by": approver, "reason": reason, "approved_at": now(),
@@ -154,7 +154,7 @@ def main(argv: list[str]) -> int:
             case _:
                 print(__doc__, file=sys.stderr)
                 return 2
-    except Refused as refusal:
+    except PromotionRefused as refusal:
         print(f"promote: refused: {refusal}", file=sys.stderr)
         return 1
     print(message)

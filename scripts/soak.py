@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 import train
 from features import FEATURES, TARGET
-from scripts.bench import ROOT, Server, closed_loop, for_seconds, start, wait_ready
+from scripts.bench import ROOT, BenchedServer, closed_loop, for_seconds, start, wait_ready
 
 MODEL = "soak"
 WARM_UP_S = 5.0
@@ -49,20 +49,20 @@ def register_two(data: pd.DataFrame, uri: str) -> tuple[str, str]:
     return versions[0], versions[1]
 
 
-def workers(server: Server) -> list[psutil.Process]:
+def workers(server: BenchedServer) -> list[psutil.Process]:
     """uvicorn's worker processes: the supervisor's children that run the app (not multiprocessing's helpers)."""
     return [child for child in psutil.Process(server.process.pid).children()
             if "resource_tracker" not in " ".join(child.cmdline())]
 
 
-def served_version(server: Server) -> str:
+def served_version(server: BenchedServer) -> str:
     request = urllib.request.Request(server.url("/ready"), headers={"Connection": "close"})
     with urllib.request.urlopen(request, timeout=10) as response:  # nosec B310  # http://127.0.0.1 it started
         version: str = orjson.loads(response.read())["model"]["version"]
     return version
 
 
-def change_champion(server: Server, uri: str, versions: tuple[str, str], seconds: float, log: list[str]) -> None:
+def change_champion(server: BenchedServer, uri: str, versions: tuple[str, str], seconds: float, log: list[str]) -> None:
     """Three alias changes, evenly spread over the load; each waits until ten answers in a row (new connections,
     any worker) come from the new version."""
     client = MlflowClient(uri)

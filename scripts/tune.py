@@ -77,14 +77,14 @@ BASELINE = "baseline"
 
 
 @dataclass(frozen=True)
-class Settings:
+class TuneSettings:
     minutes: float
     trials: int | None  # None: params.yaml tune.n_trials
     storage: str
     experiment: str
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> Settings:
+    def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> TuneSettings:
         try:
             minutes = float(environ.get("TUNE_MINUTES") or 10)
             trials = int(environ["TUNE_TRIALS"]) if environ.get("TUNE_TRIALS") else None
@@ -366,7 +366,7 @@ class Progress:
               f"{best_text}  |  {elapsed / 60:.1f} of {self.budget_s / 60:.0f} min", flush=True)
 
 
-def run_study(study: optuna.Study, config: TuneConfig, settings: Settings, X: pd.DataFrame, y: np.ndarray) -> None:
+def run_study(study: optuna.Study, config: TuneConfig, settings: TuneSettings, X: pd.DataFrame, y: np.ndarray) -> None:
     n_trials = settings.trials or config.n_trials
     if not study.trials:
         study.enqueue_trial(baseline_values(config.base, config.space), user_attrs={BASELINE: True})
@@ -514,7 +514,7 @@ def load_training_rows() -> tuple[pd.DataFrame, np.ndarray, bytes]:
     return frame[list(FEATURES)], frame[TARGET].to_numpy(dtype=float), raw
 
 
-def parent_run(study: optuna.Study, settings: Settings, config: TuneConfig) -> mlflow.ActiveRun:
+def parent_run(study: optuna.Study, settings: TuneSettings, config: TuneConfig) -> mlflow.ActiveRun:
     """The study's parent run: the one a previous `make tune` of this study started, else a new one."""
     mlflow.set_experiment(settings.experiment)
     run_id = study.user_attrs.get("mlflow_parent_run_id")
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # Progress prints one line per trial instead
-    settings = Settings.from_env()
+    settings = TuneSettings.from_env()
     config = TuneConfig.from_params(yaml.safe_load(PARAMS.read_text()))
     X, y, raw = load_training_rows()
     name = study_name(config, raw)

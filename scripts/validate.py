@@ -25,7 +25,7 @@ NUMERIC_COLUMNS = [c for c in COLUMNS if c != CATEGORICAL_FEATURE]
 
 
 @dataclass
-class Problem:
+class DataProblem:
     column: str
     check: str
     message: str
@@ -40,32 +40,32 @@ def _lines(index: pd.Index, limit: int = 3) -> str:
     return f"line {shown}" if len(index) == 1 else f"lines {shown}{', ...' if len(index) > limit else ''}"
 
 
-def read_raw(path: Path) -> tuple[pd.DataFrame | None, list[Problem]]:
+def read_raw(path: Path) -> tuple[pd.DataFrame | None, list[DataProblem]]:
     """Read every cell as text so that nothing is coerced before it is checked."""
     if not path.exists():
-        return None, [Problem("file", "exists", f"{path} does not exist")]
+        return None, [DataProblem("file", "exists", f"{path} does not exist")]
     content = path.read_bytes()
     if not content.strip():
-        return None, [Problem("file", "empty", f"{path} is empty")]
+        return None, [DataProblem("file", "empty", f"{path} is empty")]
     problems = []
     if not content.endswith(b"\n"):
-        problems.append(Problem("file", "truncated", "last line has no newline: the file looks truncated"))
+        problems.append(DataProblem("file", "truncated", "last line has no newline: the file looks truncated"))
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        return None, [*problems, Problem("file", "parse", f"not a valid CSV: {error}".strip())]
+        return None, [*problems, DataProblem("file", "parse", f"not a valid CSV: {error}".strip())]
     return frame, problems
 
 
-def check(raw: pd.DataFrame, params: dict[str, Any]) -> tuple[list[Problem], dict[str, Any]]:
-    problems: list[Problem] = []
+def check(raw: pd.DataFrame, params: dict[str, Any]) -> tuple[list[DataProblem], dict[str, Any]]:
+    problems: list[DataProblem] = []
     rows = len(raw)
     missing_columns = [c for c in COLUMNS if c not in raw.columns]
-    problems += [Problem(c, "schema", "column is missing") for c in missing_columns]
-    problems += [Problem(str(c), "schema", f"unexpected column (expected {', '.join(COLUMNS)})")
+    problems += [DataProblem(c, "schema", "column is missing") for c in missing_columns]
+    problems += [DataProblem(str(c), "schema", f"unexpected column (expected {', '.join(COLUMNS)})")
                  for c in raw.columns if c not in COLUMNS]
     if rows < params["min_rows"]:
-        problems.append(Problem("file", "rows", f"{rows} data rows, need at least {params['min_rows']}"))
+        problems.append(DataProblem("file", "rows", f"{rows} data rows, need at least {params['min_rows']}"))
 
     stats = {}
     allowed_missing = params["max_missing_fraction"]
@@ -76,29 +76,29 @@ def check(raw: pd.DataFrame, params: dict[str, Any]) -> tuple[list[Problem], dic
         limit = allowed_missing.get(column, 0.0)
         if empty.any() and missing_fraction > limit:
             where = _lines(raw.index[empty])
-            problems.append(Problem(column, "missing", f"{empty.sum()} of {rows} values empty "
-                                    f"({missing_fraction:.1%}, at most {limit:.1%} allowed; {where})"))
+            problems.append(DataProblem(column, "missing", f"{empty.sum()} of {rows} values empty "
+                                        f"({missing_fraction:.1%}, at most {limit:.1%} allowed; {where})"))
         stats[column] = {"missing_fraction": round(missing_fraction, 6)}
         if column == CATEGORICAL_FEATURE:
             unknown = ~empty & ~text.isin(CATEGORIES)
             if unknown.any():
                 values = sorted(text[unknown].unique())[:5]
-                problems.append(Problem(column, "category", f"{unknown.sum()} values not in {list(CATEGORIES)}: "
-                                        f"{values} ({_lines(raw.index[unknown])})"))
+                problems.append(DataProblem(column, "category", f"{unknown.sum()} values not in {list(CATEGORIES)}: "
+                                            f"{values} ({_lines(raw.index[unknown])})"))
             stats[column]["counts"] = text[~empty].value_counts().to_dict()
             continue
         values = pd.to_numeric(text.where(~empty), errors="coerce")
         not_numeric = ~empty & (values.isna() | ~np.isfinite(values))
         if not_numeric.any():
             examples = list(text[not_numeric].unique()[:3])
-            problems.append(Problem(column, "type", f"{not_numeric.sum()} values are not finite numbers, e.g. "
-                                    f"{examples} ({_lines(raw.index[not_numeric])})"))
+            problems.append(DataProblem(column, "type", f"{not_numeric.sum()} values are not finite numbers, e.g. "
+                                        f"{examples} ({_lines(raw.index[not_numeric])})"))
         low, high = params["ranges"][column]
         valid = values[~not_numeric & ~empty]
         outside = valid[(valid < low) | (valid > high)]
         if len(outside):
-            problems.append(Problem(column, "range", f"{len(outside)} values outside [{low}, {high}], e.g. "
-                                    f"{outside.iloc[0]:g} ({_lines(outside.index)})"))
+            problems.append(DataProblem(column, "range", f"{len(outside)} values outside [{low}, {high}], e.g. "
+                                        f"{outside.iloc[0]:g} ({_lines(outside.index)})"))
         if len(valid):
             stats[column].update(min=float(valid.min()), max=float(valid.max()), mean=float(valid.mean()))
 
@@ -106,8 +106,8 @@ def check(raw: pd.DataFrame, params: dict[str, Any]) -> tuple[list[Problem], dic
     limit = params["max_duplicate_fraction"]
     if rows and duplicates.mean() > limit:
         where = _lines(raw.index[duplicates])
-        problems.append(Problem("file", "duplicates", f"{duplicates.sum()} duplicate rows "
-                                f"({duplicates.mean():.1%}, at most {limit:.1%} allowed; {where})"))
+        problems.append(DataProblem("file", "duplicates", f"{duplicates.sum()} duplicate rows "
+                                    f"({duplicates.mean():.1%}, at most {limit:.1%} allowed; {where})"))
     return problems, {"rows": rows, "duplicate_rows": int(duplicates.sum()), "columns": stats}
 
 

@@ -32,7 +32,7 @@ from serving.drift import DriftMonitor
 from serving.metrics import BATCH_SIZE, PREDICTED_VALUE, PREDICTIONS, VALIDATION_FAILURES, metrics_text, worker_stopped
 from serving.model import RETRY_S, ModelKeeper, Poller, Reload, ServedModel
 from serving.prediction_log import PredictionLog
-from serving.schema import InvalidInput, Problem, openapi_document
+from serving.schema import InputProblem, InvalidInput, openapi_document
 from serving.settings import Settings
 
 PARALLEL_MIN_ROWS = 256  # from this batch size, chunks are predicted in parallel threads
@@ -194,7 +194,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, exc.detail, headers=exc.headers)
 
 
-def count_problems(problems: list[Problem]) -> None:
+def count_problems(problems: list[InputProblem]) -> None:
     for field, count in Tally(problem.field for problem in problems).items():
         VALIDATION_FAILURES.labels(field).inc(count)
 

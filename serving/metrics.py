@@ -60,7 +60,7 @@ for status in ("200", "400", "413", "415", "422", "500", "503"):  # what /predic
 for prediction_route in ("/invocations", "/v2/models/{name}/infer"):  # docs/protocols.md
     for status in ("200", "400", "404", "413", "415", "500", "503"):
         REQUESTS.labels(prediction_route, "POST", status)
-for field in (*FEATURES, "body", "instances", "unknown"):  # see schema.Problem.field
+for field in (*FEATURES, "body", "instances", "unknown"):  # see schema.InputProblem.field
     VALIDATION_FAILURES.labels(field)
 # One series per worker ("liveall": a pid label with WORKERS>1). A PSI belongs to one worker's window, and windows do
 # not add up; prometheus/rules takes the maximum over the windows that hold enough records.

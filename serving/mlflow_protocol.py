@@ -19,7 +19,7 @@ from starlette.responses import Response
 from serving.app import Service, count_problems, json_response, request_id
 from serving.body import read_body
 from serving.model import RETRY_S
-from serving.schema import InvalidInput, Problem
+from serving.schema import InputProblem, InvalidInput
 from serving.tabular import checked_arrays, column_records, csv_records, lenient_json, maybe_off_loop
 
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
@@ -38,15 +38,16 @@ def mlflow_error(status: int, message: str, error_code: str | None = None, **det
 def records_in(payload: Any, max_rows: int) -> tuple[list[Any], str]:
     """The records of a JSON /invocations body, and where in the body they are (for naming problems)."""
     if not isinstance(payload, dict):
-        raise InvalidInput([Problem("body", "body", f"must be a JSON object with exactly one of {', '.join(FORMATS)}")])
+        raise InvalidInput([InputProblem("body", "body",
+                                         f"must be a JSON object with exactly one of {', '.join(FORMATS)}")])
     given = [name for name in FORMATS if name in payload]
-    unknown = [Problem(name, "unknown", "unknown field") for name in payload if name not in (*FORMATS, "params")]
+    unknown = [InputProblem(name, "unknown", "unknown field") for name in payload if name not in (*FORMATS, "params")]
     if len(given) != 1 or unknown:
         found = f"found {', '.join(given)}" if given else "found none"
-        raise InvalidInput(unknown or [Problem("body", "body", f"must hold exactly one of {', '.join(FORMATS)}; "
-                                                               f"{found}")])
+        raise InvalidInput(unknown or [InputProblem("body", "body", f"must hold exactly one of {', '.join(FORMATS)}; "
+                                                                    f"{found}")])
     if not isinstance(payload.get("params", {}), dict):
-        raise InvalidInput([Problem("params", "unknown", "must be an object (this model takes no params)")])
+        raise InvalidInput([InputProblem("params", "unknown", "must be an object (this model takes no params)")])
     name = given[0]
     data = payload[name]
     if name == "dataframe_split":
@@ -56,11 +57,11 @@ def records_in(payload: Any, max_rows: int) -> tuple[list[Any], str]:
     elif isinstance(data, list) and data:
         records, where = data, name
     else:
-        raise InvalidInput([Problem(name, name if name == "instances" else "body",
-                                    "must be a non-empty list of records" + (
-                                        "" if name == "dataframe_records" else ", or an object of columns"))])
+        raise InvalidInput([InputProblem(name, name if name == "instances" else "body",
+                                         "must be a non-empty list of records" + (
+                                             "" if name == "dataframe_records" else ", or an object of columns"))])
     if not records:
-        raise InvalidInput([Problem(where, "body", "holds no records")])
+        raise InvalidInput([InputProblem(where, "body", "holds no records")])
     if len(records) > max_rows:
         raise HTTPException(413, f"{len(records)} records is more than MAX_BATCH_ROWS={max_rows}")
     return records, where
@@ -70,24 +71,24 @@ def split_records(split: Any) -> list[dict[str, Any]]:
     """pandas' "split" orient: {"columns": [...], "data": [[...], ...]} and an "index" that does not matter here."""
     if not isinstance(split, dict) or not isinstance(split.get("columns"), list) or not isinstance(
             split.get("data"), list) or not set(split) <= {"columns", "data", "index"}:
-        raise InvalidInput([Problem("dataframe_split", "body", 'must be {"columns": [names], "data": [rows]} '
-                                                              '(and optionally "index")')])
+        raise InvalidInput([InputProblem("dataframe_split", "body", 'must be {"columns": [names], "data": [rows]} '
+                                                                   '(and optionally "index")')])
     columns, rows = split["columns"], split["data"]
     if not all(type(name) is str for name in columns) or len(set(columns)) != len(columns):
-        raise InvalidInput([Problem("dataframe_split.columns", "body", "must be distinct column names")])
+        raise InvalidInput([InputProblem("dataframe_split.columns", "body", "must be distinct column names")])
     for number, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != len(columns):
-            raise InvalidInput([Problem(f"dataframe_split.data[{number}]", "body",
-                                        f"must be a list of {len(columns)} values, one per column")])
+            raise InvalidInput([InputProblem(f"dataframe_split.data[{number}]", "body",
+                                             f"must be a list of {len(columns)} values, one per column")])
     return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 def columns_to_records(columns: dict[str, Any], where: str) -> list[dict[str, Any]]:
     lengths = {len(values) for values in columns.values() if isinstance(values, list)}
-    problems = [Problem(f"{where}.{name}", "body", "must be a list of values, one per record")
+    problems = [InputProblem(f"{where}.{name}", "body", "must be a list of values, one per record")
                 for name, values in columns.items() if not isinstance(values, list)]
     if len(lengths) > 1:
-        problems.append(Problem(where, "body", f"columns must be equally long; found lengths {sorted(lengths)}"))
+        problems.append(InputProblem(where, "body", f"columns must be equally long; found lengths {sorted(lengths)}"))
     if problems:
         raise InvalidInput(problems)
     return column_records(columns)
@@ -98,7 +99,7 @@ def parse(body: bytes, media_type: str, max_rows: int) -> tuple[list[Any], Any, 
     if media_type == "text/csv":
         records, where = csv_records(body.decode("utf-8-sig")), "rows"  # -sig: a leading BOM is no column
         if not records:
-            raise InvalidInput([Problem("body", "body", "holds no rows below the header")])
+            raise InvalidInput([InputProblem("body", "body", "holds no rows below the header")])
         if len(records) > max_rows:
             raise HTTPException(413, f"{len(records)} records is more than MAX_BATCH_ROWS={max_rows}")
     else:

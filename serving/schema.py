@@ -56,7 +56,7 @@ _FIELDS = frozenset(FEATURES)
 
 
 @dataclass(frozen=True, slots=True)
-class Problem:
+class InputProblem:
     path: str  # where in the body, e.g. "instances[3].median_income"
     field: str  # the metric label: a feature name, or "body", "instances", "unknown"
     message: str
@@ -68,7 +68,7 @@ MAX_PROBLEMS = 1000
 
 
 class InvalidInput(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[InputProblem]) -> None:
         counted = f"{len(problems)}" if len(problems) < MAX_PROBLEMS else f"{MAX_PROBLEMS} or more"
         super().__init__(f"{counted} problem(s) in the request body")
         self.problems = problems[:MAX_PROBLEMS]
@@ -77,13 +77,13 @@ class InvalidInput(Exception):
 def records_in(payload: Any, max_rows: int) -> tuple[list[Any], bool]:
     """The records of a /predict body, and whether it was a batch (`{"instances": [...]}`)."""
     if not isinstance(payload, dict):
-        raise InvalidInput([Problem("body", "body", 'must be a JSON object: a record or {"instances": [...]}')])
+        raise InvalidInput([InputProblem("body", "body", 'must be a JSON object: a record or {"instances": [...]}')])
     if "instances" not in payload:
         return [payload], False
     instances = payload["instances"]
-    problems = [Problem(name, "unknown", "unknown field") for name in payload if name != "instances"]
+    problems = [InputProblem(name, "unknown", "unknown field") for name in payload if name != "instances"]
     if not isinstance(instances, list) or not instances:
-        problems.append(Problem("instances", "instances", "must be a non-empty list of records"))
+        problems.append(InputProblem("instances", "instances", "must be a non-empty list of records"))
     if problems:
         raise InvalidInput(problems)
     if len(instances) > max_rows:
@@ -95,17 +95,17 @@ def to_arrays(records: list[Any], batch: bool) -> tuple[FloatArray, FloatArray]:
     """Check records against the schema of features.py; return NUMERIC_FEATURES as floats, and category codes."""
     rows: list[list[float]] = []
     codes: list[float] = []
-    problems: list[Problem] = []
+    problems: list[InputProblem] = []
     for index, record in enumerate(records):
         where = f"instances[{index}]" if batch else ""
         if type(record) is not dict:
-            problems.append(Problem(where or "body", "body", "must be a JSON object"))
+            problems.append(InputProblem(where or "body", "body", "must be a JSON object"))
             continue
         rows.append([_number(record, name, where, problems) for name in NUMERIC_FEATURES])
         codes.append(_category(record, where, problems))
         if not _FIELDS.issuperset(record):
             unknown = (name for name in record if name not in _FIELDS)
-            problems += [Problem(_path(where, name), "unknown", "unknown field")
+            problems += [InputProblem(_path(where, name), "unknown", "unknown field")
                          for name in islice(unknown, MAX_PROBLEMS)]
         if len(problems) >= MAX_PROBLEMS:
             break
@@ -118,7 +118,7 @@ def _path(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
-def _number(record: dict[str, Any], name: str, where: str, problems: list[Problem]) -> float:
+def _number(record: dict[str, Any], name: str, where: str, problems: list[InputProblem]) -> float:
     value = record.get(name)
     if type(value) is int or type(value) is float:  # exact types: bool is an int subclass, but not a number here
         if name not in COORDINATE_BOUNDS:
@@ -131,16 +131,16 @@ def _number(record: dict[str, Any], name: str, where: str, problems: list[Proble
         return math.nan
     else:
         message = "is required" if name not in record else "must be a finite number"
-    problems.append(Problem(_path(where, name), name, message))
+    problems.append(InputProblem(_path(where, name), name, message))
     return math.nan
 
 
-def _category(record: dict[str, Any], where: str, problems: list[Problem]) -> float:
+def _category(record: dict[str, Any], where: str, problems: list[InputProblem]) -> float:
     value = record.get(CATEGORICAL_FEATURE)
     if type(value) is str and value in _CODES:
         return _CODES[value]
     message = "is required" if CATEGORICAL_FEATURE not in record else f"must be one of {', '.join(CATEGORIES)}"
-    problems.append(Problem(_path(where, CATEGORICAL_FEATURE), CATEGORICAL_FEATURE, message))
+    problems.append(InputProblem(_path(where, CATEGORICAL_FEATURE), CATEGORICAL_FEATURE, message))
     return math.nan
 
 

@@ -14,7 +14,7 @@ import orjson
 from starlette.concurrency import run_in_threadpool
 
 from features import CATEGORICAL_FEATURE, FloatArray
-from serving.schema import InvalidInput, Problem, to_arrays
+from serving.schema import InputProblem, InvalidInput, to_arrays
 
 T = TypeVar("T")
 
@@ -63,13 +63,13 @@ def csv_records(text: str) -> list[dict[str, Any]]:
 def _csv_records(reader: Any) -> list[dict[str, Any]]:
     header = next(reader, None)
     if not header:
-        raise InvalidInput([Problem("body", "body", "must be a CSV with a header row naming the columns")])
+        raise InvalidInput([InputProblem("body", "body", "must be a CSV with a header row naming the columns")])
     numeric = [name != CATEGORICAL_FEATURE for name in header]
     records = []
     for row in reader:
         if len(row) != len(header):
-            raise InvalidInput([Problem(f"line {reader.line_num}", "body",
-                                        f"has {len(row)} cells; the header names {len(header)}")])
+            raise InvalidInput([InputProblem(f"line {reader.line_num}", "body",
+                                             f"has {len(row)} cells; the header names {len(header)}")])
         records.append({name: _cell(cell) if is_number else cell
                         for name, cell, is_number in zip(header, row, numeric, strict=True)})
     return records
@@ -96,7 +96,7 @@ def checked_arrays(records: list[Any], locate: Callable[[int, str], str]) -> tup
         try:
             to_arrays([record], batch=False)
         except InvalidInput as found:
-            problems += [Problem(locate(row, "" if p.path == "body" else p.path), p.field, p.message)
+            problems += [InputProblem(locate(row, "" if p.path == "body" else p.path), p.field, p.message)
                          for p in found.problems]
     raise InvalidInput(problems)
 

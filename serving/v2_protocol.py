@@ -20,7 +20,7 @@ from features import CATEGORICAL_FEATURE, FEATURES, OPTIONAL_FEATURES, TARGET
 from serving.app import Service, count_problems, json_response, request_id
 from serving.body import read_body
 from serving.model import RETRY_S, ServedModel
-from serving.schema import InvalidInput, Problem
+from serving.schema import InputProblem, InvalidInput
 from serving.tabular import checked_arrays, column_records, finite_or_marked, lenient_json, maybe_off_loop
 
 PLATFORM = "mlflow_sklearn"
@@ -39,7 +39,7 @@ def v2_error(status: int, message: str) -> Response:
 
 
 def fault(where: str, message: str) -> InvalidInput:
-    return InvalidInput([Problem(where, "body", message)])
+    return InvalidInput([InputProblem(where, "body", message)])
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -56,22 +56,23 @@ def tensor_columns(request: Any, binary: bytes, max_rows: int) -> dict[str, list
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise fault("inputs", "must be a non-empty list of tensors, one per column")
     columns: dict[str, list[Any]] = {}
-    problems: list[Problem] = []
+    problems: list[InputProblem] = []
     offset = 0
     for tensor in request["inputs"]:
         name = tensor.get("name") if isinstance(tensor, dict) else None
         if type(name) is not str:
             raise fault("inputs", 'each tensor must be an object with a "name"')
         if name not in FEATURES:
-            raise InvalidInput([Problem(name, "unknown", f"unknown tensor; the inputs are {', '.join(FEATURES)}")])
+            raise InvalidInput([InputProblem(name, "unknown", f"unknown tensor; the inputs are {', '.join(FEATURES)}")])
         values, offset = tensor_values(tensor, binary, offset)
         if name in columns:
-            problems.append(Problem(name, "body", "sent twice"))
+            problems.append(InputProblem(name, "body", "sent twice"))
         else:
             columns[name] = values
     if offset != len(binary):
-        problems.append(Problem("body", "body", f"{len(binary) - offset} bytes of binary data belong to no tensor"))
-    problems += [Problem(name, name, "is required") for name in FEATURES
+        problems.append(InputProblem("body", "body",
+                                     f"{len(binary) - offset} bytes of binary data belong to no tensor"))
+    problems += [InputProblem(name, name, "is required") for name in FEATURES
                  if name not in columns and name not in OPTIONAL_FEATURES]
     if problems:
         raise InvalidInput(problems)

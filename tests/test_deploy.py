@@ -150,13 +150,18 @@ def host(tmp_path: Path) -> Iterator[Host]:
     host.stop_containers()
 
 
-@pytest.fixture
-def serving(host: Host) -> Host:
-    """A host serving v1 from the blue container, with the calls of that first release forgotten."""
+def first_release(host: Host) -> Host:
+    """Deploy v1 to `host` (the blue container serves it), then forget the docker calls of that first release."""
     result = host.deploy("v1")
     assert result.returncode == 0, result.stderr
     (host.docker_state / "calls.jsonl").unlink()
     return host
+
+
+@pytest.fixture
+def serving(host: Host) -> Host:
+    """A host serving v1 from the blue container, with the calls of that first release forgotten."""
+    return first_release(host)
 
 
 def assert_port_kept_serving(
@@ -184,10 +189,7 @@ def admin_host(host: Host) -> Host:
 @pytest.fixture
 def admin_serving(admin_host: Host) -> Host:
     """An admin-port host serving v1 from the blue container, with the calls of that first release forgotten."""
-    result = admin_host.deploy("v1")
-    assert result.returncode == 0, result.stderr
-    (admin_host.docker_state / "calls.jsonl").unlink()
-    return admin_host
+    return first_release(admin_host)
 
 
 def test_first_release_starts_the_app_and_the_proxy_on_port_80(host: Host):

@@ -47,7 +47,7 @@ SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE",
 
 
 @dataclass
-class Registry:
+class TempRegistry:
     uri: str
     experiment_id: str
     client: MlflowClient
@@ -76,13 +76,13 @@ class Registry:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TempRegistry]:
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/mlflow.db"
     with pytest.MonkeyPatch.context() as patch:  # the environment, not mlflow.set_tracking_uri: nothing lingers
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         experiment_id = mlflow.create_experiment("serve-tests", artifact_location=(root / "artifacts").as_uri())
-        yield Registry(uri, experiment_id, MlflowClient(uri), root / "downloads")
+        yield TempRegistry(uri, experiment_id, MlflowClient(uri), root / "downloads")
 
 
 def fitted(spec: dict, seed: int = 0) -> Pipeline:
@@ -106,14 +106,14 @@ def records_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def models(registry: Registry) -> dict[str, str]:
+def models(registry: TempRegistry) -> dict[str, str]:
     """Model "served": version 1 (gradient boosting) is the champion; version 2 (ridge) is registered."""
     first = registry.register("served", fitted(GBDT))
     second = registry.register("served", fitted(RIDGE), champion=False)
     return {"first": first, "second": second}
 
 
-def serve_env(registry: Registry, tmp: Path, **settings: str) -> dict[str, str]:
+def serve_env(registry: TempRegistry, tmp: Path, **settings: str) -> dict[str, str]:
     """This process's environment without serve.py's settings (present, even empty, some mean something), then
     `settings`."""
     env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
@@ -130,7 +130,7 @@ def running(env: dict[str, str], log: Path, ready: bool = True) -> Iterator[Serv
 
 
 @pytest.fixture(scope="module")
-def server(registry: Registry, models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(registry: TempRegistry, models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Serves "served"@champion; no polling, so only POST /reload changes the model."""
     tmp = tmp_path_factory.mktemp("server")
     env = serve_env(registry, tmp, MODEL_NAME="served", RELOAD_INTERVAL_S="0", RELOAD_TOKEN=TOKEN,
@@ -139,7 +139,7 @@ def server(registry: Registry, models: dict, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture
-def champion_restored(server: ServerProcess, registry: Registry, models: dict) -> Iterator[None]:
+def champion_restored(server: ServerProcess, registry: TempRegistry, models: dict) -> Iterator[None]:
     yield
     registry.client.set_registered_model_alias("served", "champion", models["first"])
     assert reload(server).status_code == 200
@@ -445,7 +445,7 @@ class SteadyClient:
                 self.answers.append((response.status_code, body["model"]["version"], body["prediction"]))
 
 
-def assert_clean_switch(client: SteadyClient, registry: Registry, name: str, old: str, new: str) -> None:
+def assert_clean_switch(client: SteadyClient, registry: TempRegistry, name: str, old: str, new: str) -> None:
     """No failures; old version answers, then only the new one; each answer is its version's own prediction."""
     assert client.failures == []
     versions = client.versions_seen()
@@ -472,13 +472,13 @@ def test_reload_swaps_champion_without_failing_a_request(server, registry, model
     assert reload(server).json()["result"] == "unchanged"
 
 
-def register_nan_predicting(registry: Registry) -> str:
+def register_nan_predicting(registry: TempRegistry) -> str:
     pipeline = fitted(RIDGE)
     pipeline.named_steps["model"].coef_[:] = np.nan
     return registry.register("served", pipeline)
 
 
-def register_without_pickle(registry: Registry) -> str:
+def register_without_pickle(registry: TempRegistry) -> str:
     version = registry.register("served", fitted(RIDGE))
     model_id = registry.client.get_model_version("served", version).source.removeprefix("models:/")
     Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"), "model.pkl").unlink()

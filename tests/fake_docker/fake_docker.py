@@ -890,7 +890,7 @@ def network(store: Store, args: list[str]) -> int:
 # --- containers ----------------------------------------------------------------------------------------------
 
 
-class Server(ThreadingHTTPServer):
+class ContainerPortServer(ThreadingHTTPServer):
     """An HTTP server on a socket the CLI bound. Clients that hang up early (curl -f on an error) are not errors."""
 
     daemon_threads = True
@@ -1074,7 +1074,7 @@ def run_container(spec: dict[str, Any]) -> int:
         return type("Bound", (Proxy if proxy else App,), {"spec": spec, "port": port})
 
     # nginx opens the ports of a reloaded configuration's new `listen`s: every socket of a proxy gets the handler.
-    servers = [Server(socket.socket(fileno=fd), handler(port)) for fd, port in spec["sockets"]]
+    servers = [ContainerPortServer(socket.socket(fileno=fd), handler(port)) for fd, port in spec["sockets"]]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     if spec["behaviour"] == "proxy":
