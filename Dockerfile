@@ -14,8 +14,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PREDICTION_LOG_DIR=/app/logs
 
 WORKDIR /app
-COPY requirements-serve.txt constraints.txt ./
-RUN pip install --no-cache-dir -r requirements-serve.txt -c constraints.txt \
+COPY requirements-serve.txt ./
+# Hash-locked (`make lock`): pip takes exactly the files whose sha256 the lock lists, and nothing the lock leaves out.
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements-serve.txt \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /app --shell /usr/sbin/nologin serve \
     && mkdir logs && chown 10001:10001 logs
 COPY serve.py features.py ./
