@@ -14,8 +14,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PREDICTION_LOG_DIR=/app/logs
 
 WORKDIR /app
-COPY requirements-serve.txt constraints.txt ./
-RUN pip install --no-cache-dir -r requirements-serve.txt -c constraints.txt \
+COPY requirements-serve.txt ./
+# Hash-locked (`make lock`): pip takes exactly the files whose sha256 the lock lists, and nothing the lock leaves out.
+# Swagger UI (GET /docs) loads swagger-ui-bundle.js, swagger-ui.css and a favicon: its source maps and ES-module
+# bundles (9 MB) go in the same layer, so they never reach the image.
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements-serve.txt \
+    && swagger_ui="$(python -c 'import swagger_ui_bundle; print(swagger_ui_bundle.swagger_ui_path)')" \
+    && rm "$swagger_ui"/*.map "$swagger_ui"/swagger-ui-es-bundle*.js \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /app --shell /usr/sbin/nologin serve \
     && mkdir logs && chown 10001:10001 logs
 COPY serve.py features.py ./

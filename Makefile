@@ -19,29 +19,49 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down soak tune promote reference
+.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down soak tune promote reference
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-# Everything pip installs, and what `make venv` compares with the copy it installed last time.
-REQUIREMENTS := requirements-serve.txt requirements.txt requirements-dev.txt requirements-aws.txt constraints.txt
+# Python dependencies are hash-locked. You edit requirements*.in (direct dependencies, exact pins); `make lock`
+# compiles each X.in into X.txt with pip-tools: every transitive dependency pinned, with the sha256 of each file PyPI
+# (and this machine's pip indexes) offers for it. Installs take only those files: pip --require-hashes --no-deps.
+LOCK_VENV ?= $(VENV)/lock
+PIP_COMPILE = $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+  --no-emit-index-url --no-emit-find-links --no-emit-trusted-host
+PIP_INSTALL_LOCKED = pip install -q --require-hashes --no-deps -r
+# LOCK_ARGS: extra pip-compile options, e.g. `make lock LOCK_ARGS="--upgrade-package urllib3"` to move a transitive pin.
+LOCK_ARGS ?=
+# What `make venv` installs, and compares with the copy it installed last time.
+REQUIREMENTS := requirements-dev.txt requirements-aws.txt
 
-venv: ## create .venv: pinned pipeline, test and lint tools, aws CLI (again only when a requirements file changes)
+venv: ## create .venv: pipeline, test and lint tools, aws CLI, hash-locked (again only when a lock file changes)
 	@cat $(REQUIREMENTS) | cmp -s - $(VENV)/.requirements 2>/dev/null || { \
-	  $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
-	  $(VENV)/bin/pip install -q -r requirements-dev.txt && \
-	  $(PYTHON) -m venv $(VENV)/aws && $(VENV)/aws/bin/pip install -q -r requirements-aws.txt && \
+	  $(PYTHON) -m venv $(VENV) && $(VENV)/bin/$(PIP_INSTALL_LOCKED) requirements-dev.txt && \
+	  $(PYTHON) -m venv $(VENV)/aws && $(VENV)/aws/bin/$(PIP_INSTALL_LOCKED) requirements-aws.txt && \
 	  ln -sf ../aws/bin/aws $(VENV)/bin/aws && \
 	  cat $(REQUIREMENTS) > $(VENV)/.requirements; }
+
+# The dev lock is compiled under the serving lock (--constraint), so the image runs the versions the tests ran. The
+# constraint is on the command line, not in requirements-dev.in: Dependabot's pip-compile support skips `-c` lines.
+lock: ## compile the hash-locked requirements-*.txt from the requirements*.in you edit (pip-tools: ~3 min, ~8 with a cold cache)
+	@cmp -s requirements-lock.txt $(LOCK_VENV)/.requirements 2>/dev/null || { \
+	  $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/$(PIP_INSTALL_LOCKED) requirements-lock.txt && \
+	  cp requirements-lock.txt $(LOCK_VENV)/.requirements; }
+	$(PIP_COMPILE) $(LOCK_ARGS) --output-file=requirements-lock.txt requirements-lock.in
+	$(PIP_COMPILE) $(LOCK_ARGS) --output-file=requirements-serve.txt requirements-serve.in
+	$(PIP_COMPILE) $(LOCK_ARGS) --constraint=requirements-serve.txt --output-file=requirements-dev.txt requirements-dev.in
+	$(PIP_COMPILE) $(LOCK_ARGS) --output-file=requirements-aws.txt requirements-aws.in
+	$(PIP_COMPILE) $(LOCK_ARGS) --output-file=requirements-scan.txt requirements-scan.in
 
 tools: ## install what only Debian ships, when missing: prometheus (promtool), buildah, chromium, graphviz
 	@scripts/system_tools.sh
 
 scan-venv: ## the scanners' own virtualenv: zizmor, checkov, bandit (requirements-scan.txt, apart from the app's pins)
 	@cmp -s requirements-scan.txt $(SCAN_VENV)/.requirements 2>/dev/null || { \
-	  $(PYTHON) -m venv $(SCAN_VENV) && $(SCAN_VENV)/bin/pip install -q --upgrade pip && \
-	  $(SCAN_VENV)/bin/pip install -q -r requirements-scan.txt && cp requirements-scan.txt $(SCAN_VENV)/.requirements; }
+	  $(PYTHON) -m venv $(SCAN_VENV) && $(SCAN_VENV)/bin/$(PIP_INSTALL_LOCKED) requirements-scan.txt && \
+	  cp requirements-scan.txt $(SCAN_VENV)/.requirements; }
 
 dvc-remote: venv ## point the DVC remote `s3remote` at S3_DVC_BUCKET when DVC_REMOTE=s3remote
 ifeq ($(DVC_REMOTE),s3remote)

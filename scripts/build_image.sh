@@ -166,6 +166,15 @@ check_image() { # $1 registry URI. Run the image's command against it; /health, 
     die "POST /predict failed"
   [[ $answer =~ \"prediction\":\ ?[0-9] ]] || die "POST /predict answered without a prediction: $answer"
   log "GET /health, GET /ready and POST /predict answered: $answer"
+  # The Dockerfile deletes the Swagger UI files the page does not load: every file it does load must still answer.
+  local page assets asset
+  page=$(curl -fsS "http://127.0.0.1:$port/docs") || die "GET /docs failed"
+  mapfile -t assets < <(grep -oE '(href|src)="docs/[^"]+"' <<<"$page" | sed -E 's/^(href|src)="//; s/"$//')
+  ((${#assets[@]} >= 3)) || die "GET /docs references ${#assets[@]} files, expected Swagger UI's script, style and icon"
+  for asset in "${assets[@]}"; do
+    curl -fsS -o /dev/null "http://127.0.0.1:$port/$asset" || die "GET /$asset, which /docs loads, failed"
+  done
+  log "GET /docs and the ${#assets[@]} files it loads answered"
 }
 
 main() {
