@@ -1,4 +1,5 @@
-"""Real server processes for tests: each in its own process group on a free port, stopped by group."""
+"""Real server processes for tests: each in its own process group on a free port, stopped by group; and a client
+that keeps predicting from one while a test changes its model."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -98,3 +100,42 @@ def wait_until_answering(server: ServerProcess, path: str = "/health", timeout: 
             return False
 
     wait_for(answers, timeout, f"{path} on {server.url}")
+
+
+@dataclass
+class SteadyClient:
+    """Sends the same record again and again from a thread, noting (status, version, prediction) per answer."""
+
+    url: str
+    record: dict
+    answers: list[tuple[int, str | None, float | None]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> SteadyClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def versions_seen(self) -> list[str | None]:
+        return [version for _, version, _ in self.answers]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(self.url + "/predict", json=self.record)
+                except httpx.HTTPError as error:
+                    self.failures.append(repr(error))
+                    continue
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code} {response.text}")
+                    continue
+                body = response.json()
+                self.answers.append((response.status_code, body["model"]["version"], body["prediction"]))
