@@ -11,15 +11,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
 
+from serving.settings import Settings
+from tests.conftest import clean_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+# What serve.py reads (serving/settings.py, and the metrics folder its workers share): a test's server sees only
+# the ones the test gives it, since some mean something even when set empty.
+SERVE_SETTINGS = (*(setting.name.upper() for setting in fields(Settings)), "PROMETHEUS_MULTIPROC_DIR")
 
 
 @dataclass
@@ -69,6 +76,11 @@ def free_port() -> int:
     return port
 
 
+def serve_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without any AWS, MLflow or serve.py setting, then `settings`."""
+    return {name: value for name, value in clean_environment().items() if name not in SERVE_SETTINGS} | settings
+
+
 def start_serve(env: Mapping[str, str], log: Path) -> ServerProcess:
     """`python serve.py` (what `make serve` runs) in exactly the environment `env`, on a free port."""
     port = free_port()
@@ -100,6 +112,17 @@ def wait_until_answering(server: ServerProcess, path: str = "/health", timeout: 
             return False
 
     wait_for(answers, timeout, f"{path} on {server.url}")
+
+
+@contextmanager
+def running_app(env: Mapping[str, str], log: Path, path: str = "/ready") -> Iterator[ServerProcess]:
+    """`python serve.py` in `env` (see `serve_environment`), once `path` answers 200; stopped when the block ends."""
+    server = start_serve(env, log)
+    try:
+        wait_until_answering(server, path)
+        yield server
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -6,7 +6,6 @@ The screenshot of the answered request is written to test-artifacts/docs-page.pn
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from serving.docs import CONTENT_SECURITY_POLICY
 from serving.schema import EXAMPLE_RECORD
 from tests.conftest import RIDGE
 from tests.registry import fitted, temporary_registry
-from tests.servers import ROOT, ServerProcess, start_serve, wait_until_answering
+from tests.servers import ROOT, ServerProcess, running_app, serve_environment
 
 pytestmark = [
     pytest.mark.integration,  # a uvicorn process and a browser
@@ -35,8 +34,6 @@ pytestmark = [
 ]
 
 ARTIFACTS = ROOT / "test-artifacts"
-SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
-                  "RELOAD_TOKEN", "MAX_BATCH_ROWS", "MAX_BODY_BYTES", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR")
 WAIT_S = 60  # the page and its 1.5 MB script on a busy machine
 
 
@@ -48,14 +45,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     with temporary_registry(tmp) as registry:
         version = registry.register("docs", fitted(RIDGE))
         model = mlflow.artifacts.download_artifacts(f"models:/docs/{version}", dst_path=str(tmp / "model"))
-    env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
-    env |= {"MLFLOW_TRACKING_URI": registry.uri, "MODEL_URI": model, "PREDICTION_LOG_DIR": str(tmp / "predictions")}
-    process = start_serve(env, tmp / "serve.log")
-    try:
-        wait_until_answering(process, "/ready")
-        yield process
-    finally:
-        process.stop()
+    env = serve_environment(MLFLOW_TRACKING_URI=registry.uri, MODEL_URI=model,
+                            PREDICTION_LOG_DIR=str(tmp / "predictions"))
+    with running_app(env, tmp / "serve.log") as server:
+        yield server
 
 
 def debian_tool(name: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +21,12 @@ from serving.schema import to_arrays
 from serving.settings import Settings
 from tests.conftest import GBDT, json_records, synthetic_housing
 from tests.registry import fitted, temporary_registry
-from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
+from tests.servers import ServerProcess, serve_environment, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
 WINDOW = 400
 LOW, HIGH = 0.1, 0.25  # PSI: below LOW stable, above HIGH significant (the alert's threshold)
-SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
-                  "RELOAD_TOKEN", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR", "DRIFT_WINDOW")
 TOKEN = "drift-reload-token"
 
 
@@ -142,9 +139,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Models]:
 
 
 def serve_env(models: Models, tmp: Path, **settings: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
-    return {**env, "MLFLOW_TRACKING_URI": models.uri, "PREDICTION_LOG_DIR": str(tmp / "predictions"),
-            "RELOAD_INTERVAL_S": "0", **settings}
+    return serve_environment(MLFLOW_TRACKING_URI=models.uri, PREDICTION_LOG_DIR=str(tmp / "predictions"),
+                             RELOAD_INTERVAL_S="0", **settings)
 
 
 @dataclass

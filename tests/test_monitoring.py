@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
 import socket
 import subprocess
@@ -30,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from features import FEATURES, NUMERIC_FEATURES
 from tests.conftest import GBDT, json_records, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
-from tests.servers import ROOT, ServerProcess, free_port, start_serve, wait_for, wait_until_answering
+from tests.servers import ROOT, ServerProcess, free_port, serve_environment, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
@@ -38,8 +37,6 @@ RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 PROMTOOL_TESTS = sorted((ROOT / "prometheus" / "tests").glob("*.yml"))
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 DATASOURCES = sorted((ROOT / "grafana" / "provisioning" / "datasources").glob("*.yml"))
-SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
-                  "RELOAD_TOKEN", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR", "DRIFT_WINDOW")
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
 EVERY_ALERT = {"HousingServeTargetDown", "HousingNoModelLoaded", "HousingHighErrorRatio", "HousingHighLatency",
                "HousingModelReloadFailed", "HousingFeatureDrift", "HousingPredictionDrift", "HousingNoPredictions",
@@ -239,8 +236,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         first = registry.register("housing", fitted(GBDT), profiled=True)
         second = registry.register("housing", fitted(GBDT), alias=None, profiled=True)
 
-        env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
-        env |= {"MLFLOW_TRACKING_URI": registry.uri, "PREDICTION_LOG_DIR": str(tmp / "predictions")}
+        env = serve_environment(MLFLOW_TRACKING_URI=registry.uri, PREDICTION_LOG_DIR=str(tmp / "predictions"))
         healthy = start_serve({**env, "MODEL_NAME": "housing", "WORKERS": "2", "RELOAD_INTERVAL_S": "1"},
                               tmp / "healthy.log")
         unloaded = start_serve({**env, "MODEL_NAME": "never-registered"}, tmp / "unloaded.log")

@@ -25,8 +25,8 @@ from tritonclient.utils import InferenceServerException
 from features import CATEGORICAL_FEATURE, CATEGORIES, FEATURES, NUMERIC_FEATURES, TARGET
 from tests.conftest import GBDT
 from tests.registry import TemporaryRegistry, fitted, temporary_registry
-from tests.servers import ServerProcess, wait_for
-from tests.test_serve import metrics, records, records_frame, running, serve_env, value
+from tests.servers import ServerProcess, running_app, wait_for
+from tests.test_serve import metrics, records, records_frame, serve_env, value
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # inside MLflow's pyfunc
@@ -54,7 +54,8 @@ def server(registry: TemporaryRegistry, version: str,
     tmp = tmp_path_factory.mktemp("server")
     env = serve_env(registry, tmp, MODEL_NAME="served", RELOAD_INTERVAL_S="0", MAX_BATCH_ROWS=str(MAX_BATCH_ROWS),
                     DRIFT_WINDOW="100000")
-    yield from running(env, tmp / "serve.log")
+    with running_app(env, tmp / "serve.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from features import FEATURES
 from tests.conftest import RIDGE, clean_environment, synthetic_housing
 from tests.registry import fitted, temporary_registry
-from tests.servers import ServerProcess, SteadyClient, free_port, start_serve, wait_for, wait_until_answering
+from tests.servers import (
+    ServerProcess,
+    SteadyClient,
+    free_port,
+    serve_environment,
+    start_serve,
+    wait_for,
+    wait_until_answering,
+)
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # inside MLflow's pyfunc
@@ -74,10 +82,8 @@ def test_registry_outage_keeps_predictions_and_serves_the_new_champion_when_it_r
         first = models.register(MODEL, fitted(RIDGE))
         second = models.register(MODEL, fitted({**RIDGE, "params": {"alpha": 100.0}}), alias=None)
 
-    env = {**clean_environment(), "HOST": "127.0.0.1", "MLFLOW_TRACKING_URI": mlflow_server.url, "MODEL_NAME": MODEL,
-           "RELOAD_INTERVAL_S": str(POLL_S), "RELOAD_TOKEN": TOKEN, "PREDICTION_LOG_DIR": str(tmp_path / "log")}
-    for name in ("WORKERS", "ADMIN_PORT", "PROMETHEUS_MULTIPROC_DIR", "MODEL_STAGE", "MODEL_URI"):
-        env.pop(name, None)
+    env = serve_environment(MLFLOW_TRACKING_URI=mlflow_server.url, MODEL_NAME=MODEL, RELOAD_INTERVAL_S=str(POLL_S),
+                            RELOAD_TOKEN=TOKEN, PREDICTION_LOG_DIR=str(tmp_path / "log"))
     serving = start_serve(env, tmp_path / "serve.log")
     try:
         wait_until_answering(serving, "/ready")
@@ -135,10 +141,8 @@ def test_reload_answers_503_in_bounded_time_when_the_registry_hangs(tmp_path):
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)  # the kernel completes the connections; nobody ever reads them
         registry_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        env = {**clean_environment(), "HOST": "127.0.0.1", "MLFLOW_TRACKING_URI": registry_url, "MODEL_NAME": MODEL,
-               "RELOAD_TOKEN": TOKEN, "PREDICTION_LOG_DIR": str(tmp_path / "log")}
-        for name in ("WORKERS", "ADMIN_PORT", "PROMETHEUS_MULTIPROC_DIR", "MODEL_STAGE", "MODEL_URI"):
-            env.pop(name, None)
+        env = serve_environment(MLFLOW_TRACKING_URI=registry_url, MODEL_NAME=MODEL, RELOAD_TOKEN=TOKEN,
+                                PREDICTION_LOG_DIR=str(tmp_path / "log"))
         serving = start_serve(env, tmp_path / "serve.log")
         try:
             wait_until_answering(serving)

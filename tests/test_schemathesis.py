@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import GBDT, clean_environment
 from tests.registry import fitted, temporary_registry
-from tests.servers import ServerProcess, start_serve, wait_until_answering
+from tests.servers import ServerProcess, running_app, serve_environment
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # inside MLflow's pyfunc
@@ -31,16 +31,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("schemathesis")
     with temporary_registry(tmp) as registry:
         registry.register("fuzzed", fitted(GBDT))
-    env = {**clean_environment(), "HOST": "127.0.0.1", "MLFLOW_TRACKING_URI": registry.uri, "MODEL_NAME": "fuzzed",
-           "RELOAD_INTERVAL_S": "0", "RELOAD_TOKEN": TOKEN, "PREDICTION_LOG_DIR": str(tmp / "predictions")}
-    for name in ("WORKERS", "ADMIN_PORT", "MAX_BATCH_ROWS", "MAX_BODY_BYTES", "PROMETHEUS_MULTIPROC_DIR"):
-        env.pop(name, None)
-    server = start_serve(env, tmp / "serve.log")
-    try:
-        wait_until_answering(server, "/ready")
+    env = serve_environment(MLFLOW_TRACKING_URI=registry.uri, MODEL_NAME="fuzzed", RELOAD_INTERVAL_S="0",
+                            RELOAD_TOKEN=TOKEN, PREDICTION_LOG_DIR=str(tmp / "predictions"))
+    with running_app(env, tmp / "serve.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 # The Open Inference Protocol's infer operations need equally long tensors (one value per record in each column), which

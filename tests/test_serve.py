@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import math
-import os
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +26,16 @@ from serving.schema import to_arrays
 from serving.trees import flatten
 from tests.conftest import GBDT, RIDGE, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
-from tests.servers import ROOT, ServerProcess, SteadyClient, start_serve, wait_for, wait_until_answering
+from tests.servers import (
+    ROOT,
+    ServerProcess,
+    SteadyClient,
+    running_app,
+    serve_environment,
+    start_serve,
+    wait_for,
+    wait_until_answering,
+)
 
 pytestmark = [
     pytest.mark.integration,  # most tests talk to real uvicorn processes
@@ -37,8 +45,6 @@ pytestmark = [
 TOKEN = "s3cret-reload-token"
 MAX_BATCH_ROWS = 1000
 MAX_BODY_BYTES = 400_000
-SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
-                  "RELOAD_TOKEN", "MAX_BATCH_ROWS", "MAX_BODY_BYTES", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR")
 
 
 # --- a temporary registry --------------------------------------------------------------------------------------
@@ -73,19 +79,8 @@ def models(registry: TemporaryRegistry) -> dict[str, str]:
 
 
 def serve_env(registry: TemporaryRegistry, tmp: Path, **settings: str) -> dict[str, str]:
-    """This process's environment without serve.py's settings (present, even empty, some mean something), then
-    `settings`."""
-    env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
-    return {**env, "MLFLOW_TRACKING_URI": registry.uri, "PREDICTION_LOG_DIR": str(tmp / "predictions"), **settings}
-
-
-def running(env: dict[str, str], log: Path, ready: bool = True) -> Iterator[ServerProcess]:
-    server = start_serve(env, log)
-    try:
-        wait_until_answering(server, "/ready" if ready else "/health")
-        yield server
-    finally:
-        server.stop()
+    """serve.py's environment for a model of `registry`, with the prediction log in `tmp`, then `settings`."""
+    return serve_environment(MLFLOW_TRACKING_URI=registry.uri, PREDICTION_LOG_DIR=str(tmp / "predictions"), **settings)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +90,8 @@ def server(registry: TemporaryRegistry, models: dict,
     tmp = tmp_path_factory.mktemp("server")
     env = serve_env(registry, tmp, MODEL_NAME="served", RELOAD_INTERVAL_S="0", RELOAD_TOKEN=TOKEN,
                     MAX_BATCH_ROWS=str(MAX_BATCH_ROWS), MAX_BODY_BYTES=str(MAX_BODY_BYTES))
-    yield from running(env, tmp / "serve.log")
+    with running_app(env, tmp / "serve.log") as server:
+        yield server
 
 
 @pytest.fixture
@@ -336,7 +332,8 @@ def two_workers(registry, models, tmp_path_factory) -> Iterator[ServerProcess]:
     (metrics_dir / "counter_999999.db").write_bytes(b"left over from a previous run")
     env = serve_env(registry, tmp, MODEL_NAME="served", WORKERS="2", RELOAD_INTERVAL_S="0",
                     PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    yield from running(env, tmp / "serve.log")
+    with running_app(env, tmp / "serve.log") as server:
+        yield server
 
 
 def test_metrics_add_up_across_two_workers(two_workers, models):
@@ -531,7 +528,8 @@ def polling_server(registry, tmp_path_factory) -> Iterator[ServerProcess]:
     """Follows "polled"@champion every 0.3 s; starts before any such model exists; no RELOAD_TOKEN."""
     tmp = tmp_path_factory.mktemp("polling")
     env = serve_env(registry, tmp, MODEL_NAME="polled", RELOAD_INTERVAL_S="0.3")
-    yield from running(env, tmp / "serve.log", ready=False)
+    with running_app(env, tmp / "serve.log", "/health") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
