@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GBDT, clean_environment
+from tests.conftest import clean_environment
 from tests.registry import fitted, temporary_registry
 from tests.servers import ServerProcess, running_app, serve_environment
 
@@ -23,6 +23,8 @@ TOKEN = "schemathesis-reload-token"
 MIN_CASES = 1000
 EXAMPLES_PER_OPERATION = 1000  # /predict and /reload reach it; the endpoints without inputs need a few
 CONFIG = Path(__file__).with_name("schemathesis.toml")
+# A small model: the run sends over a thousand requests, many of them batches, each predicted by it.
+FUZZED = {"model": "hist_gradient_boosting", "features": {"neighbours": [4]}, "params": {"max_iter": 20}}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Serves a gradient-boosted champion from a temporary registry, with /reload enabled."""
     tmp = tmp_path_factory.mktemp("schemathesis")
     with temporary_registry(tmp) as registry:
-        registry.register("fuzzed", fitted(GBDT))
+        registry.register("fuzzed", fitted(FUZZED))
     env = serve_environment(MLFLOW_TRACKING_URI=registry.uri, MODEL_NAME="fuzzed", RELOAD_INTERVAL_S="0",
                             RELOAD_TOKEN=TOKEN, PREDICTION_LOG_DIR=str(tmp / "predictions"))
     with running_app(env, tmp / "serve.log") as server:
