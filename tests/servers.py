@@ -1,4 +1,5 @@
-"""Real server processes for tests: each in its own process group on a free port, stopped by group."""
+"""Real server processes for tests: each in its own process group on a free port, stopped by group; and a client
+that keeps predicting from one while a test changes its model."""
 
 from __future__ import annotations
 
@@ -8,16 +9,24 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
 
+from serving.settings import Settings
+from tests.conftest import clean_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+# What serve.py reads (serving/settings.py, and the metrics folder its workers share): a test's server sees only
+# the ones the test gives it, since some mean something even when set empty.
+SERVE_SETTINGS = (*(setting.name.upper() for setting in fields(Settings)), "PROMETHEUS_MULTIPROC_DIR")
 
 
 @dataclass
@@ -67,6 +76,11 @@ def free_port() -> int:
     return port
 
 
+def serve_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without any AWS, MLflow or serve.py setting, then `settings`."""
+    return {name: value for name, value in clean_environment().items() if name not in SERVE_SETTINGS} | settings
+
+
 def start_serve(env: Mapping[str, str], log: Path) -> ServerProcess:
     """`python serve.py` (what `make serve` runs) in exactly the environment `env`, on a free port."""
     port = free_port()
@@ -98,3 +112,53 @@ def wait_until_answering(server: ServerProcess, path: str = "/health", timeout: 
             return False
 
     wait_for(answers, timeout, f"{path} on {server.url}")
+
+
+@contextmanager
+def running_app(env: Mapping[str, str], log: Path, path: str = "/ready") -> Iterator[ServerProcess]:
+    """`python serve.py` in `env` (see `serve_environment`), once `path` answers 200; stopped when the block ends."""
+    server = start_serve(env, log)
+    try:
+        wait_until_answering(server, path)
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class SteadyClient:
+    """Sends the same record again and again from a thread, noting (status, version, prediction) per answer."""
+
+    url: str
+    record: dict
+    answers: list[tuple[int, str | None, float | None]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> SteadyClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def versions_seen(self) -> list[str | None]:
+        return [version for _, version, _ in self.answers]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(self.url + "/predict", json=self.record)
+                except httpx.HTTPError as error:
+                    self.failures.append(repr(error))
+                    continue
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code} {response.text}")
+                    continue
+                body = response.json()
+                self.answers.append((response.status_code, body["model"]["version"], body["prediction"]))

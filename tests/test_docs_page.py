@@ -6,7 +6,6 @@ The screenshot of the answered request is written to test-artifacts/docs-page.pn
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +21,12 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as visible
 from selenium.webdriver.support.wait import WebDriverWait
-from threadpoolctl import threadpool_limits
 
-import train
-from features import FEATURES, TARGET
 from serving.docs import CONTENT_SECURITY_POLICY
 from serving.schema import EXAMPLE_RECORD
-from tests.conftest import synthetic_housing
-from tests.servers import ROOT, ServerProcess, start_serve, wait_until_answering
+from tests.conftest import RIDGE
+from tests.registry import fitted, temporary_registry
+from tests.servers import ROOT, ServerProcess, running_app, serve_environment
 
 pytestmark = [
     pytest.mark.integration,  # a uvicorn process and a browser
@@ -37,34 +34,21 @@ pytestmark = [
 ]
 
 ARTIFACTS = ROOT / "test-artifacts"
-RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
-SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
-                  "RELOAD_TOKEN", "MAX_BATCH_ROWS", "MAX_BODY_BYTES", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR")
 WAIT_S = 60  # the page and its 1.5 MB script on a busy machine
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """serve.py on a ridge model in a local directory (MODEL_URI): the page needs a model, not a registry."""
+    """serve.py on a ridge model copied out of a temporary registry into a local directory (MODEL_URI): the page
+    needs a model, not a registry."""
     tmp = tmp_path_factory.mktemp("docs")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    data = synthetic_housing()
-    with threadpool_limits(1, "openmp"):
-        pipeline = train.build_pipeline(RIDGE).fit(data[list(FEATURES)], data[TARGET].to_numpy())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        experiment_id = mlflow.create_experiment("docs", artifact_location=(tmp / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=experiment_id):
-            info = train.log_pipeline(pipeline, data[list(FEATURES)].head(3))
-        model = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp / "model"))
-    env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
-    env |= {"MLFLOW_TRACKING_URI": uri, "MODEL_URI": model, "PREDICTION_LOG_DIR": str(tmp / "predictions")}
-    process = start_serve(env, tmp / "serve.log")
-    try:
-        wait_until_answering(process, "/ready")
-        yield process
-    finally:
-        process.stop()
+    with temporary_registry(tmp) as registry:
+        version = registry.register("docs", fitted(RIDGE))
+        model = mlflow.artifacts.download_artifacts(f"models:/docs/{version}", dst_path=str(tmp / "model"))
+    env = serve_environment(MLFLOW_TRACKING_URI=registry.uri, MODEL_URI=model,
+                            PREDICTION_LOG_DIR=str(tmp / "predictions"))
+    with running_app(env, tmp / "serve.log") as server:
+        yield server
 
 
 def debian_tool(name: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,23 +14,19 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
-from sklearn.pipeline import Pipeline
-from threadpoolctl import threadpool_limits
 
-import train
 from features import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, TARGET, reference_profile
 from serving.drift import DriftWindow
 from serving.schema import to_arrays
 from serving.settings import Settings
 from tests.conftest import GBDT, json_records, synthetic_housing
-from tests.servers import ServerProcess, start_serve, wait_for, wait_until_answering
+from tests.registry import fitted, temporary_registry
+from tests.servers import ServerProcess, serve_environment, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
 WINDOW = 400
 LOW, HIGH = 0.1, 0.25  # PSI: below LOW stable, above HIGH significant (the alert's threshold)
-SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
-                  "RELOAD_TOKEN", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR", "DRIFT_WINDOW")
 TOKEN = "drift-reload-token"
 
 
@@ -131,41 +126,21 @@ class Models:
     directory_without_profile: Path
 
 
-def fitted() -> tuple[Pipeline, dict]:
-    """A pipeline and its reference profile, made as train.py makes them."""
-    data, holdout = synthetic_housing(seed=0), synthetic_housing(500, seed=1)
-    with threadpool_limits(1, "openmp"):
-        pipeline = train.build_pipeline(GBDT).fit(data[list(FEATURES)], data[TARGET].to_numpy())
-    return pipeline, reference_profile(data[list(FEATURES)], pipeline.predict(holdout[list(FEATURES)]))
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Models]:
     root = tmp_path_factory.mktemp("drift-registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    pipeline, profile = fitted()
-    example = synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)]
-    with pytest.MonkeyPatch.context() as patch:  # the environment, not mlflow.set_tracking_uri: nothing lingers
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        experiment_id = mlflow.create_experiment("drift-tests", artifact_location=(root / "artifacts").as_uri())
-        client = MlflowClient(uri)
-        versions = []
-        for _ in range(2):
-            with mlflow.start_run(experiment_id=experiment_id):
-                info = train.log_pipeline(pipeline, example, profile)
-            versions.append(str(mlflow.register_model(info.model_uri, "drifting", tags={"promotion": "gate"}).version))
-        client.set_registered_model_alias("drifting", "champion", versions[0])
-        with mlflow.start_run(experiment_id=experiment_id):
-            info = train.log_pipeline(pipeline, example)
-        versions.append(str(mlflow.register_model(info.model_uri, "drifting", tags={"promotion": "gate"}).version))
-        plain = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(root / "plain")))
-        yield Models(uri, client, *versions, plain)
+    pipeline = fitted(GBDT)
+    with temporary_registry(root) as registry:
+        first = registry.register("drifting", pipeline, profiled=True)
+        second = registry.register("drifting", pipeline, alias=None, profiled=True)
+        without_profile = registry.register("drifting", pipeline, alias=None)
+        plain = mlflow.artifacts.download_artifacts(f"models:/drifting/{without_profile}", dst_path=str(root / "plain"))
+        yield Models(registry.uri, registry.client, first, second, without_profile, Path(plain))
 
 
 def serve_env(models: Models, tmp: Path, **settings: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
-    return {**env, "MLFLOW_TRACKING_URI": models.uri, "PREDICTION_LOG_DIR": str(tmp / "predictions"),
-            "RELOAD_INTERVAL_S": "0", **settings}
+    return serve_environment(MLFLOW_TRACKING_URI=models.uri, PREDICTION_LOG_DIR=str(tmp / "predictions"),
+                             RELOAD_INTERVAL_S="0", **settings)
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
 import socket
 import subprocess
@@ -22,19 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
-from threadpoolctl import threadpool_limits
 
-import train
-from features import FEATURES, NUMERIC_FEATURES, TARGET, reference_profile
-from tests.conftest import GBDT, RIDGE, json_records, synthetic_housing
-from tests.servers import ROOT, ServerProcess, free_port, start_serve, wait_for, wait_until_answering
+from features import FEATURES, NUMERIC_FEATURES
+from tests.conftest import GBDT, json_records, synthetic_housing
+from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
+from tests.servers import ROOT, ServerProcess, free_port, serve_environment, start_serve, wait_for, wait_until_answering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
@@ -42,8 +37,6 @@ RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
 PROMTOOL_TESTS = sorted((ROOT / "prometheus" / "tests").glob("*.yml"))
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 DATASOURCES = sorted((ROOT / "grafana" / "provisioning" / "datasources").glob("*.yml"))
-SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
-                  "RELOAD_TOKEN", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR", "DRIFT_WINDOW")
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
 EVERY_ALERT = {"HousingServeTargetDown", "HousingNoModelLoaded", "HousingHighErrorRatio", "HousingHighLatency",
                "HousingModelReloadFailed", "HousingFeatureDrift", "HousingPredictionDrift", "HousingNoPredictions",
@@ -230,22 +223,6 @@ class Traffic:
             self.send({"instances": rows[start:start + size]})
 
 
-def register(experiment_id: str, spec: dict, broken: bool = False) -> str:
-    """A version of model "housing", with its reference profile as train.py makes it; `broken`: a ridge predicting
-    NaN, which the app refuses."""
-    data, holdout = synthetic_housing(seed=0), synthetic_housing(500, seed=1)
-    with threadpool_limits(1, "openmp"):
-        pipeline = train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
-    reference = None
-    if broken:
-        pipeline.named_steps["model"].coef_[:] = np.nan
-    else:
-        reference = reference_profile(data[list(FEATURES)], pipeline.predict(holdout[list(FEATURES)]))
-    with mlflow.start_run(experiment_id=experiment_id):
-        info = train.log_pipeline(pipeline, holdout[list(FEATURES)].head(3), reference)
-    return str(mlflow.register_model(info.model_uri, "housing", tags={"promotion": "gate"}).version)  # as the gate does
-
-
 def monitoring(command: str, env: dict[str, str]) -> None:
     result = subprocess.run([str(ROOT / "scripts" / "monitoring.sh"), command], env=env, capture_output=True,
                             text=True, timeout=60)
@@ -255,16 +232,11 @@ def monitoring(command: str, env: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("monitoring")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        client = MlflowClient(uri)
-        experiment_id = mlflow.create_experiment("monitoring", artifact_location=(tmp / "artifacts").as_uri())
-        first, second = (register(experiment_id, GBDT) for _ in range(2))
-        client.set_registered_model_alias("housing", "champion", first)
+    with temporary_registry(tmp) as registry:
+        first = registry.register("housing", fitted(GBDT), profiled=True)
+        second = registry.register("housing", fitted(GBDT), alias=None, profiled=True)
 
-        env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
-        env |= {"MLFLOW_TRACKING_URI": uri, "PREDICTION_LOG_DIR": str(tmp / "predictions")}
+        env = serve_environment(MLFLOW_TRACKING_URI=registry.uri, PREDICTION_LOG_DIR=str(tmp / "predictions"))
         healthy = start_serve({**env, "MODEL_NAME": "housing", "WORKERS": "2", "RELOAD_INTERVAL_S": "1"},
                               tmp / "healthy.log")
         unloaded = start_serve({**env, "MODEL_NAME": "never-registered"}, tmp / "unloaded.log")
@@ -279,8 +251,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             monitoring("up", monitoring_env)
             wait_until_answering(healthy, "/ready")
             wait_until_answering(unloaded, "/health")
-            yield drive(f"http://127.0.0.1:{port}", healthy, unloaded, dead, started, client, experiment_id,
-                        (first, second))
+            yield drive(f"http://127.0.0.1:{port}", healthy, unloaded, dead, started, registry, (first, second))
         finally:
             monitoring("down", monitoring_env)
             healthy.stop()
@@ -289,7 +260,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 
 def drive(prometheus: str, healthy: ServerProcess, unloaded: ServerProcess, dead: str, started: float,
-          client: MlflowClient, experiment_id: str, versions: tuple[str, str]) -> Live:
+          registry: TemporaryRegistry, versions: tuple[str, str]) -> Live:
     """The traffic and model changes the live tests look at, in order."""
     first, second = versions
     wait_for(lambda: app_value(healthy, "housing_model_loaded") == 1, 60, "both workers to load the model")
@@ -311,11 +282,11 @@ def drive(prometheus: str, healthy: ServerProcess, unloaded: ServerProcess, dead
     calm = wait_for(lambda: len(result := query(prometheus, "job_field:housing_drift_psi:max")) == len(FEATURES) + 1
                     and result[0]["value"][0], 60, "Prometheus to record drift scores of the calm traffic")
 
-    client.set_registered_model_alias("housing", "champion", second)  # a new version: empty drift windows
+    registry.client.set_registered_model_alias("housing", "champion", second)  # a new version: empty drift windows
     wait_for(lambda: app_value(healthy, "housing_model_info", version=first) == 0, 60, "both workers to reload")
-    client.set_registered_model_alias("housing", "champion", register(experiment_id, RIDGE, broken=True))
+    registry.register("housing", predicting_nan())  # the champion now, and refused
     wait_for(lambda: app_value(healthy, "housing_model_reloads_total", result="failed") > 0, 60, "a refused model")
-    client.set_registered_model_alias("housing", "champion", second)
+    registry.client.set_registered_model_alias("housing", "champion", second)
 
     shifted = synthetic_housing(3000, seed=3)[list(FEATURES)]
     shifted = shifted.assign(median_income=shifted.median_income * 2, ocean_proximity="INLAND")

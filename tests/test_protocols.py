@@ -22,11 +22,11 @@ from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 from mlflow.version import VERSION
 from tritonclient.utils import InferenceServerException
 
-import train
-from features import CATEGORICAL_FEATURE, CATEGORIES, FEATURES, NUMERIC_FEATURES, TARGET, reference_profile
-from tests.conftest import synthetic_housing
-from tests.servers import ServerProcess, wait_for
-from tests.test_serve import GBDT, TempRegistry, fitted, metrics, records, records_frame, running, serve_env, value
+from features import CATEGORICAL_FEATURE, CATEGORIES, FEATURES, NUMERIC_FEATURES, TARGET
+from tests.conftest import GBDT
+from tests.registry import TemporaryRegistry, fitted, temporary_registry
+from tests.servers import ServerProcess, running_app, wait_for
+from tests.test_serve import metrics, records, records_frame, serve_env, value
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # inside MLflow's pyfunc
@@ -37,33 +37,25 @@ V2_ROUTE = "/v2/models/{name}/infer"
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TempRegistry]:
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        experiment_id = mlflow.create_experiment("protocol-tests", artifact_location=(root / "artifacts").as_uri())
-        yield TempRegistry(uri, experiment_id, mlflow.MlflowClient(uri), root / "downloads")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporaryRegistry]:
+    with temporary_registry(tmp_path_factory.mktemp("registry")) as registry:
+        yield registry
 
 
 @pytest.fixture(scope="module")
-def version(registry: TempRegistry) -> str:
+def version(registry: TemporaryRegistry) -> str:
     """The champion of "served": with a reference profile, so that the server watches drift."""
-    pipeline, data = fitted(GBDT), synthetic_housing()[list(FEATURES)]
-    with mlflow.start_run(experiment_id=registry.experiment_id):
-        info = train.log_pipeline(pipeline, synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)],
-                                  reference_profile(data, pipeline.predict(data)))
-    version = str(mlflow.register_model(info.model_uri, "served", tags={"promotion": "gate"}).version)  # as the gate
-    registry.client.set_registered_model_alias("served", "champion", version)
-    return version
+    return registry.register("served", fitted(GBDT), profiled=True)
 
 
 @pytest.fixture(scope="module")
-def server(registry: TempRegistry, version: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(registry: TemporaryRegistry, version: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("server")
     env = serve_env(registry, tmp, MODEL_NAME="served", RELOAD_INTERVAL_S="0", MAX_BATCH_ROWS=str(MAX_BATCH_ROWS),
                     DRIFT_WINDOW="100000")
-    yield from running(env, tmp / "serve.log")
+    with running_app(env, tmp / "serve.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +64,7 @@ def frame() -> pd.DataFrame:
     return records_frame(records(ROWS, seed=21))
 
 
-def expected(registry: TempRegistry, version: str, frame: pd.DataFrame) -> np.ndarray:
+def expected(registry: TemporaryRegistry, version: str, frame: pd.DataFrame) -> np.ndarray:
     return registry.predictions("served", version, frame)
 
 

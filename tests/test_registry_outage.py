@@ -11,24 +11,27 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
-from sklearn.pipeline import Pipeline
-from threadpoolctl import threadpool_limits
 
-import train
-from features import FEATURES, TARGET
-from tests.conftest import clean_environment, synthetic_housing
-from tests.servers import ServerProcess, free_port, start_serve, wait_for, wait_until_answering
+from features import FEATURES
+from tests.conftest import RIDGE, clean_environment, synthetic_housing
+from tests.registry import fitted, temporary_registry
+from tests.servers import (
+    ServerProcess,
+    SteadyClient,
+    free_port,
+    serve_environment,
+    start_serve,
+    wait_for,
+    wait_until_answering,
+)
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # inside MLflow's pyfunc
@@ -36,7 +39,7 @@ pytestmark = [pytest.mark.integration,
 MODEL = "outage"
 TOKEN = "outage-reload-token"
 POLL_S = 2.0
-RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}}
+RECORD = synthetic_housing(rows=1, seed=3, missing_bedrooms=0.0)[list(FEATURES)].to_dict("records")[0]
 
 
 def start_mlflow(port: int, store: Path, log: Path) -> ServerProcess:
@@ -52,18 +55,6 @@ def start_mlflow(port: int, store: Path, log: Path) -> ServerProcess:
     return server
 
 
-def fitted(spec: dict) -> Pipeline:
-    data = synthetic_housing()
-    with threadpool_limits(1, "openmp"):
-        return train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
-
-
-def register(client: MlflowClient, experiment_id: str, pipeline: Pipeline) -> str:
-    with mlflow.start_run(experiment_id=experiment_id):
-        info = train.log_pipeline(pipeline, synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)])
-    return str(mlflow.register_model(info.model_uri, MODEL, tags={"promotion": "gate"}).version)  # as the gate does
-
-
 def samples(server: ServerProcess) -> dict[tuple[str, frozenset], float]:
     text = httpx.get(server.url + "/metrics", timeout=10).text
     return {(sample.name, frozenset(sample.labels.items())): sample.value
@@ -72,41 +63,6 @@ def samples(server: ServerProcess) -> dict[tuple[str, frozenset], float]:
 
 def reloads(server: ServerProcess, result: str) -> float:
     return samples(server).get(("housing_model_reloads_total", frozenset({("result", result)})), 0.0)
-
-
-@dataclass
-class Predictions:
-    """Posts one record again and again from a thread; notes the served version or the failure of each."""
-
-    url: str
-    versions: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def __enter__(self) -> Predictions:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        record = synthetic_housing(rows=1, seed=3, missing_bedrooms=0.0)[list(FEATURES)].to_dict("records")[0]
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                try:
-                    response = client.post(self.url + "/predict", json=record)
-                except httpx.HTTPError as error:
-                    self.failures.append(repr(error))
-                    continue
-                if response.status_code == 200:
-                    self.versions.append(response.json()["model"]["version"])
-                else:
-                    self.failures.append(f"{response.status_code} {response.text}")
 
 
 @pytest.fixture
@@ -122,22 +78,16 @@ def registry(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
 
 def test_registry_outage_keeps_predictions_and_serves_the_new_champion_when_it_returns(registry, tmp_path):
     mlflow_server, store = registry
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-        client = MlflowClient(mlflow_server.url)
-        experiment_id = client.create_experiment("outage")
-        first = register(client, experiment_id, fitted({**RIDGE, "params": {"alpha": 1.0}}))
-        second = register(client, experiment_id, fitted({**RIDGE, "params": {"alpha": 100.0}}))
-        client.set_registered_model_alias(MODEL, "champion", first)
+    with temporary_registry(tmp_path, tracking_uri=mlflow_server.url) as models:
+        first = models.register(MODEL, fitted(RIDGE))
+        second = models.register(MODEL, fitted({**RIDGE, "params": {"alpha": 100.0}}), alias=None)
 
-    env = {**clean_environment(), "HOST": "127.0.0.1", "MLFLOW_TRACKING_URI": mlflow_server.url, "MODEL_NAME": MODEL,
-           "RELOAD_INTERVAL_S": str(POLL_S), "RELOAD_TOKEN": TOKEN, "PREDICTION_LOG_DIR": str(tmp_path / "log")}
-    for name in ("WORKERS", "ADMIN_PORT", "PROMETHEUS_MULTIPROC_DIR", "MODEL_STAGE", "MODEL_URI"):
-        env.pop(name, None)
+    env = serve_environment(MLFLOW_TRACKING_URI=mlflow_server.url, MODEL_NAME=MODEL, RELOAD_INTERVAL_S=str(POLL_S),
+                            RELOAD_TOKEN=TOKEN, PREDICTION_LOG_DIR=str(tmp_path / "log"))
     serving = start_serve(env, tmp_path / "serve.log")
     try:
         wait_until_answering(serving, "/ready")
-        with Predictions(serving.url) as predictions:
+        with SteadyClient(serving.url, RECORD) as predictions:
             mlflow_server.stop()
             unavailable_before = reloads(serving, "unavailable")
 
@@ -163,7 +113,7 @@ def test_registry_outage_keeps_predictions_and_serves_the_new_champion_when_it_r
                          120, "the new champion to be served")
                 served_s = time.monotonic() - back
                 unavailable_after = reloads(serving, "unavailable")
-                wait_for(lambda: predictions.versions.count(second) >= 10, 30, "predictions by the new champion")
+                wait_for(lambda: predictions.versions_seen().count(second) >= 10, 30, "predictions by the new champion")
                 log = serving.output()  # before the registry stops again
             finally:
                 restarted.stop()
@@ -172,11 +122,12 @@ def test_registry_outage_keeps_predictions_and_serves_the_new_champion_when_it_r
 
     print(f"\nPOST /reload during the outage answered 503 in {reload_s:.2f} s; the new champion was served "
           f"{served_s:.1f} s after the registry answered again (poll interval {POLL_S:g} s); "
-          f"{len(predictions.versions)} predictions, {len(predictions.failures)} failed")
+          f"{len(predictions.answers)} predictions, {len(predictions.failures)} failed")
     assert predictions.failures == []
-    switch = predictions.versions.index(second)
-    assert switch > 0 and set(predictions.versions[:switch]) == {first}
-    assert set(predictions.versions[switch:]) == {second}
+    versions = predictions.versions_seen()
+    switch = versions.index(second)
+    assert switch > 0 and set(versions[:switch]) == {first}
+    assert set(versions[switch:]) == {second}
     assert unavailable_after - unavailable_when_back <= 1, "more than one failed check after the registry came back"
     registry_lines = [line for line in log.splitlines() if "the model registry at" in line]
     assert len(registry_lines) == 2  # once when it went, once when it came back
@@ -190,10 +141,8 @@ def test_reload_answers_503_in_bounded_time_when_the_registry_hangs(tmp_path):
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)  # the kernel completes the connections; nobody ever reads them
         registry_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        env = {**clean_environment(), "HOST": "127.0.0.1", "MLFLOW_TRACKING_URI": registry_url, "MODEL_NAME": MODEL,
-               "RELOAD_TOKEN": TOKEN, "PREDICTION_LOG_DIR": str(tmp_path / "log")}
-        for name in ("WORKERS", "ADMIN_PORT", "PROMETHEUS_MULTIPROC_DIR", "MODEL_STAGE", "MODEL_URI"):
-            env.pop(name, None)
+        env = serve_environment(MLFLOW_TRACKING_URI=registry_url, MODEL_NAME=MODEL, RELOAD_TOKEN=TOKEN,
+                                PREDICTION_LOG_DIR=str(tmp_path / "log"))
         serving = start_serve(env, tmp_path / "serve.log")
         try:
             wait_until_answering(serving)

@@ -10,15 +10,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
-from threadpoolctl import threadpool_limits
 
-import train
-from features import FEATURES, TARGET
-from tests.conftest import clean_environment, synthetic_housing
-from tests.servers import ServerProcess, start_serve, wait_until_answering
+from tests.conftest import clean_environment
+from tests.registry import fitted, temporary_registry
+from tests.servers import ServerProcess, running_app, serve_environment
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # inside MLflow's pyfunc
@@ -27,34 +23,20 @@ TOKEN = "schemathesis-reload-token"
 MIN_CASES = 1000
 EXAMPLES_PER_OPERATION = 1000  # /predict and /reload reach it; the endpoints without inputs need a few
 CONFIG = Path(__file__).with_name("schemathesis.toml")
+# A small model: the run sends over a thousand requests, many of them batches, each predicted by it.
+FUZZED = {"model": "hist_gradient_boosting", "features": {"neighbours": [4]}, "params": {"max_iter": 20}}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Serves a gradient-boosted champion from a temporary registry, with /reload enabled."""
     tmp = tmp_path_factory.mktemp("schemathesis")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    data = synthetic_housing()
-    spec = {"model": "hist_gradient_boosting", "features": {"neighbours": [4]}, "params": {"max_iter": 20}}
-    with threadpool_limits(1, "openmp"):
-        pipeline = train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        experiment = mlflow.create_experiment("schemathesis", artifact_location=(tmp / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=experiment):
-            info = train.log_pipeline(pipeline, data[list(FEATURES)].head(3).fillna(0.0))
-        version = mlflow.register_model(info.model_uri, "fuzzed", tags={"promotion": "gate"}).version  # as the gate
-        MlflowClient(uri).set_registered_model_alias("fuzzed", "champion", version)
-    env = {**clean_environment(), "HOST": "127.0.0.1", "MLFLOW_TRACKING_URI": uri, "MODEL_NAME": "fuzzed",
-           "RELOAD_INTERVAL_S": "0", "RELOAD_TOKEN": TOKEN, "PREDICTION_LOG_DIR": str(tmp / "predictions")}
-    for name in ("WORKERS", "ADMIN_PORT", "MAX_BATCH_ROWS", "MAX_BODY_BYTES", "PROMETHEUS_MULTIPROC_DIR"):
-        env.pop(name, None)
-    server = start_serve(env, tmp / "serve.log")
-    try:
-        wait_until_answering(server, "/ready")
+    with temporary_registry(tmp) as registry:
+        registry.register("fuzzed", fitted(FUZZED))
+    env = serve_environment(MLFLOW_TRACKING_URI=registry.uri, MODEL_NAME="fuzzed", RELOAD_INTERVAL_S="0",
+                            RELOAD_TOKEN=TOKEN, PREDICTION_LOG_DIR=str(tmp / "predictions"))
+    with running_app(env, tmp / "serve.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 # The Open Inference Protocol's infer operations need equally long tensors (one value per record in each column), which

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
-import os
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -17,19 +14,28 @@ import numpy as np
 import orjson
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
-from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
 import train
 from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
 from serving.metrics import METRICS
+from serving.model import PROMOTION_TAG
 from serving.prediction_log import PredictionLog
 from serving.schema import to_arrays
 from serving.trees import flatten
 from tests.conftest import GBDT, RIDGE, synthetic_housing
-from tests.servers import ROOT, ServerProcess, start_serve, wait_for, wait_until_answering
+from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
+from tests.servers import (
+    ROOT,
+    ServerProcess,
+    SteadyClient,
+    running_app,
+    serve_environment,
+    start_serve,
+    wait_for,
+    wait_until_answering,
+)
 
 pytestmark = [
     pytest.mark.integration,  # most tests talk to real uvicorn processes
@@ -39,56 +45,15 @@ pytestmark = [
 TOKEN = "s3cret-reload-token"
 MAX_BATCH_ROWS = 1000
 MAX_BODY_BYTES = 400_000
-SERVE_SETTINGS = ("HOST", "WORKERS", "MODEL_NAME", "MODEL_ALIAS", "MODEL_STAGE", "MODEL_URI", "RELOAD_INTERVAL_S",
-                  "RELOAD_TOKEN", "MAX_BATCH_ROWS", "MAX_BODY_BYTES", "PREDICTION_LOG_DIR", "PROMETHEUS_MULTIPROC_DIR")
 
 
 # --- a temporary registry --------------------------------------------------------------------------------------
 
 
-@dataclass
-class TempRegistry:
-    uri: str
-    experiment_id: str
-    client: MlflowClient
-    downloads: Path
-    _loaded: dict[str, mlflow.pyfunc.PyFuncModel] = field(default_factory=dict)
-
-    def register(self, name: str, pipeline: Pipeline, champion: bool = True, promotion: str | None = "gate") -> str:
-        """A new version of `name`, tagged as scripts/register.py tags them (`promotion`: gate, human, rejected or
-        None for no tag); `champion` moves the alias to it, by hand."""
-        with mlflow.start_run(experiment_id=self.experiment_id):
-            info = train.log_pipeline(pipeline, synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)])
-        tags = {"promotion": promotion} if promotion else {}
-        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-        if champion:
-            self.client.set_registered_model_alias(name, "champion", version)
-        return version
-
-    def predictions(self, name: str, version: str, frame: pd.DataFrame) -> np.ndarray:
-        """What the registered model itself predicts, through MLflow's pyfunc interface."""
-        uri = f"models:/{name}/{version}"
-        if uri not in self._loaded:
-            target = self.downloads / f"{name}-{version}"
-            target.mkdir(parents=True)
-            self._loaded[uri] = mlflow.pyfunc.load_model(uri, dst_path=str(target))
-        return np.asarray(self._loaded[uri].predict(frame), dtype=float).ravel()
-
-
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TempRegistry]:
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:  # the environment, not mlflow.set_tracking_uri: nothing lingers
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        experiment_id = mlflow.create_experiment("serve-tests", artifact_location=(root / "artifacts").as_uri())
-        yield TempRegistry(uri, experiment_id, MlflowClient(uri), root / "downloads")
-
-
-def fitted(spec: dict, seed: int = 0) -> Pipeline:
-    data = synthetic_housing(seed=seed)
-    with threadpool_limits(1, "openmp"):  # OpenMP on a busy 2-core machine is slower than one thread
-        return train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporaryRegistry]:
+    with temporary_registry(tmp_path_factory.mktemp("registry")) as registry:
+        yield registry
 
 
 def records(count: int, seed: int = 7) -> list[dict]:
@@ -106,40 +71,31 @@ def records_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def models(registry: TempRegistry) -> dict[str, str]:
+def models(registry: TemporaryRegistry) -> dict[str, str]:
     """Model "served": version 1 (gradient boosting) is the champion; version 2 (ridge) is registered."""
     first = registry.register("served", fitted(GBDT))
-    second = registry.register("served", fitted(RIDGE), champion=False)
+    second = registry.register("served", fitted(RIDGE), alias=None)
     return {"first": first, "second": second}
 
 
-def serve_env(registry: TempRegistry, tmp: Path, **settings: str) -> dict[str, str]:
-    """This process's environment without serve.py's settings (present, even empty, some mean something), then
-    `settings`."""
-    env = {name: value for name, value in os.environ.items() if name not in SERVE_SETTINGS}
-    return {**env, "MLFLOW_TRACKING_URI": registry.uri, "PREDICTION_LOG_DIR": str(tmp / "predictions"), **settings}
-
-
-def running(env: dict[str, str], log: Path, ready: bool = True) -> Iterator[ServerProcess]:
-    server = start_serve(env, log)
-    try:
-        wait_until_answering(server, "/ready" if ready else "/health")
-        yield server
-    finally:
-        server.stop()
+def serve_env(registry: TemporaryRegistry, tmp: Path, **settings: str) -> dict[str, str]:
+    """serve.py's environment for a model of `registry`, with the prediction log in `tmp`, then `settings`."""
+    return serve_environment(MLFLOW_TRACKING_URI=registry.uri, PREDICTION_LOG_DIR=str(tmp / "predictions"), **settings)
 
 
 @pytest.fixture(scope="module")
-def server(registry: TempRegistry, models: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(registry: TemporaryRegistry, models: dict,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Serves "served"@champion; no polling, so only POST /reload changes the model."""
     tmp = tmp_path_factory.mktemp("server")
     env = serve_env(registry, tmp, MODEL_NAME="served", RELOAD_INTERVAL_S="0", RELOAD_TOKEN=TOKEN,
                     MAX_BATCH_ROWS=str(MAX_BATCH_ROWS), MAX_BODY_BYTES=str(MAX_BODY_BYTES))
-    yield from running(env, tmp / "serve.log")
+    with running_app(env, tmp / "serve.log") as server:
+        yield server
 
 
 @pytest.fixture
-def champion_restored(server: ServerProcess, registry: TempRegistry, models: dict) -> Iterator[None]:
+def champion_restored(server: ServerProcess, registry: TemporaryRegistry, models: dict) -> Iterator[None]:
     yield
     registry.client.set_registered_model_alias("served", "champion", models["first"])
     assert reload(server).status_code == 200
@@ -376,7 +332,8 @@ def two_workers(registry, models, tmp_path_factory) -> Iterator[ServerProcess]:
     (metrics_dir / "counter_999999.db").write_bytes(b"left over from a previous run")
     env = serve_env(registry, tmp, MODEL_NAME="served", WORKERS="2", RELOAD_INTERVAL_S="0",
                     PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    yield from running(env, tmp / "serve.log")
+    with running_app(env, tmp / "serve.log") as server:
+        yield server
 
 
 def test_metrics_add_up_across_two_workers(two_workers, models):
@@ -406,46 +363,7 @@ def test_metrics_add_up_across_two_workers(two_workers, models):
 # --- model lifecycle -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class SteadyClient:
-    """Sends the same record again and again from a thread, noting (status, version, prediction) per answer."""
-
-    url: str
-    record: dict
-    answers: list[tuple[int, str | None, float | None]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def __enter__(self) -> SteadyClient:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def versions_seen(self) -> list[str | None]:
-        return [version for _, version, _ in self.answers]
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                try:
-                    response = client.post(self.url + "/predict", json=self.record)
-                except httpx.HTTPError as error:
-                    self.failures.append(repr(error))
-                    continue
-                if response.status_code != 200:
-                    self.failures.append(f"{response.status_code} {response.text}")
-                    continue
-                body = response.json()
-                self.answers.append((response.status_code, body["model"]["version"], body["prediction"]))
-
-
-def assert_clean_switch(client: SteadyClient, registry: TempRegistry, name: str, old: str, new: str) -> None:
+def assert_clean_switch(client: SteadyClient, registry: TemporaryRegistry, name: str, old: str, new: str) -> None:
     """No failures; old version answers, then only the new one; each answer is its version's own prediction."""
     assert client.failures == []
     versions = client.versions_seen()
@@ -472,13 +390,11 @@ def test_reload_swaps_champion_without_failing_a_request(server, registry, model
     assert reload(server).json()["result"] == "unchanged"
 
 
-def register_nan_predicting(registry: TempRegistry) -> str:
-    pipeline = fitted(RIDGE)
-    pipeline.named_steps["model"].coef_[:] = np.nan
-    return registry.register("served", pipeline)
+def register_nan_predicting(registry: TemporaryRegistry) -> str:
+    return registry.register("served", predicting_nan())
 
 
-def register_without_pickle(registry: TempRegistry) -> str:
+def register_without_pickle(registry: TemporaryRegistry) -> str:
     version = registry.register("served", fitted(RIDGE))
     model_id = registry.client.get_model_version("served", version).source.removeprefix("models:/")
     Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"), "model.pkl").unlink()
@@ -545,7 +461,7 @@ def test_refused_version_is_served_once_a_person_approves_it(server, registry, c
     version = registry.register("served", fitted(RIDGE, seed=4), promotion="rejected")
     assert reload(server).json()["result"] == "refused"
 
-    registry.client.set_model_version_tag("served", version, "promotion", "human")  # what `make promote` records
+    registry.client.set_model_version_tag("served", version, PROMOTION_TAG, "human")  # what `make promote` records
     assert reload(server).json()["result"] == "loaded"
     assert served_version(server) == version
 
@@ -579,7 +495,7 @@ def test_unpromoted_champion_is_not_served_at_start_unless_model_uri_names_it(re
         assert unloaded.json()["not_serving"]["uri"] == uri
         assert "has no promotion tag" in unloaded.json()["not_serving"]["reason"]
 
-        registry.client.set_model_version_tag("unpromoted", version, "promotion", "human")
+        registry.client.set_model_version_tag("unpromoted", version, PROMOTION_TAG, "human")
         wait_for(lambda: httpx.get(following.url + "/ready").status_code == 200, 60, "the approved version to load")
         assert httpx.get(following.url + "/model").json()["not_serving"] is None
         assert predict(following, GOOD).json()["model"] == {"name": "unpromoted", "version": version}
@@ -612,7 +528,8 @@ def polling_server(registry, tmp_path_factory) -> Iterator[ServerProcess]:
     """Follows "polled"@champion every 0.3 s; starts before any such model exists; no RELOAD_TOKEN."""
     tmp = tmp_path_factory.mktemp("polling")
     env = serve_env(registry, tmp, MODEL_NAME="polled", RELOAD_INTERVAL_S="0.3")
-    yield from running(env, tmp / "serve.log", ready=False)
+    with running_app(env, tmp / "serve.log", "/health") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,99 @@
+"""A model in a registry, as the gate leaves it: small pipelines fitted on synthetic data, logged to an MLflow store
+only the test uses, registered with the gate's promotion tag and, unless a test says otherwise, made the champion.
+
+Serving refuses a version without the tag (serving/model.py, PROMOTION_TAG), so every test that serves a registered
+model makes it here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from sklearn.pipeline import Pipeline
+from threadpoolctl import threadpool_limits
+
+import train
+from features import FEATURES, TARGET, reference_profile
+from serving.model import PROMOTION_TAG
+from tests.conftest import RIDGE, synthetic_housing
+
+CHAMPION = "champion"
+# The PROMOTION_TAG value scripts/promote.py records when the gate promotes a version (a person's approval: "human").
+GATE = "gate"
+
+
+def fitted(spec: dict, seed: int = 0) -> Pipeline:
+    """`spec` (a params.yaml train.candidates entry) as train.py builds it, fitted on synthetic_housing(seed=seed)."""
+    data = synthetic_housing(seed=seed)
+    with threadpool_limits(1, "openmp"):  # OpenMP on a busy 2-core machine is slower than one thread
+        return train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
+
+
+def predicting_nan() -> Pipeline:
+    """A fitted ridge whose coefficients are NaN: it loads, and predicts NaN, which serving refuses to serve."""
+    pipeline = fitted(RIDGE)
+    pipeline.named_steps["model"].coef_[:] = np.nan
+    return pipeline
+
+
+@dataclass
+class TemporaryRegistry:
+    """An MLflow tracking store and model registry that one test module owns."""
+
+    uri: str
+    experiment_id: str
+    client: MlflowClient
+    downloads: Path
+    _loaded: dict[str, mlflow.pyfunc.PyFuncModel] = field(default_factory=dict)
+
+    def register(self, name: str, pipeline: Pipeline, *, alias: str | None = CHAMPION, promotion: str | None = GATE,
+                 profiled: bool = False) -> str:
+        """A new version of `name` holding `pipeline`, tagged PROMOTION_TAG=`promotion` (as the gate tags them; None:
+        no tag, as nobody promoted it), with `alias` moved to it by hand (None: left where it is).
+
+        `profiled`: the model carries a reference profile (as train.py logs it) of synthetic_housing's distribution,
+        so a server watches its drift."""
+        profile = None
+        if profiled:
+            data, holdout = synthetic_housing(seed=0)[list(FEATURES)], synthetic_housing(500, seed=1)[list(FEATURES)]
+            profile = reference_profile(data, pipeline.predict(holdout))
+        with mlflow.start_run(experiment_id=self.experiment_id):
+            info = train.log_pipeline(pipeline, synthetic_housing(rows=3, missing_bedrooms=0.0)[list(FEATURES)],
+                                      profile)
+        tags = {PROMOTION_TAG: promotion} if promotion else {}
+        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+        if alias:
+            self.client.set_registered_model_alias(name, alias, version)
+        return version
+
+    def predictions(self, name: str, version: str, frame: pd.DataFrame) -> np.ndarray:
+        """What the registered model itself predicts, through MLflow's pyfunc interface."""
+        uri = f"models:/{name}/{version}"
+        if uri not in self._loaded:
+            target = self.downloads / f"{name}-{version}"
+            target.mkdir(parents=True)
+            self._loaded[uri] = mlflow.pyfunc.load_model(uri, dst_path=str(target))
+        return np.asarray(self._loaded[uri].predict(frame), dtype=float).ravel()
+
+
+@contextmanager
+def temporary_registry(root: Path, tracking_uri: str | None = None) -> Iterator[TemporaryRegistry]:
+    """A registry in `root` (a SQLite store, artifacts beside it), or at `tracking_uri` (an `mlflow server`, which
+    keeps the artifacts), that mlflow's module functions use until the block ends.
+
+    The environment, not mlflow.set_tracking_uri: nothing lingers into the next test module.
+    """
+    uri = tracking_uri or f"sqlite:///{root}/mlflow.db"
+    artifacts = None if tracking_uri else (root / "artifacts").as_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        experiment_id = mlflow.create_experiment(root.name, artifact_location=artifacts)
+        yield TemporaryRegistry(uri, experiment_id, MlflowClient(uri), root / "downloads")
