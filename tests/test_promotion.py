@@ -171,7 +171,7 @@ def observe(pipeline: Pipeline, job: Job | None = None, *results: subprocess.Com
         champion = None
     report = job.workspace / "reports/decision.json" if job is not None else None
     decision = json.loads(report.read_text()) if report is not None and report.exists() else {}
-    judged = decision.get("challenger", {}).get("version")
+    judged = (decision.get("challenger") or {}).get("version")
     try:
         published: str | None = pipeline.published_data_md5()
     except subprocess.CalledProcessError:  # no dvc.lock on the branch (yet)
