@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +82,31 @@ def project_copy(destination: Path) -> Path:
     return destination
 
 
+def seeded_origin(folders: pytest.TempPathFactory, training: dict, gate: dict, branch: str) -> Path:
+    """The bare repository a job clones, standing in for GitHub: this checkout on `branch` with `training` and `gate`
+    merged into params.yaml and a reference set made from synthetic data (`make reference`), committed.
+
+    Every folder comes from `folders.mktemp`: basetemp is shared by the whole session, so a fixed name there would
+    collide when two modules that seed an origin run together.
+    """
+    seed = project_copy(folders.mktemp("seed"))
+    params = yaml.safe_load((seed / "params.yaml").read_text())
+    params["train"].update(training)
+    params["gate"].update(gate)
+    (seed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    trusted = folders.mktemp("reference-source") / "trusted.csv"
+    synthetic_housing(4000, seed=9).to_csv(trusted, index=False)
+    result = run_make(seed, "reference", f"SOURCE={trusted}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for command in (["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam",
+                     "fast training params, synthetic reference set"],
+                    ["git", "branch", "-M", branch]):
+        subprocess.run(command, cwd=seed, check=True)
+    origin = folders.mktemp("origin") / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(origin)], check=True)
+    return origin
+
+
 def run_make(project: Path, *args: str, timeout_s: float = 600, **env: str) -> subprocess.CompletedProcess:
     """`make ARGS` in `project` with this checkout's virtualenv and only the given settings.
 
@@ -112,17 +138,3 @@ def moto_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the tests of a module that sets STORY_IN_FILE_ORDER = True in the order they are written.
-
-    pytest-randomly shuffles every module's tests (and says so: it runs before this hook). A story module whose
-    steps are not yet chained fixtures (tests/test_promotion.py) would fail out of order; this puts its tests back in
-    file order, in place, and leaves every other module shuffled. Known debt: such a module should become chained
-    fixtures like tests/test_retrain.py, then drop the flag.
-    """
-    positions = [index for index, item in enumerate(items) if getattr(item.module, "STORY_IN_FILE_ORDER", False)]
-    in_file_order = sorted((items[index] for index in positions), key=lambda item: (item.path, item.location[1]))
-    for index, item in zip(positions, in_file_order, strict=True):
-        items[index] = item

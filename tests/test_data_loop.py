@@ -41,7 +41,7 @@ from features import TARGET
 from scripts.split import holdout_mask
 from serving.schema import EXAMPLE_RECORD
 from tests.actions_runner import RETRAIN_TIMEOUT_S, WORKFLOW, ActionsRunner, Job
-from tests.conftest import clean_environment, project_copy, synthetic_housing
+from tests.conftest import clean_environment, seeded_origin, synthetic_housing
 from tests.fake_github import FakeGitHub
 from tests.servers import ROOT, ServerProcess, wait_for
 from tests.services import LocalServices, serving_app
@@ -221,23 +221,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The repository the runner clones: this checkout with fast training params, branch main, bare."""
-    seed = project_copy(tmp_path_factory.mktemp("seed"))
-    params = yaml.safe_load((seed / "params.yaml").read_text())
-    params["train"].update(FAST_TRAINING)
-    params["gate"].update(LOOSE_GATE)
-    (seed / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # Each module gets its own folder: basetemp is shared by the whole session, and a name there would collide.
-    trusted = tmp_path_factory.mktemp("reference-source") / "trusted.csv"
-    synthetic_housing(4000, seed=9).to_csv(trusted, index=False)
-    subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "scripts.reference", str(trusted)], cwd=seed, check=True)
-    for command in (
-        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qam", "fast training params"],
-        ["git", "branch", "-M", BRANCH],
-    ):
-        subprocess.run(command, cwd=seed, check=True)
-    bare = tmp_path_factory.mktemp("origin") / "origin.git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(seed), str(bare)], check=True)
-    return bare
+    return seeded_origin(tmp_path_factory, FAST_TRAINING, LOOSE_GATE, BRANCH)
 
 
 @pytest.fixture(scope="module")
