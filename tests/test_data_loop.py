@@ -326,7 +326,7 @@ def noisy_training_targets(frame: pd.DataFrame, origin: Path) -> pd.DataFrame:
 
 
 @dataclass
-class Step:
+class LoopStep:
     """The loop as a step left it, once its retrain jobs ended; `notes` holds what only that step looks at."""
 
     key: str
@@ -339,14 +339,14 @@ class Step:
     notes: dict[str, Any]
 
 
-def observe(loop: DataLoop, key: str, jobs: list[Job], served: str | None = None, **notes: Any) -> Step:
+def observe(loop: DataLoop, key: str, jobs: list[Job], served: str | None = None, **notes: Any) -> LoopStep:
     """Record the loop now; with `served`, once the app serves that version."""
     model = loop.wait_until_served(served) if served else loop.served()
-    return Step(key, jobs, loop.champion(), loop.versions(), model, loop.predict(), loop.origin_commits(), notes)
+    return LoopStep(key, jobs, loop.champion(), loop.versions(), model, loop.predict(), loop.origin_commits(), notes)
 
 
 @pytest.fixture(scope="module")
-def v1(loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+def v1(loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> LoopStep:
     """Step 1: the first data lands while nothing is served yet."""
     ready_before = httpx.get(f"{loop.app.url}/ready", timeout=5).status_code
     key = loop.upload("v1", datasets["v1"])
@@ -362,7 +362,7 @@ def v1(loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
 
 
 @pytest.fixture(scope="module")
-def v2(v1: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+def v2(v1: LoopStep, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> LoopStep:
     """Step 2: better data lands while a client sends predictions without a pause."""
     client = PredictionClient(loop.app.url)
     client.start()
@@ -383,7 +383,7 @@ def v2(v1: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
 
 
 @pytest.fixture(scope="module")
-def v3_corrupt(v2: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+def v3_corrupt(v2: LoopStep, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> LoopStep:
     """Step 3: corrupt data lands."""
     loaded_at = loop.served()["loaded_at"]
     key = loop.upload("v3", datasets["corrupt"])
@@ -393,7 +393,7 @@ def v3_corrupt(v2: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> S
 
 
 @pytest.fixture(scope="module")
-def v4_worse(v3_corrupt: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+def v4_worse(v3_corrupt: LoopStep, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> LoopStep:
     """Step 4: data that trains a worse model lands."""
     key = loop.upload("v4", datasets["worse"])
     delivered = loop.deliver(key)
@@ -403,7 +403,7 @@ def v4_worse(v3_corrupt: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]
 
 
 @pytest.fixture(scope="module")
-def v5_twice(v4_worse: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> Step:
+def v5_twice(v4_worse: LoopStep, loop: DataLoop, datasets: dict[str, pd.DataFrame]) -> LoopStep:
     """Step 5: new data lands and its event is delivered twice."""
     key = loop.upload("v5", datasets["v5"])
     event = loop.object_created_event(key)
@@ -413,7 +413,7 @@ def v5_twice(v4_worse: Step, loop: DataLoop, datasets: dict[str, pd.DataFrame]) 
     return observe(loop, key, jobs, served=served, delivered=delivered, training_runs=loop.training_runs(key))
 
 
-def test_v1_upload_is_promoted_and_served(v1: Step, loop: DataLoop) -> None:
+def test_v1_upload_is_promoted_and_served(v1: LoopStep, loop: DataLoop) -> None:
     [job] = v1.jobs
     bucket = loop.services.data_bucket
     assert v1.notes["ready_before"] == 503  # nothing to serve yet
@@ -434,7 +434,7 @@ def test_v1_upload_is_promoted_and_served(v1: Step, loop: DataLoop) -> None:
 
 
 def test_v2_upload_is_promoted_and_hot_reloaded_without_a_failed_request(
-    v2: Step, capsys: pytest.CaptureFixture[str]
+    v2: LoopStep, capsys: pytest.CaptureFixture[str]
 ) -> None:
     [job] = v2.jobs
     answers, failures = v2.notes["answers"], v2.notes["failures"]
@@ -452,7 +452,7 @@ def test_v2_upload_is_promoted_and_hot_reloaded_without_a_failed_request(
     assert v2.versions["2"].tags["previous_champion"] == "1"
 
 
-def test_corrupt_upload_fails_the_job_clearly_and_changes_nothing(v3_corrupt: Step) -> None:
+def test_corrupt_upload_fails_the_job_clearly_and_changes_nothing(v3_corrupt: LoopStep) -> None:
     [job] = v3_corrupt.jobs
     assert v3_corrupt.notes["delivered"] == 1
     assert not job.succeeded
@@ -468,7 +468,7 @@ def test_corrupt_upload_fails_the_job_clearly_and_changes_nothing(v3_corrupt: St
     assert v3_corrupt.prediction["model"]["version"] == "2"
 
 
-def test_upload_that_yields_a_worse_model_is_refused_by_the_gate(v4_worse: Step) -> None:
+def test_upload_that_yields_a_worse_model_is_refused_by_the_gate(v4_worse: LoopStep) -> None:
     [job] = v4_worse.jobs
     decision = v4_worse.notes["decision"]
     assert v4_worse.notes["delivered"] == 1
@@ -487,7 +487,7 @@ def test_upload_that_yields_a_worse_model_is_refused_by_the_gate(v4_worse: Step)
     assert v4_worse.prediction["model"]["version"] == "2"
 
 
-def test_event_delivered_twice_retrains_once(v5_twice: Step, loop: DataLoop) -> None:
+def test_event_delivered_twice_retrains_once(v5_twice: LoopStep, loop: DataLoop) -> None:
     first, second = v5_twice.jobs
     assert v5_twice.notes["delivered"] == [1, 1]
     assert first.succeeded, first.log()

@@ -145,7 +145,7 @@ def datasets() -> dict[str, pd.DataFrame]:
 
 
 @dataclass
-class Step:
+class PromotionStep:
     """The story as a step left it: the step's job or `make` results, and the registry and the remote right after."""
 
     job: Job | None
@@ -163,7 +163,8 @@ class Step:
         return result
 
 
-def observe(pipeline: Pipeline, job: Job | None = None, *results: subprocess.CompletedProcess, **notes: Any) -> Step:
+def observe(pipeline: Pipeline, job: Job | None = None, *results: subprocess.CompletedProcess,
+            **notes: Any) -> PromotionStep:
     """Record the registry and the remote now, with what the step ran."""
     try:
         champion = pipeline.champion()
@@ -176,8 +177,8 @@ def observe(pipeline: Pipeline, job: Job | None = None, *results: subprocess.Com
         published: str | None = pipeline.published_data_md5()
     except subprocess.CalledProcessError:  # no dvc.lock on the branch (yet)
         published = None
-    return Step(job, list(results), champion, pipeline.version(str(judged)) if judged else None, decision, published,
-                pipeline.origin_commits(), notes)
+    return PromotionStep(job, list(results), champion, pipeline.version(str(judged)) if judged else None, decision,
+                         published, pipeline.origin_commits(), notes)
 
 
 def locked_data_md5(workspace: Path) -> str:
@@ -202,7 +203,7 @@ def stale_checkout(pipeline: Pipeline) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first(stale_checkout: Path, pipeline: Pipeline, datasets: dict[str, pd.DataFrame]) -> Step:
+def first(stale_checkout: Path, pipeline: Pipeline, datasets: dict[str, pd.DataFrame]) -> PromotionStep:
     """Step 1: the first upload, into an empty registry (the stale job was dispatched just before it)."""
     key, data_md5 = pipeline.upload("v1", datasets["v1"])
     job = pipeline.run_job(pipeline.clone("first"), key)
@@ -210,7 +211,7 @@ def first(stale_checkout: Path, pipeline: Pipeline, datasets: dict[str, pd.DataF
 
 
 @pytest.fixture(scope="module")
-def permissions(first: Step, services: LocalServices) -> dict[str, int]:
+def permissions(first: PromotionStep, services: LocalServices) -> dict[str, int]:
     """Step 2: nobody, serving's read-only account and the writer each try to read and to change the registry.
 
     The writer's probe alias is deleted again, so the story goes on with the registry as step 1 left it.
@@ -239,7 +240,7 @@ def permissions(first: Step, services: LocalServices) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def stale(permissions: dict[str, int], stale_checkout: Path, pipeline: Pipeline,
-          datasets: dict[str, pd.DataFrame]) -> Step:
+          datasets: dict[str, pd.DataFrame]) -> PromotionStep:
     """Step 3: the job dispatched before step 1 runs now, from its stale checkout, on new data."""
     had_lock = (stale_checkout / "dvc.lock").exists()
     key, data_md5 = pipeline.upload("v2", datasets["v2"])
@@ -248,21 +249,21 @@ def stale(permissions: dict[str, int], stale_checkout: Path, pipeline: Pipeline,
 
 
 @pytest.fixture(scope="module")
-def halved(stale: Step, pipeline: Pipeline, datasets: dict[str, pd.DataFrame]) -> Step:
+def halved(stale: PromotionStep, pipeline: Pipeline, datasets: dict[str, pd.DataFrame]) -> PromotionStep:
     """Step 4: the v2 data with every label halved."""
     key, _ = pipeline.upload("halved", datasets["halved"])
     return observe(pipeline, pipeline.run_job(pipeline.clone("halved"), key))
 
 
 @pytest.fixture(scope="module")
-def again(halved: Step, pipeline: Pipeline, datasets: dict[str, pd.DataFrame]) -> Step:
+def again(halved: PromotionStep, pipeline: Pipeline, datasets: dict[str, pd.DataFrame]) -> PromotionStep:
     """Step 5: the v2 data uploaded again under another key."""
     key, _ = pipeline.upload("v2-again", datasets["v2"])
     return observe(pipeline, pipeline.run_job(pipeline.clone("again"), key))
 
 
 @pytest.fixture(scope="module")
-def push_fails(again: Step, pipeline: Pipeline, datasets: dict[str, pd.DataFrame]) -> Step:
+def push_fails(again: PromotionStep, pipeline: Pipeline, datasets: dict[str, pd.DataFrame]) -> PromotionStep:
     """Step 6: new, good data, with a DVC remote that does not exist."""
     key, _ = pipeline.upload("v4", datasets["v4"])
     job = pipeline.run_job(pipeline.clone("push-fails"), key, S3_DVC_BUCKET="no-such-bucket")
@@ -270,7 +271,7 @@ def push_fails(again: Step, pipeline: Pipeline, datasets: dict[str, pd.DataFrame
 
 
 @pytest.fixture(scope="module")
-def approved(push_fails: Step, halved: Step, pipeline: Pipeline) -> Step:
+def approved(push_fails: PromotionStep, halved: PromotionStep, pipeline: Pipeline) -> PromotionStep:
     """Step 7: a person approves the version the gate refused in step 4, with a reason."""
     refused = halved.challenger.version
     workspace = pipeline.clone("approve")
@@ -281,7 +282,7 @@ def approved(push_fails: Step, halved: Step, pipeline: Pipeline) -> Step:
 
 
 @pytest.fixture(scope="module")
-def refused_approvals(approved: Step, pipeline: Pipeline) -> Step:
+def refused_approvals(approved: PromotionStep, pipeline: Pipeline) -> PromotionStep:
     """Step 8: approvals without a reason, and of a version that does not exist."""
     workspace, env = approved.notes["workspace"], pipeline.services.account("writer")
     no_reason = run_make(workspace, "promote", "VERSION=2", "REASON=", **env)
@@ -293,7 +294,7 @@ def test_the_registry_refuses_anonymous_requests(permissions: dict[str, int]):
     assert permissions["anonymous reads the model"] == 401
 
 
-def test_the_first_upload_is_promoted_and_its_data_version_published(first: Step, pipeline: Pipeline):
+def test_the_first_upload_is_promoted_and_its_data_version_published(first: PromotionStep, pipeline: Pipeline):
     job = first.job
     assert job.succeeded, job.log()
     assert first.champion.version == "1"
@@ -317,7 +318,7 @@ def test_servings_account_can_read_but_not_register_or_move_the_alias_and_the_wr
 
 
 def test_a_job_from_a_stale_checkout_trains_on_the_branch_tip_and_publishes_without_conflict(
-        first: Step, stale: Step, pipeline: Pipeline):
+        first: PromotionStep, stale: PromotionStep, pipeline: Pipeline):
     assert not stale.notes["checkout_had_lock"]  # dispatched before the first job published its dvc.lock
     job = stale.job
     assert job.succeeded, job.log()
@@ -329,7 +330,8 @@ def test_a_job_from_a_stale_checkout_trains_on_the_branch_tip_and_publishes_with
                                         retrain_commit(pipeline, first.notes["key"])]
 
 
-def test_an_upload_with_halved_labels_is_refused_on_the_reference_set(stale: Step, halved: Step, capsys):
+def test_an_upload_with_halved_labels_is_refused_on_the_reference_set(
+        stale: PromotionStep, halved: PromotionStep, capsys):
     job, decision = halved.job, halved.decision
     assert job.succeeded, job.log()  # a refusal is a decision, not a failure
     assert decision["decision"] == "rejected"
@@ -350,14 +352,14 @@ def test_an_upload_with_halved_labels_is_refused_on_the_reference_set(stale: Ste
               f"vs {champion['holdout']['rmse']:,.0f}; prediction shift {decision['prediction_shift']:.1%}")
 
 
-def test_the_same_data_again_retrains_nothing_and_keeps_the_champion(again: Step):
+def test_the_same_data_again_retrains_nothing_and_keeps_the_champion(again: PromotionStep):
     job = again.job
     assert job.succeeded, job.log()
     assert "decision         none: data, code and params unchanged" in job.output("Retrain")
     assert again.champion.version == "2"
 
 
-def test_a_failed_dvc_push_leaves_the_champion_and_dvc_lock_unchanged(again: Step, push_fails: Step):
+def test_a_failed_dvc_push_leaves_the_champion_and_dvc_lock_unchanged(again: PromotionStep, push_fails: PromotionStep):
     job = push_fails.job
     assert not job.succeeded
     assert job.steps["Retrain"].returncode != 0
@@ -374,7 +376,7 @@ def test_a_failed_dvc_push_leaves_the_champion_and_dvc_lock_unchanged(again: Ste
     assert push_fails.notes["checkout_data_md5"] == again.published_data_md5
 
 
-def test_a_person_can_approve_a_refused_version_and_the_registry_records_it(approved: Step):
+def test_a_person_can_approve_a_refused_version_and_the_registry_records_it(approved: PromotionStep):
     result = approved.result
     assert result.returncode == 0, result.stdout + result.stderr
     assert approved.champion.version == approved.notes["refused"]
@@ -385,7 +387,7 @@ def test_a_person_can_approve_a_refused_version_and_the_registry_records_it(appr
     assert approved.notes["checkout_data_md5"] == approved.champion.tags["data_md5"]
 
 
-def test_an_approval_needs_a_reason_and_a_judged_version(approved: Step, refused_approvals: Step):
+def test_an_approval_needs_a_reason_and_a_judged_version(approved: PromotionStep, refused_approvals: PromotionStep):
     no_reason, unknown = refused_approvals.results
     assert no_reason.returncode != 0
     assert 'promote: refused: an approval needs a reason: make promote VERSION=n REASON="why' in no_reason.stderr

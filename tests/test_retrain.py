@@ -120,7 +120,7 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
 
 
 @dataclass
-class StepOutcome:
+class RetrainStep:
     """The project as a step left it: the step's `make` results and the registry, lock and data at that moment."""
 
     results: list[subprocess.CompletedProcess]
@@ -137,7 +137,7 @@ class StepOutcome:
         return result
 
 
-def observe(project: Project, *results: subprocess.CompletedProcess, **notes: Any) -> StepOutcome:
+def observe(project: Project, *results: subprocess.CompletedProcess, **notes: Any) -> RetrainStep:
     """Record the project now."""
     try:
         champion: str | None = project.champion()
@@ -146,7 +146,7 @@ def observe(project: Project, *results: subprocess.CompletedProcess, **notes: An
     data = project.root / "data/housing.csv"
     lock = project.root / "dvc.lock"
     decision = project.root / "reports/decision.json"
-    return StepOutcome(
+    return RetrainStep(
         list(results), champion, project.versions(), lock.read_text() if lock.exists() else "",
         md5(data) if data.exists() else None, json.loads(decision.read_text()) if decision.exists() else {}, notes,
     )
@@ -157,7 +157,7 @@ def all_runs(project: Project) -> int:
 
 
 @pytest.fixture(scope="module")
-def v1(project: Project, datasets: dict[str, Path]) -> StepOutcome:
+def v1(project: Project, datasets: dict[str, Path]) -> RetrainStep:
     """Step 1: the first data, into an empty registry."""
     result = project.retrain(datasets["v1"])
     return observe(
@@ -168,7 +168,7 @@ def v1(project: Project, datasets: dict[str, Path]) -> StepOutcome:
 
 
 @pytest.fixture(scope="module")
-def v1_again(v1: StepOutcome, project: Project, datasets: dict[str, Path]) -> StepOutcome:
+def v1_again(v1: RetrainStep, project: Project, datasets: dict[str, Path]) -> RetrainStep:
     """Step 2: the same data again."""
     runs_before = all_runs(project)
     result = project.retrain(datasets["v1"])
@@ -176,7 +176,7 @@ def v1_again(v1: StepOutcome, project: Project, datasets: dict[str, Path]) -> St
 
 
 @pytest.fixture(scope="module")
-def identical(v1_again: StepOutcome, project: Project) -> StepOutcome:
+def identical(v1_again: RetrainStep, project: Project) -> RetrainStep:
     """Step 3: train runs again (another CV setting) on the same data: the same model, so not better."""
     lock_before = project.lock()
     project.set_cv_folds(2)  # train runs again; the fitted models are the same
@@ -184,14 +184,14 @@ def identical(v1_again: StepOutcome, project: Project) -> StepOutcome:
 
 
 @pytest.fixture(scope="module")
-def weak(identical: StepOutcome, project: Project, datasets: dict[str, Path]) -> StepOutcome:
+def weak(identical: RetrainStep, project: Project, datasets: dict[str, Path]) -> RetrainStep:
     """Step 4: a weak candidate trained on the same data."""
     project.set_candidates(SMALL_PARAMS["weak"])
     return observe(project, project.retrain(datasets["v1"]))
 
 
 @pytest.fixture(scope="module")
-def corrupt(weak: StepOutcome, project: Project, datasets: dict[str, Path]) -> StepOutcome:
+def corrupt(weak: RetrainStep, project: Project, datasets: dict[str, Path]) -> RetrainStep:
     """Step 5: corrupt data, with the good candidates back."""
     project.set_candidates(SMALL_PARAMS["candidates"])
     result = project.retrain(datasets["corrupt"])
@@ -218,7 +218,7 @@ BAD_FILES = {  # kind: (make the file's text from good data, what the refusal mu
 
 
 @pytest.fixture(scope="module")
-def bad_files(corrupt: StepOutcome, project: Project, datasets: dict[str, Path]) -> dict[str, StepOutcome]:
+def bad_files(corrupt: RetrainStep, project: Project, datasets: dict[str, Path]) -> dict[str, RetrainStep]:
     """Step 6: every kind of bad file, one after the other."""
     steps = {}
     for kind, (make_text, _) in BAD_FILES.items():
@@ -229,7 +229,7 @@ def bad_files(corrupt: StepOutcome, project: Project, datasets: dict[str, Path])
 
 
 @pytest.fixture(scope="module")
-def restored(bad_files: dict[str, StepOutcome], project: Project) -> StepOutcome:
+def restored(bad_files: dict[str, RetrainStep], project: Project) -> RetrainStep:
     """Step 7: the data file and the local cache are lost; `dvc pull` brings the locked version back."""
     (project.root / "data/housing.csv").unlink()
     shutil.rmtree(project.root / ".dvc/cache")
@@ -237,7 +237,7 @@ def restored(bad_files: dict[str, StepOutcome], project: Project) -> StepOutcome
 
 
 @pytest.fixture(scope="module")
-def v2_rolled_back(restored: StepOutcome, project: Project, datasets: dict[str, Path]) -> list[StepOutcome]:
+def v2_rolled_back(restored: RetrainStep, project: Project, datasets: dict[str, Path]) -> list[RetrainStep]:
     """Step 8: new data is promoted, then rolled back, then rolled back again (nothing left to go back to)."""
     promoted = observe(project, project.retrain(datasets["v2"]), locked_data_md5=project.locked_data_md5())
     rollback = [
@@ -247,7 +247,7 @@ def v2_rolled_back(restored: StepOutcome, project: Project, datasets: dict[str, 
     return [promoted, *rollback]
 
 
-def test_first_retrain_registers_and_promotes_v1(v1: StepOutcome, project: Project, datasets: dict[str, Path]):
+def test_first_retrain_registers_and_promotes_v1(v1: RetrainStep, project: Project, datasets: dict[str, Path]):
     result = v1.result
     assert result.returncode == 0, result.stdout + result.stderr
     assert v1.champion == "1"
@@ -287,7 +287,7 @@ def test_first_retrain_registers_and_promotes_v1(v1: StepOutcome, project: Proje
     assert "Cache and remote 'local' are in sync" in status.stdout, status.stdout + status.stderr
 
 
-def test_second_retrain_with_nothing_changed_is_a_noop(v1_again: StepOutcome):
+def test_second_retrain_with_nothing_changed_is_a_noop(v1_again: RetrainStep):
     result = v1_again.result
     assert result.returncode == 0, result.stdout + result.stderr
     for stage in ("validate", "split", "train", "register"):
@@ -298,7 +298,7 @@ def test_second_retrain_with_nothing_changed_is_a_noop(v1_again: StepOutcome):
     assert "decision         none: data, code and params unchanged, nothing retrained" in result.stdout
 
 
-def test_an_identical_retrain_is_rejected_as_not_better(identical: StepOutcome):
+def test_an_identical_retrain_is_rejected_as_not_better(identical: RetrainStep):
     result = identical.result
     assert result.returncode == 0, result.stdout + result.stderr
     assert identical.decision["decision"] == "rejected"
@@ -310,7 +310,7 @@ def test_an_identical_retrain_is_rejected_as_not_better(identical: StepOutcome):
     assert "the gate rejected the challenger (reports/decision.md), champion unchanged" in result.stderr
 
 
-def test_worse_challenger_is_registered_but_not_promoted(identical: StepOutcome, weak: StepOutcome):
+def test_worse_challenger_is_registered_but_not_promoted(identical: RetrainStep, weak: RetrainStep):
     result = weak.result
     assert result.returncode == 0, result.stdout + result.stderr
     assert set(weak.versions) == {"1", "2", "3"}
@@ -325,7 +325,7 @@ def test_worse_challenger_is_registered_but_not_promoted(identical: StepOutcome,
 
 
 def test_corrupt_data_is_rejected_and_nothing_changes(
-    weak: StepOutcome, corrupt: StepOutcome, datasets: dict[str, Path]
+    weak: RetrainStep, corrupt: RetrainStep, datasets: dict[str, Path]
 ):
     result = corrupt.result
     assert result.returncode != 0
@@ -342,7 +342,7 @@ def test_corrupt_data_is_rejected_and_nothing_changes(
 
 @pytest.mark.parametrize("kind", list(BAD_FILES))
 def test_every_kind_of_bad_data_is_refused_with_its_reason(
-    corrupt: StepOutcome, bad_files: dict[str, StepOutcome], datasets: dict[str, Path], kind: str
+    corrupt: RetrainStep, bad_files: dict[str, RetrainStep], datasets: dict[str, Path], kind: str
 ):
     step, refusal = bad_files[kind], BAD_FILES[kind][1]
     assert step.result.returncode != 0
@@ -354,13 +354,13 @@ def test_every_kind_of_bad_data_is_refused_with_its_reason(
     assert step.data_md5 == md5(datasets["v1"])
 
 
-def test_previous_data_version_is_restorable_from_the_remote(restored: StepOutcome):
+def test_previous_data_version_is_restorable_from_the_remote(restored: RetrainStep):
     assert restored.result.returncode == 0, restored.result.stderr
     assert restored.data_md5 == restored.notes["locked_data_md5"]
 
 
 def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(
-    v2_rolled_back: list[StepOutcome], datasets: dict[str, Path]
+    v2_rolled_back: list[RetrainStep], datasets: dict[str, Path]
 ):
     promoted, rolled_back, nothing_left = v2_rolled_back
     assert promoted.result.returncode == 0, promoted.result.stdout + promoted.result.stderr
@@ -381,7 +381,7 @@ def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(
 
 
 @pytest.fixture(scope="module")
-def empty_registry(v2_rolled_back: list[StepOutcome], project: Project, datasets: dict[str, Path]) -> StepOutcome:
+def empty_registry(v2_rolled_back: list[RetrainStep], project: Project, datasets: dict[str, Path]) -> RetrainStep:
     """Last step: a new MLflow store, as after a wiped mlflow.db or a move to a new server, with unchanged data."""
     # (Deleting the file this process has open would leave MLflow's cached engine reading the old one.)
     # The step puts the project's registry back afterwards: the other tests look at the first one, in any order.
@@ -395,7 +395,7 @@ def empty_registry(v2_rolled_back: list[StepOutcome], project: Project, datasets
 
 
 def test_an_empty_registry_with_unchanged_data_retrains_and_leaves_a_champion(
-    empty_registry: StepOutcome, datasets: dict[str, Path]
+    empty_registry: RetrainStep, datasets: dict[str, Path]
 ):
     result = empty_registry.result
     assert result.returncode == 0, result.stdout + result.stderr
