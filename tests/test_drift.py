@@ -235,6 +235,9 @@ def test_single_records_count_like_batches(empty_window):
 @pytest.mark.integration
 def test_switching_to_a_version_without_profile_turns_its_scores_nan(servers, models):
     send(servers.profiled, districts(WINDOW, seed=2))
+    # Its PSI series exist before the switch (the monitor published them): only then is there something to turn NaN.
+    # Without this wait, a run where this test comes first could switch before the monitor's first update.
+    window_full(servers.profiled)
     switch(servers.profiled, models, models.without_profile)
 
     def unmeasured() -> bool:
