@@ -20,6 +20,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from scripts.fetch import DEFAULT_DATA_URL
 from scripts.register import CHAMPION, DECISION, PROMOTION, model_name, version_by_alias
 
 LOCK = Path("dvc.lock")
@@ -77,11 +78,11 @@ def report(client: MlflowClient, name: str, registry: str) -> int:
     champion = version_by_alias(client, name, CHAMPION)
     data_md5 = locked_data_md5()
     record = json.loads(DECISION.read_text()) if DECISION.is_file() else None
-    data = f"md5 {data_md5} in dvc.lock"
+    data, source = f"md5 {data_md5} in dvc.lock", os.environ.get("DATA_URL") or DEFAULT_DATA_URL  # as fetch reads it
     if record and record["data_md5"] != data_md5:
-        data += f"; this run's data (md5 {record['data_md5']}, {os.environ.get('DATA_URL', '?')}) was not adopted"
+        data += f"; this run's data (md5 {record['data_md5']}, {source}) was not adopted"
     elif record:
-        data += f" ({os.environ.get('DATA_URL', '?')})"
+        data += f" ({source})"
     rows = [("data version", data),
             ("champion before", before), ("champion after", describe(champion))]
     if record:
