@@ -1,17 +1,14 @@
 """Real local services as subprocesses on 127.0.0.1, for end-to-end tests.
 
 `LocalServices` runs `scripts/services.sh up|down` (moto for S3 + Secrets Manager, an MLflow server with basic auth
-whose artifacts live in a moto bucket) with its own state directory and free ports; `serving_app` runs
-`python serve.py`. Each process tree gets its own session and is stopped by its process group, whatever happened
-in the test.
+whose artifacts live in a moto bucket) with its own state directory and free ports. Each process tree gets its own
+session and is stopped by its process group, whatever happened in the test.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -19,7 +16,7 @@ from typing import Any, Self
 import boto3
 
 from tests.conftest import clean_environment
-from tests.servers import ROOT, ServerProcess, free_port, start_serve, wait_until_answering
+from tests.servers import ROOT, free_port
 
 SERVICES_SCRIPT = ROOT / "scripts" / "services.sh"
 DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
@@ -104,13 +101,3 @@ class LocalServices:
             raise RuntimeError(f"scripts/services.sh {command} failed:\n{result.stdout}{result.stderr}")
         log.info("services.sh %s:\n%s", command, result.stderr.strip())
 
-
-@contextmanager
-def serving_app(settings: Mapping[str, str], log_path: Path) -> Iterator[ServerProcess]:
-    """`python serve.py` with only `settings` (no ambient AWS/MLflow variables), once it answers /health."""
-    server = start_serve({**clean_environment(), **settings, "HOST": "127.0.0.1"}, log_path)
-    try:
-        wait_until_answering(server, timeout=60)
-        yield server
-    finally:
-        server.stop()

@@ -9,8 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import clean_environment
-from tests.servers import ServerProcess, free_port, start_serve, wait_until_answering
+from tests.servers import ServerProcess, free_port, running_app, serve_environment
 
 pytestmark = pytest.mark.integration
 
@@ -24,15 +23,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPro
     admin_port = free_port()
     metrics_dir = tmp / "prometheus"
     metrics_dir.mkdir()  # prometheus-client writes there as soon as serve.py is imported
-    env = {**clean_environment(), "HOST": "127.0.0.1", "WORKERS": "2", "ADMIN_PORT": str(admin_port),
-           "RELOAD_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
-           "PREDICTION_LOG_DIR": str(tmp / "predictions"), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    server = start_serve(env, tmp / "serve.log")
-    try:
-        wait_until_answering(server)
+    env = serve_environment(HOST="127.0.0.1", WORKERS="2", ADMIN_PORT=str(admin_port), RELOAD_TOKEN=TOKEN,
+                            MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}",
+                            PREDICTION_LOG_DIR=str(tmp / "predictions"), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    with running_app(env, tmp / "serve.log", "/health") as server:
         yield server, f"http://127.0.0.1:{admin_port}"
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/metrics"), ("POST", "/reload")])

@@ -43,8 +43,8 @@ from serving.schema import EXAMPLE_RECORD
 from tests.actions_runner import RETRAIN_TIMEOUT_S, WORKFLOW, ActionsRunner, Job
 from tests.conftest import clean_environment, seeded_origin, synthetic_housing
 from tests.fake_github import FakeGitHub
-from tests.servers import ROOT, ServerProcess, wait_for
-from tests.services import LocalServices, serving_app
+from tests.servers import ROOT, ServerProcess, running_app, serve_environment, wait_for
+from tests.services import LocalServices
 
 pytestmark = pytest.mark.integration  # real processes throughout
 
@@ -235,7 +235,7 @@ def app(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) -> It
         "RELOAD_TOKEN": RELOAD_TOKEN,
         "PREDICTION_LOG_DIR": str(folder / "log"),
     }
-    with serving_app(settings, folder / "serve.log") as serving:
+    with running_app(serve_environment(HOST="127.0.0.1", **settings), folder / "serve.log", "/health") as serving:
         yield serving
 
 

@@ -19,8 +19,7 @@ import pytest
 
 from serving.schema import EXAMPLE_RECORD as GOOD
 from serving.settings import Settings
-from tests.conftest import clean_environment
-from tests.servers import ServerProcess, free_port, start_serve, wait_until_answering
+from tests.servers import ServerProcess, free_port, running_app, serve_environment
 
 pytestmark = pytest.mark.integration
 
@@ -105,16 +104,10 @@ class HealthProbe:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Default limits; a registry that refuses connections (no model is needed to refuse a body)."""
     tmp = tmp_path_factory.mktemp("hostile")
-    env = {**clean_environment(), "HOST": "127.0.0.1", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
-           "PREDICTION_LOG_DIR": str(tmp / "predictions")}
-    for name in ("WORKERS", "MAX_BATCH_ROWS", "MAX_BODY_BYTES", "ADMIN_PORT", "PROMETHEUS_MULTIPROC_DIR"):
-        env.pop(name, None)
-    server = start_serve(env, tmp / "serve.log")
-    try:
-        wait_until_answering(server)
+    env = serve_environment(HOST="127.0.0.1", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}",
+                            PREDICTION_LOG_DIR=str(tmp / "predictions"))
+    with running_app(env, tmp / "serve.log", "/health") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_hostile_bodies_get_4xx_while_health_keeps_answering(server):
