@@ -15,15 +15,15 @@ import sys
 from pathlib import Path
 from typing import cast
 
+import mlflow
 import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from scripts.fetch import DEFAULT_DATA_URL
-from scripts.register import CHAMPION, DECISION, PROMOTION, model_name, version_by_alias
+from scripts.register import CHAMPION, DECISION, LOCK, PROMOTION, model_name, version_by_alias
 
-LOCK = Path("dvc.lock")
 BEFORE = Path(".dvc/tmp/champion-before.json")
 RETRAIN_NEEDED = 3
 
@@ -114,7 +114,7 @@ def report(client: MlflowClient, name: str, registry: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    registry, name = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"), model_name()
+    registry, name = mlflow.get_tracking_uri(), model_name()  # the registry MlflowClient() talks to
     client = MlflowClient()
     try:
         match argv:

@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from scripts.register import (
     CHAMPION,
     DECISION,
+    LOCK,
     PREVIOUS,
     PROMOTION,
     model_name,
@@ -36,7 +37,6 @@ from scripts.register import (
     write_decision,
 )
 
-LOCK = Path("dvc.lock")
 LOCK_ARTIFACT = "dvc.lock"
 
 

@@ -43,6 +43,7 @@ log = logging.getLogger("register")
 HOLDOUT = Path("data/holdout.csv")
 CANDIDATES = Path("reports/candidates.json")
 DECISION = Path("reports/decision.json")
+LOCK = Path("dvc.lock")  # what DVC versions the data by; the champion must come from the data it names
 DECISION_TABLE = Path("reports/decision.md")
 CHAMPION, PREVIOUS = "champion", "previous_champion"
 # Version tag that says how a version reached production; serving loads only gate|human (docs/promotion.md).
