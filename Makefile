@@ -55,7 +55,7 @@ lock: ## compile the hash-locked requirements-*.txt from the requirements*.in yo
 	$(PIP_COMPILE) $(LOCK_ARGS) --output-file=requirements-aws.txt requirements-aws.in
 	$(PIP_COMPILE) $(LOCK_ARGS) --output-file=requirements-scan.txt requirements-scan.in
 
-tools: ## install what only Debian ships, when missing: prometheus (promtool), buildah, chromium, graphviz
+tools: ## install what only Debian ships, when missing: prometheus (promtool), buildah, chromium + chromedriver, graphviz
 	@scripts/system_tools.sh
 
 scan-venv: ## the scanners' own virtualenv: zizmor, checkov, bandit (requirements-scan.txt, apart from the app's pins)

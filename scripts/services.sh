@@ -12,7 +12,8 @@
 #
 # Settings (environment): MOTO_PORT=5500 MLFLOW_PORT=5050 SERVICES_DIR=.services DATA_BUCKET=housing-data
 # S3_DVC_BUCKET=housing-dvc MLFLOW_BUCKET=housing-mlflow GITHUB_PAT_SECRET_NAME=housing-mlops/github-pat
-# GITHUB_TOKEN (value stored in that secret, default a placeholder) SERVICES_TIMEOUT_S=90 (wait for health).
+# GITHUB_TOKEN (value stored in that secret, default a placeholder) SERVICES_TIMEOUT_S=90 (wait for health)
+# AUTH_CACHE_TTL_S=300 (how long the MLflow server trusts a checked password).
 # moto keeps everything in memory: each `up` starts with empty buckets and an empty MLflow store.
 set -euo pipefail
 
@@ -28,6 +29,7 @@ S3_DVC_BUCKET=${S3_DVC_BUCKET:-housing-dvc}
 MLFLOW_BUCKET=${MLFLOW_BUCKET:-housing-mlflow}
 GITHUB_PAT_SECRET_NAME=${GITHUB_PAT_SECRET_NAME:-housing-mlops/github-pat}
 SERVICES_TIMEOUT_S=${SERVICES_TIMEOUT_S:-90}
+AUTH_CACHE_TTL_S=${AUTH_CACHE_TTL_S:-300}
 REGION=${AWS_DEFAULT_REGION:-us-east-1}
 MOTO_URL=http://127.0.0.1:$MOTO_PORT
 MLFLOW_URL=http://127.0.0.1:$MLFLOW_PORT
@@ -54,6 +56,8 @@ start_moto() {
 new_secret() { python -c 'import secrets; print(secrets.token_urlsafe(24))'; }
 
 # The auth app's settings file and the passwords (admin, writer, reader, Flask key): state dir, mode 600.
+# auth_cache_ttl_seconds: without it the server hashes the password (scrypt, ~50 ms of CPU) on every request; with
+# it a checked credential is trusted for that long (a changed or deleted account takes effect at once regardless).
 write_auth_config() {
   (
     umask 077
@@ -63,6 +67,7 @@ default_permission = READ
 database_uri = sqlite:///$SERVICES_DIR/basic_auth.db
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = $AUTH_CACHE_TTL_S
 EOF
     printf 'ADMIN_PASSWORD=%s\nWRITER_PASSWORD=%s\nREADER_PASSWORD=%s\nFLASK_SECRET=%s\n' \
       "$(new_secret)" "$(new_secret)" "$(new_secret)" "$(new_secret)" >"$SERVICES_DIR/credentials"

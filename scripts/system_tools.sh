@@ -2,8 +2,9 @@
 # `make tools`: install the tools that only the distribution ships, when one is missing (`make test` and `make lint`
 # call it; with everything present it does nothing). pip cannot install these; requirements-dev.txt has the rest.
 #   prometheus   promtool for `make lint`, a real Prometheus for the monitoring tests and `make monitoring-up`
+#   jq           the deploy workflow's JSON step, which a deploy test runs as written
 #   buildah, debootstrap, debian-archive-keyring   the daemonless image build of `make image` and its test
-#   chromium     the headless browser of the page tests
+#   chromium, chromium-driver   the headless browser of the page tests, and the driver Selenium talks to
 #   graphviz     `dot`, which draws the architecture picture
 # As root (or with passwordless sudo): apt-get update once, then install with --no-install-recommends. Otherwise
 # print the one command that does it and fail.
@@ -12,9 +13,12 @@ set -euo pipefail
 # command that must be on PATH -> Debian package that provides it
 declare -A package_of=(
   [promtool]=prometheus
+  [prometheus]=prometheus
+  [jq]=jq
   [buildah]=buildah
   [debootstrap]=debootstrap
   [chromium]=chromium
+  [chromedriver]=chromium-driver
   [dot]=graphviz
 )
 missing=()
