@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration,
 
 TOKEN = "schemathesis-reload-token"
 MIN_CASES = 1000
-EXAMPLES_PER_OPERATION = 1000  # /predict and /reload reach it; the endpoints without inputs need a few
+EXAMPLES_PER_OPERATION = 40  # /predict and /reload reach it; the endpoints without inputs need a few
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 # A small model: the run sends over a thousand requests, many of them batches, each predicted by it.
 FUZZED = {"model": "hist_gradient_boosting", "features": {"neighbours": [4]}, "params": {"max_iter": 20}}
