@@ -71,7 +71,7 @@ ifeq ($(DVC_REMOTE),s3remote)
 endif
 
 retrain: venv dvc-remote ## fetch, validate, split, train, register + gated promotion; push data to DVC_REMOTE
-	@scripts/retrain.sh
+	@python -m scripts.retrain
 
 # `make tune`: time budget of one run in minutes; APPLY=1 writes the stored study's proposal into params.yaml.
 TUNE_MINUTES ?= 10
@@ -81,7 +81,7 @@ tune: venv ## Optuna study (k-fold CV on the training split) in MLflow; proposes
 	TUNE_MINUTES=$(TUNE_MINUTES) python -m scripts.tune $(if $(filter 1,$(APPLY)),--apply)
 
 promote: venv ## a person approves a version the gate refused: make promote VERSION=n REASON="why"
-	@python -m scripts.promote human "$(VERSION)" "$(REASON)"
+	@python -m scripts.promote "$(VERSION)" "$(REASON)"
 
 reference: venv ## seed/refresh the gate's trusted reference set from a CSV you vouch for: make reference SOURCE=x.csv
 	@python -m scripts.reference "$(SOURCE)"

@@ -1,10 +1,10 @@
 """The registry follows the data: dvc.lock and the champion must describe the same data version.
 
-  python -m scripts.lineage check   before `dvc repro`: exit 3 when the configured registry has no champion trained
-                                    on dvc.lock's data (an empty, new or different registry), so `make retrain`
-                                    retrains and registers instead of reporting "up to date"
-  python -m scripts.lineage report  at the end of `make retrain`: the summary table; exit 1 (saying why) unless
-                                    the champion's lineage matches dvc.lock's data
+scripts/retrain.py calls both:
+  check   before `dvc repro`: True when the configured registry has no champion trained on dvc.lock's data (an
+          empty, new or different registry), so `make retrain` retrains and registers instead of reporting
+          "up to date"
+  report  at the end: the summary table; 1 (saying why) unless the champion's lineage matches dvc.lock's data
 """
 
 from __future__ import annotations
@@ -15,17 +15,14 @@ import sys
 from pathlib import Path
 from typing import cast
 
-import mlflow
 import yaml
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from scripts.fetch import DEFAULT_DATA_URL
-from scripts.register import CHAMPION, DECISION, LOCK, PROMOTION, model_name, version_by_alias
+from scripts.register import CHAMPION, DECISION, LOCK, PROMOTION, version_by_alias
 
 BEFORE = Path(".dvc/tmp/champion-before.json")
-RETRAIN_NEEDED = 3
 
 
 def locked_data_md5() -> str | None:
@@ -43,28 +40,28 @@ def describe(version: ModelVersion | None) -> str:
     return f"version {version.version} ({PROMOTION}={version.tags.get(PROMOTION, 'unrecorded')})"
 
 
-def check(client: MlflowClient, name: str, registry: str) -> int:
+def check(client: MlflowClient, name: str, registry: str) -> bool:
     champion = version_by_alias(client, name, CHAMPION)
     BEFORE.parent.mkdir(parents=True, exist_ok=True)
     BEFORE.write_text(json.dumps({"champion": describe(champion)}))
     data_md5 = locked_data_md5()
     if data_md5 is None:
-        return 0
+        return False
     if champion is None:
         print(f"lineage: registry {registry} has no {name}@{CHAMPION} for dvc.lock's data (md5 {data_md5}): "
               f"retraining to register one")
-        return RETRAIN_NEEDED
+        return True
     if champion.tags.get("data_md5") != data_md5:
         judged = [str(v.version) for v in client.search_model_versions(f"name='{name}'")
                   if v.tags.get("data_md5") == data_md5]
         if judged:  # e.g. `make rollback` away from it: retraining would undo a person's decision
             print(f"lineage: {name}@{CHAMPION} (version {champion.version}) is not from dvc.lock's data (md5 "
                   f"{data_md5}), which versions {', '.join(judged)} already came from (a rollback?): not retraining it")
-            return 0
+            return False
         print(f"lineage: {name}@{CHAMPION} (version {champion.version}) was trained on data md5 "
               f"{champion.tags.get('data_md5', 'unknown')}, dvc.lock holds {data_md5}: retraining on dvc.lock's data")
-        return RETRAIN_NEEDED
-    return 0
+        return True
+    return False
 
 
 def next_steps(registry: str) -> str:
@@ -111,25 +108,3 @@ def report(client: MlflowClient, name: str, registry: str) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str]) -> int:
-    registry, name = mlflow.get_tracking_uri(), model_name()  # the registry MlflowClient() talks to
-    client = MlflowClient()
-    try:
-        match argv:
-            case ["check"]:
-                return check(client, name, registry)
-            case ["report"]:
-                return report(client, name, registry)
-    except MlflowException as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"lineage: registry {registry} refused or failed: {first_line}; check MLFLOW_TRACKING_URI and the "
-              f"MLFLOW_TRACKING_USERNAME/PASSWORD of the writer account", file=sys.stderr)
-        return 1
-    print(__doc__, file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,8 +1,9 @@
 """Move alias `champion`: the last step of a promotion, after every check passed and the data version is pushed.
 
-  python -m scripts.promote gate                  `make retrain`, after `dvc push`: promote what the gate passed
-  python -m scripts.promote human VERSION REASON  `make promote`: a person approves a version the gate refused
-  python -m scripts.promote record-lock           `make retrain`, after `dvc repro`: keep the run's dvc.lock with
+  by_gate                                         `make retrain` (scripts/retrain.py), after `dvc push`: promote
+                                                  what the gate passed
+  python -m scripts.promote VERSION REASON        `make promote`: a person approves a version the gate refused
+  record_lock                                     `make retrain`, after `dvc repro`: keep the run's dvc.lock with
                                                   its model version, so an approval can restore its data version
 
 Every promotion tags the version `promotion=gate` or `promotion=human` (with approved_by, approval_reason,
@@ -142,18 +143,12 @@ def record_lock(client: MlflowClient) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
     client, name = MlflowClient(), model_name()
     try:
-        match argv:
-            case ["gate"]:
-                message = by_gate(client, name)
-            case ["human", version, reason]:
-                message = by_human(client, name, version, reason)
-            case ["record-lock"]:
-                message = record_lock(client)
-            case _:
-                print(__doc__, file=sys.stderr)
-                return 2
+        message = by_human(client, name, *argv)
     except PromotionRefused as refusal:
         print(f"promote: refused: {refusal}", file=sys.stderr)
         return 1

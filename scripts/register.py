@@ -54,6 +54,13 @@ def model_name() -> str:
     return os.environ.get("MODEL_NAME", "California_Housing_Regression")
 
 
+def registry_failure(registry: str, error: Exception) -> str:
+    """One line for a registry that refused or failed, naming what to check."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"registry {registry} refused or failed: {first_line}; check MLFLOW_TRACKING_URI and the "
+            f"MLFLOW_TRACKING_USERNAME/PASSWORD of the writer account")
+
+
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, alias)

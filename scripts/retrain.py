@@ -1,0 +1,137 @@
+"""`make retrain` in the safe order (docs/promotion.md), in one process:
+
+  1. check the registry against dvc.lock: an empty or different registry forces a retrain (scripts/lineage.py)
+  2. dvc repro: fetch, validate, split, train, register + score + tag + log the gate's decision (no alias moves);
+     the run's dvc.lock is kept with its model version (scripts/promote.py record_lock)
+  3. dvc push the data version
+  4. only then move alias `champion` (scripts/promote.py by_gate)
+  5. the summary table; exit non-zero unless the champion's lineage matches dvc.lock
+
+A failure in steps 2 to 4, or a rejection, puts the last good dvc.lock and data back: dvc.lock always describes the
+data behind the champion. DVC runs as its own command (its stages are processes anyway); everything else runs here,
+so MLflow is imported and the registry opened once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess  # dvc with fixed argv, never a shell  # nosec B404
+import sys
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from scripts import lineage, promote
+from scripts.register import DECISION, DECISION_TABLE, LOCK, model_name, registry_failure
+
+# Bounded retries for every call to the registry (MLflow's client would otherwise retry a dead server for minutes).
+# MLflow reads them at each call; the register stage that dvc repro starts inherits them.
+REGISTRY_CALL_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+GOOD_LOCK = Path(".dvc/tmp/dvc.lock.good")
+DATA_STAGES = ("fetch", "split")  # what a restore checks out by default: the data the restored dvc.lock names
+
+
+def say(message: str) -> None:
+    print(f"retrain: {message}", file=sys.stderr, flush=True)
+
+
+def dvc(*args: str) -> bool:
+    """`dvc ARGS` (the virtualenv's, from PATH), its output going straight to ours; True when it succeeded."""
+    return subprocess.run(["dvc", *args]).returncode == 0  # nosec B603 B607  # fixed argv, dvc from PATH
+
+
+def keep_good_lock(remote: str) -> None:
+    """Remember the dvc.lock this run starts from; a fresh clone (a CI runner) also fetches its outputs, or every
+    stage would re-run."""
+    GOOD_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    if not LOCK.is_file():
+        GOOD_LOCK.unlink(missing_ok=True)
+        return
+    shutil.copyfile(LOCK, GOOD_LOCK)
+    if not Path("data/train.csv").exists():
+        say(f"fetching the outputs of dvc.lock from remote '{remote}'")
+        dvc("pull", "--remote", remote, "--allow-missing", "--quiet")  # what is missing is produced by repro
+
+
+def restore(why: str, stages: tuple[str, ...] = DATA_STAGES) -> None:
+    """Put back the last good dvc.lock and the outputs of `stages` from the DVC cache."""
+    if not GOOD_LOCK.is_file():
+        LOCK.unlink(missing_ok=True)
+        say(f"{why}; no earlier data version to restore")
+        return
+    shutil.copyfile(GOOD_LOCK, LOCK)
+    if not dvc("checkout", "--force", "--quiet", *stages):
+        say("some outputs of the restored dvc.lock are not in the cache")
+    say(f"{why}; dvc.lock and data/ restored to the last good version")
+
+
+def main() -> int:
+    for setting, value in REGISTRY_CALL_BOUNDS.items():
+        os.environ.setdefault(setting, value)
+    remote = os.environ.get("DVC_REMOTE", "local")
+    registry, name = mlflow.get_tracking_uri(), model_name()  # the registry MlflowClient() talks to
+    client = MlflowClient()
+    keep_good_lock(remote)
+
+    say("1/5 checking the registry against dvc.lock")
+    try:
+        retrain_needed = lineage.check(client, name, registry)
+    except MlflowException as error:
+        say(registry_failure(registry, error))
+        return 1
+    # reports/decision.* belong to this run only: a skipped register stage must not replay an old decision.
+    DECISION.unlink(missing_ok=True)
+    DECISION_TABLE.unlink(missing_ok=True)
+
+    try:
+        say("2/5 dvc repro: fetch, validate, split, train, register + gate")
+        # --no-run-cache: a stage whose inputs changed really runs (training logs to MLflow, the gate consults the
+        # registry as it is now) instead of restoring outputs of an earlier identical run.
+        if not dvc("repro", "--no-run-cache", *(["--force"] if retrain_needed else [])):
+            restore("failed")
+            return 1
+        record = json.loads(DECISION.read_text()) if DECISION.is_file() else None
+        if record:
+            print(promote.record_lock(client))
+
+        say(f"3/5 dvc push to remote '{remote}'")
+        if not dvc("push", "--remote", remote):
+            restore(f"dvc push to remote '{remote}' failed (see above), so nothing was promoted and the champion is "
+                    "unchanged")
+            say(f"fix the remote (credentials, bucket, network: dvc push --remote {remote} -v), then run make "
+                "retrain again")
+            return 1
+
+        decision = record["decision"] if record else "none"
+        say(f"4/5 promotion (gate decision: {decision})")
+        if decision == "passed":
+            print(promote.by_gate(client, name))
+        elif decision == "rejected":
+            restore("the gate rejected the challenger (reports/decision.md), champion unchanged",
+                    ("fetch", "split", "train"))
+        else:
+            say("nothing retrained: the champion and dvc.lock stay")
+    except promote.PromotionRefused as refusal:
+        say(f"promotion refused: {refusal}")
+        restore("promotion failed, champion unchanged")
+        return 1
+    except MlflowException as error:
+        say(registry_failure(registry, error))
+        restore("the registry failed before the champion moved, champion unchanged")
+        return 1
+
+    say("5/5 summary")
+    try:
+        return lineage.report(client, name, registry)
+    except MlflowException as error:
+        say(registry_failure(registry, error))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
