@@ -23,7 +23,7 @@ RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements-serve.
     && rm "$swagger_ui"/*.map "$swagger_ui"/swagger-ui-es-bundle*.js \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /app --shell /usr/sbin/nologin serve \
     && mkdir logs && chown 10001:10001 logs
-COPY serve.py features.py ./
+COPY serve.py features.py names.py ./
 COPY serving/ serving/
 
 USER 10001

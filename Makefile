@@ -12,7 +12,12 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # Unset, `make retrain` uses the copy shipped in the repository (scripts/fetch.py: DEFAULT_DATA_URL), no network.
 # MLflow tracking + registry; a local sqlite store (artifacts in ./mlruns) by default.
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
-export MODEL_NAME ?= California_Housing_Regression
+# MODEL_NAME: the registered model; unset or empty, names.py's default (the one home of the names make, the scripts and
+# serving share).
+ifeq ($(MODEL_NAME),)
+MODEL_NAME := $(shell $(PYTHON) names.py MODEL_NAME)
+endif
+export MODEL_NAME
 # DVC remote for data versions: `local` (./dvcstore) or `s3remote` (s3://$(S3_DVC_BUCKET)/dvc,
 # at $(AWS_ENDPOINT_URL) when set, for S3-compatible servers).
 export DVC_REMOTE ?= local

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from features import FEATURES
+from names import CHAMPION, model_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ((1, 1), (1, 16), (100, 1), (100, 16))  # (records per request, concurrent connections)
@@ -225,7 +226,7 @@ def main() -> int:
     args = parser.parse_args()
 
     records = pd.read_csv(args.data)[list(FEATURES)]
-    model = f"models:/{os.environ.get('MODEL_NAME', 'California_Housing_Regression')}@champion"
+    model = f"models:/{model_name()}@{CHAMPION}"
     scratch = Path(tempfile.mkdtemp(prefix="housing-bench-"))
     # `mlflow models serve` runs `uvicorn` from PATH: this interpreter's.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -19,16 +19,17 @@ import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
+from names import CHAMPION, DECISION, DVC_LOCK, PROMOTION_TAG
+from scripts.champion import version_by_alias
 from scripts.fetch import DEFAULT_DATA_URL
-from scripts.register import CHAMPION, DECISION, LOCK, PROMOTION, version_by_alias
 
 BEFORE = Path(".dvc/tmp/champion-before.json")
 
 
 def locked_data_md5() -> str | None:
-    if not LOCK.is_file():
+    if not DVC_LOCK.is_file():
         return None
-    for out in yaml.safe_load(LOCK.read_text())["stages"].get("fetch", {}).get("outs", []):
+    for out in yaml.safe_load(DVC_LOCK.read_text())["stages"].get("fetch", {}).get("outs", []):
         if out["path"] == "data/housing.csv":
             return cast(str, out["md5"])  # dvc.lock: md5 is a hex string
     return None
@@ -37,7 +38,7 @@ def locked_data_md5() -> str | None:
 def describe(version: ModelVersion | None) -> str:
     if version is None:
         return "none"
-    return f"version {version.version} ({PROMOTION}={version.tags.get(PROMOTION, 'unrecorded')})"
+    return f"version {version.version} ({PROMOTION_TAG}={version.tags.get(PROMOTION_TAG, 'unrecorded')})"
 
 
 def check(client: MlflowClient, name: str, registry: str) -> bool:

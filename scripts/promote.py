@@ -26,17 +26,8 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from scripts.register import (
-    CHAMPION,
-    DECISION,
-    LOCK,
-    PREVIOUS,
-    PROMOTION,
-    model_name,
-    point_champion,
-    version_by_alias,
-    write_decision,
-)
+from names import BY_GATE, BY_PERSON, CHAMPION, DECISION, DVC_LOCK, PREVIOUS_CHAMPION, PROMOTION_TAG, model_name
+from scripts.champion import point_champion, version_by_alias, write_decision
 
 LOCK_ARTIFACT = "dvc.lock"
 
@@ -53,10 +44,10 @@ def promote(client: MlflowClient, name: str, version: str, how: str, tags: dict[
     """Tag `version` with how it was promoted, then move the alias; return the replaced champion's version."""
     current = version_by_alias(client, name, CHAMPION)
     previous = current.version if current else None
-    for key, value in {PROMOTION: how, "promoted_at": now(), **tags}.items():
+    for key, value in {PROMOTION_TAG: how, "promoted_at": now(), **tags}.items():
         client.set_model_version_tag(name, version, key, value)
     if previous:
-        client.set_model_version_tag(name, version, PREVIOUS, previous)
+        client.set_model_version_tag(name, version, PREVIOUS_CHAMPION, previous)
     point_champion(client, name, version, previous)
     return previous
 
@@ -74,7 +65,7 @@ def by_gate(client: MlflowClient, name: str) -> str:
         raise PromotionRefused(f"the champion moved from {decided_against} to {current and current.version} while "
                                f"version {challenger} was being judged; nothing promoted: run `make retrain` again to "
                                f"judge it against the new champion")
-    previous = promote(client, name, challenger, "gate", {"gate_check": record["check"]})
+    previous = promote(client, name, challenger, BY_GATE, {"gate_check": record["check"]})
     record.update(decision="promoted", champion_before=previous, promoted_at=now())
     write_decision(record)
     return f"promote: {name} alias {CHAMPION} -> version {challenger} (was {previous or 'none'}), promotion=gate"
@@ -112,16 +103,16 @@ def by_human(client: MlflowClient, name: str, version: str, reason: str) -> str:
                 "gate_check": candidate.tags.get("gate_check"), "gate_reason": candidate.tags.get("gate_reason")}
     client.log_dict(candidate.run_id, approval,  # type: ignore[arg-type]  # gate-judged versions come from runs
                     f"approval-{approval['approved_at']}.json")
-    old_lock = LOCK.read_text() if LOCK.is_file() else None
-    LOCK.write_text(lock)
+    old_lock = DVC_LOCK.read_text() if DVC_LOCK.is_file() else None
+    DVC_LOCK.write_text(lock)
     try:
-        promote(client, name, version, "human", {"approved_by": approver, "approval_reason": reason,
+        promote(client, name, version, BY_PERSON, {"approved_by": approver, "approval_reason": reason,
                                                  "approved_at": approval["approved_at"]})
     except BaseException:
         if old_lock is None:
-            LOCK.unlink()
+            DVC_LOCK.unlink()
         else:
-            LOCK.write_text(old_lock)
+            DVC_LOCK.write_text(old_lock)
         raise
     return (f"promote: {name} alias {CHAMPION} -> version {version} (was {approval['champion_before'] or 'none'}), "
             f"promotion=human, approved by {approver}: {reason}\n"
@@ -138,7 +129,7 @@ def record_lock(client: MlflowClient) -> str:
     if not DECISION.is_file():
         return "promote: no decision in this run; no dvc.lock to record"
     run_id = json.loads(DECISION.read_text())["challenger"]["run_id"]
-    client.log_artifact(run_id, str(LOCK))
+    client.log_artifact(run_id, str(DVC_LOCK))
     return f"promote: dvc.lock recorded with run {run_id}"
 
 

@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,44 +29,18 @@ import mlflow
 import numpy as np
 import pandas as pd
 import yaml
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features import FEATURES, TARGET
+from names import CHAMPION, PROMOTION_TAG, REJECTED, model_name
 from scripts import reference
+from scripts.champion import decision_table, version_by_alias, write_decision
 from train import regression_metrics
 
 log = logging.getLogger("register")
 
 HOLDOUT = Path("data/holdout.csv")
 CANDIDATES = Path("reports/candidates.json")
-DECISION = Path("reports/decision.json")
-LOCK = Path("dvc.lock")  # what DVC versions the data by; the champion must come from the data it names
-DECISION_TABLE = Path("reports/decision.md")
-CHAMPION, PREVIOUS = "champion", "previous_champion"
-# Version tag that says how a version reached production; serving loads only gate|human (docs/promotion.md).
-PROMOTION = "promotion"
-
-
-def model_name() -> str:
-    return os.environ.get("MODEL_NAME", "California_Housing_Regression")
-
-
-def registry_failure(registry: str, error: Exception) -> str:
-    """One line for a registry that refused or failed, naming what to check."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (f"registry {registry} refused or failed: {first_line}; check MLFLOW_TRACKING_URI and the "
-            f"MLFLOW_TRACKING_USERNAME/PASSWORD of the writer account")
-
-
-def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
 
 
 @dataclass(frozen=True)
@@ -141,40 +114,6 @@ def decide(challenger: Scores, champion: Scores | None, gate: dict[str, Any]) ->
                    f"predictions moved {shift:.1%}")
 
 
-def point_champion(client: MlflowClient, name: str, version: str, previous: str | None) -> None:
-    """Make `version` the champion; `previous` becomes the rollback target. The last step of any promotion."""
-    client.set_registered_model_alias(name, CHAMPION, version)
-    if previous:
-        client.set_registered_model_alias(name, PREVIOUS, previous)
-    elif version_by_alias(client, name, PREVIOUS):
-        client.delete_registered_model_alias(name, PREVIOUS)
-    with warnings.catch_warnings():  # stages are deprecated but still honoured by MODEL_STAGE deployments
-        warnings.simplefilter("ignore", FutureWarning)
-        client.transition_model_version_stage(name, version, "Production", archive_existing_versions=True)
-
-
-def decision_table(record: dict[str, Any]) -> str:
-    challenger, champion = record["challenger"], record["champion"]
-    rows = ["| | challenger | champion |", "|---|---|---|",
-            f"| version | {challenger['version']} ({challenger['candidate']}) | "
-            f"{champion['version'] if champion else 'none'} |"]
-    for where in ("holdout", "reference"):
-        for metric, fmt in (("rmse", "{:,.0f}"), ("mae", "{:,.0f}"), ("r2", "{:.4f}")):
-            theirs = fmt.format(champion["metrics"][where][metric]) if champion else "-"
-            rows.append(f"| {where} {metric} | {fmt.format(challenger['metrics'][where][metric])} | {theirs} |")
-    if record.get("prediction_shift") is not None:
-        rows.append(f"| reference prediction shift | {record['prediction_shift']:.1%} | |")
-    return "\n".join([*rows, "", f"**Decision: {record['decision']}** — check `{record['check']}`: "
-                      f"{record['reason']}", ""])
-
-
-def write_decision(record: dict[str, Any]) -> None:
-    DECISION.write_text(json.dumps(record, indent=2) + "\n")
-    DECISION_TABLE.write_text(f"### {record['model_name']}: challenger vs champion on {record['holdout_rows']} "
-                              f"holdout rows and {record['reference_rows']} reference rows\n\n"
-                              + decision_table(record))
-
-
 def data_pin() -> dict[str, str]:
     """The S3 object version the fetch stage was pinned to (scripts/pin_upload.py), for the version's lineage."""
     pins = {"data_s3_etag": os.environ.get("DATA_S3_ETAG", ""),
@@ -242,7 +181,7 @@ def main() -> int:
     if shift is not None:
         tags["prediction_shift"] = f"{shift:.4f}"
     if not verdict.passed:
-        tags[PROMOTION] = "rejected"
+        tags[PROMOTION_TAG] = REJECTED
     for key, value in tags.items():
         client.set_model_version_tag(name, registered.version, key, value)
     client.log_dict(candidates["parent_run_id"], record, "decision.json")

@@ -25,8 +25,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from names import DECISION, DECISION_TABLE, DVC_LOCK, REJECTED, model_name
 from scripts import lineage, promote
-from scripts.register import DECISION, DECISION_TABLE, LOCK, model_name, registry_failure
+from scripts.champion import registry_failure
 
 # Bounded retries for every call to the registry (MLflow's client would otherwise retry a dead server for minutes).
 # MLflow reads them at each call; the register stage that dvc repro starts inherits them.
@@ -49,10 +50,10 @@ def keep_good_lock(remote: str) -> None:
     """Remember the dvc.lock this run starts from; a fresh clone (a CI runner) also fetches its outputs, or every
     stage would re-run."""
     GOOD_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    if not LOCK.is_file():
+    if not DVC_LOCK.is_file():
         GOOD_LOCK.unlink(missing_ok=True)
         return
-    shutil.copyfile(LOCK, GOOD_LOCK)
+    shutil.copyfile(DVC_LOCK, GOOD_LOCK)
     if not Path("data/train.csv").exists():
         say(f"fetching the outputs of dvc.lock from remote '{remote}'")
         dvc("pull", "--remote", remote, "--allow-missing", "--quiet")  # what is missing is produced by repro
@@ -61,10 +62,10 @@ def keep_good_lock(remote: str) -> None:
 def restore(why: str, stages: tuple[str, ...] = DATA_STAGES) -> None:
     """Put back the last good dvc.lock and the outputs of `stages` from the DVC cache."""
     if not GOOD_LOCK.is_file():
-        LOCK.unlink(missing_ok=True)
+        DVC_LOCK.unlink(missing_ok=True)
         say(f"{why}; no earlier data version to restore")
         return
-    shutil.copyfile(GOOD_LOCK, LOCK)
+    shutil.copyfile(GOOD_LOCK, DVC_LOCK)
     if not dvc("checkout", "--force", "--quiet", *stages):
         say("some outputs of the restored dvc.lock are not in the cache")
     say(f"{why}; dvc.lock and data/ restored to the last good version")
@@ -111,7 +112,7 @@ def main() -> int:
         say(f"4/5 promotion (gate decision: {decision})")
         if decision == "passed":
             print(promote.by_gate(client, name))
-        elif decision == "rejected":
+        elif decision == REJECTED:
             restore("the gate rejected the challenger (reports/decision.md), champion unchanged",
                     ("fetch", "split", "train"))
         else:

@@ -10,7 +10,8 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from scripts.register import CHAMPION, PREVIOUS, model_name, point_champion, version_by_alias
+from names import CHAMPION, PREVIOUS_CHAMPION, model_name
+from scripts.champion import point_champion, version_by_alias
 
 
 def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
@@ -18,10 +19,10 @@ def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
     current = version_by_alias(client, name, CHAMPION)
     if current is None:
         raise LookupError(f"model {name!r} has no {CHAMPION!r} alias: nothing to roll back")
-    target = current.tags.get(PREVIOUS)
+    target = current.tags.get(PREVIOUS_CHAMPION)
     if not target:
-        raise LookupError(f"{name} version {current.version} has no {PREVIOUS!r} tag: it replaced no champion")
-    before_target = client.get_model_version(name, target).tags.get(PREVIOUS)
+        raise LookupError(f"{name} version {current.version} has no {PREVIOUS_CHAMPION!r} tag: it replaced no champion")
+    before_target = client.get_model_version(name, target).tags.get(PREVIOUS_CHAMPION)
     point_champion(client, name, target, before_target)
     client.set_model_version_tag(name, current.version, "rolled_back", "true")
     return current.version, target

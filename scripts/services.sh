@@ -95,7 +95,7 @@ start_mlflow() {
 create_accounts() {
   MLFLOW_TRACKING_URI=$MLFLOW_URL MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=$ADMIN_PASSWORD \
     WRITER_PASSWORD=$WRITER_PASSWORD READER_PASSWORD=$READER_PASSWORD \
-    MODEL_NAME=${MODEL_NAME:-California_Housing_Regression} python - <<'EOF'
+    MODEL_NAME=${MODEL_NAME:-$(python "$root/names.py" MODEL_NAME)} python - <<'EOF'
 import os
 
 from mlflow.server import get_app_client

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 import train
 from features import FEATURES, TARGET
+from names import BY_GATE, CHAMPION, PROMOTION_TAG
 from scripts.bench import ROOT, BenchedServer, closed_loop, for_seconds, start, wait_ready
 
 MODEL = "soak"
@@ -44,8 +45,8 @@ def register_two(data: pd.DataFrame, uri: str) -> tuple[str, str]:
         with mlflow.start_run():
             info = train.log_pipeline(pipeline, data[list(FEATURES)].dropna().head(3))
         # serving loads only what the gate passed (serving/model.py): these stand-ins are tagged as the gate tags
-        versions.append(str(mlflow.register_model(info.model_uri, MODEL, tags={"promotion": "gate"}).version))
-    client.set_registered_model_alias(MODEL, "champion", versions[0])
+        versions.append(str(mlflow.register_model(info.model_uri, MODEL, tags={PROMOTION_TAG: BY_GATE}).version))
+    client.set_registered_model_alias(MODEL, CHAMPION, versions[0])
     return versions[0], versions[1]
 
 
@@ -70,7 +71,7 @@ def change_champion(server: BenchedServer, uri: str, versions: tuple[str, str], 
     for change in range(3):
         time.sleep(max(0.0, started + seconds * (change + 1) / 4 - time.monotonic()))  # a schedule, not a sync
         target = versions[(change + 1) % 2]
-        client.set_registered_model_alias(MODEL, "champion", target)
+        client.set_registered_model_alias(MODEL, CHAMPION, target)
         moved = time.monotonic()
         streak = 0
         while streak < 10 and time.monotonic() - moved < 30:

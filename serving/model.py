@@ -19,6 +19,7 @@ from mlflow.models import Model, ModelSignature
 from sklearn.pipeline import Pipeline
 
 from features import FEATURES, OPTIONAL_FEATURES, PROFILE_FILE, FloatArray
+from names import PROMOTION_TAG, REJECTED, TRUSTED_PROMOTIONS
 from serving.background import BackgroundThread
 from serving.drift import DriftWindow
 from serving.metrics import LAST_RELOAD, MODEL_INFO, MODEL_LOADED, RELOADS, ReloadResult
@@ -37,8 +38,6 @@ REFERENCE_PROFILE = Path("extra_files", PROFILE_FILE)  # in the model directory,
 # `make promote`; docs/serving.md): `gate` when the gate promoted it, `human` when a person approved it, `rejected`
 # when the gate refused it. A version the alias or stage leads to is loaded only with a trusted value: anyone who can
 # move an alias could otherwise serve any model. MODEL_URI, an explicit choice, is loaded without this record.
-PROMOTION_TAG = "promotion"
-TRUSTED_PROMOTIONS = ("gate", "human")
 
 
 class ModelLabel(TypedDict):
@@ -137,7 +136,7 @@ def promotion_refusal(ref: ModelRef, tags: Mapping[str, str]) -> str | None:
         return None
     if promotion is None:
         why = f"has no {PROMOTION_TAG} tag: neither the gate nor a person promoted it"
-    elif promotion == "rejected":
+    elif promotion == REJECTED:
         why = f"is tagged {PROMOTION_TAG}=rejected: the gate refused it"
     else:
         why = f"is tagged {PROMOTION_TAG}={promotion!r}, not one of {', '.join(TRUSTED_PROMOTIONS)}"

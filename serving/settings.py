@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import names
 from features import CATEGORIES, NUMERIC_FEATURES
 
 # The longest JSON a client can reasonably write for one record: every number at full float64 precision with an
@@ -31,8 +32,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
-    model_name: str = "California_Housing_Regression"
-    model_alias: str = "champion"
+    model_name: str = names.MODEL_NAME
+    model_alias: str = names.CHAMPION
     model_stage: str = ""
     model_uri: str = ""
     reload_interval_s: float = 30.0

@@ -1,7 +1,7 @@
 """A model in a registry, as the gate leaves it: small pipelines fitted on synthetic data, logged to an MLflow store
 only the test uses, registered with the gate's promotion tag and, unless a test says otherwise, made the champion.
 
-Serving refuses a version without the tag (serving/model.py, PROMOTION_TAG), so every test that serves a registered
+Serving refuses a version without the tag (names.PROMOTION_TAG), so every test that serves a registered
 model makes it here.
 """
 
@@ -22,12 +22,8 @@ from threadpoolctl import threadpool_limits
 
 import train
 from features import FEATURES, TARGET, reference_profile
-from serving.model import PROMOTION_TAG
+from names import BY_GATE, CHAMPION, PROMOTION_TAG
 from tests.conftest import RIDGE, synthetic_housing
-
-CHAMPION = "champion"
-# The PROMOTION_TAG value scripts/promote.py records when the gate promotes a version (a person's approval: "human").
-GATE = "gate"
 
 
 def fitted(spec: dict, seed: int = 0) -> Pipeline:
@@ -54,7 +50,7 @@ class TemporaryRegistry:
     downloads: Path
     _loaded: dict[str, mlflow.pyfunc.PyFuncModel] = field(default_factory=dict)
 
-    def register(self, name: str, pipeline: Pipeline, *, alias: str | None = CHAMPION, promotion: str | None = GATE,
+    def register(self, name: str, pipeline: Pipeline, *, alias: str | None = CHAMPION, promotion: str | None = BY_GATE,
                  profiled: bool = False) -> str:
         """A new version of `name` holding `pipeline`, tagged PROMOTION_TAG=`promotion` (as the gate tags them; None:
         no tag, as nobody promoted it), with `alias` moved to it by hand (None: left where it is).

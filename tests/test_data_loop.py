@@ -38,6 +38,7 @@ from mlflow.tracking import MlflowClient
 
 import dispatch_lambda
 from features import TARGET
+from names import MODEL_NAME
 from scripts.split import holdout_mask
 from serving.schema import EXAMPLE_RECORD
 from tests.actions_runner import RETRAIN_TIMEOUT_S, WORKFLOW, ActionsRunner, Job
@@ -50,7 +51,7 @@ pytestmark = pytest.mark.integration  # real processes throughout
 
 log = logging.getLogger(__name__)
 
-MODEL = "California_Housing_Regression"
+MODEL = MODEL_NAME
 BRANCH = "main"
 KEY_PREFIX = "data/"  # the stack's DataKeyPrefix (infra/housing-mlops.yml)
 GITHUB_TOKEN = "ghp_" + "L00p" * 9

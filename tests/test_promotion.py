@@ -31,6 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features import TARGET
+from names import MODEL_NAME
 from tests.actions_runner import ActionsRunner, Job
 from tests.conftest import clean_environment, run_make, seeded_origin, synthetic_housing
 from tests.fake_github import Dispatch
@@ -39,7 +40,7 @@ from tests.services import LocalServices
 
 pytestmark = pytest.mark.integration  # a real MLflow server with basic auth, moto, DVC and git
 
-MODEL = "California_Housing_Regression"
+MODEL = MODEL_NAME
 BRANCH = "main"
 FAST_TRAINING = {
     "cv_folds": 0,

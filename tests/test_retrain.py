@@ -23,11 +23,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features import FEATURES
+from names import MODEL_NAME
 from tests.conftest import ROOT, project_copy, run_make, synthetic_housing
 
 pytestmark = pytest.mark.integration  # real processes throughout
 
-MODEL = "California_Housing_Regression"
+MODEL = MODEL_NAME
 SMALL_PARAMS = {
     "candidates": {
         "ridge": {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}},

@@ -19,8 +19,8 @@ from threadpoolctl import threadpool_limits
 
 import train
 from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
+from names import PROMOTION_TAG
 from serving.metrics import METRICS
-from serving.model import PROMOTION_TAG
 from serving.prediction_log import PredictionLog
 from serving.schema import to_arrays
 from serving.trees import flatten

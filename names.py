@@ -1,0 +1,38 @@
+"""The names the pipeline, serving, the Makefile and the scripts share: each is spelled here and nowhere else.
+
+Standard library only, so that make and shell can read a name with the system's Python before any virtualenv
+exists: `python3 names.py MODEL_NAME` prints it (the Makefile and scripts/services.sh do).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# The registered model, unless MODEL_NAME says otherwise.
+MODEL_NAME = "California_Housing_Regression"
+
+# Aliases: what serving loads, and the version a promotion replaced (what `make rollback` goes back to).
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous_champion"
+
+# The version tag that says how a version reached production, and its values. Serving loads only TRUSTED_PROMOTIONS.
+PROMOTION_TAG = "promotion"
+BY_GATE, BY_PERSON, REJECTED = "gate", "human", "rejected"
+TRUSTED_PROMOTIONS = (BY_GATE, BY_PERSON)
+
+# Files of the pipeline: what DVC versions the data by (the champion must come from the data it names), and the
+# gate's decision of the current run.
+DVC_LOCK = Path("dvc.lock")
+DECISION = Path("reports/decision.json")
+DECISION_TABLE = Path("reports/decision.md")
+
+
+def model_name() -> str:
+    """MODEL_NAME from the environment; set but empty counts as unset (a workflow passes an unset variable so)."""
+    return os.environ.get("MODEL_NAME") or MODEL_NAME
+
+
+if __name__ == "__main__":
+    print(globals()[sys.argv[1]])
