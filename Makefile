@@ -113,8 +113,12 @@ lint: venv tools scan-venv ## ruff, mypy, actionlint + workflow schema, shellche
 	$(SCAN_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation -d infra
 	$(SCAN_VENV)/bin/bandit -q -c pyproject.toml -r .
 
-test: venv tools check ## the README's and CI's command: linters, then every test tier (in random order)
-	python -m pytest -q
+# The full suite on every core (pytest-xdist): each worker takes whole files, so a module's fixtures (a story, a
+# server) live in one worker; TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= auto
+
+test: venv tools check ## the README's and CI's command: linters, then every test tier (in random order, on every core)
+	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: venv ## unit tests in-process: no servers, no subprocesses (under a minute)
 	python -m pytest -q -m "not integration"
