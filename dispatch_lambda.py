@@ -22,14 +22,15 @@ EventBridge alike, so they are decoded with `unquote_plus` first. A malformed re
 object, missing fields, a refused name, an event that is not about S3) is logged and skipped; the rest of the
 batch is dispatched.
 
-Retries (docs/aws.md, "The dispatch Lambda's budget"): every object shares one time budget, the function's remaining
-time (from the Lambda context) minus BUDGET_MARGIN_S. 5xx answers and connection failures before the request was
-sent are retried with exponential backoff; 403/429 rate limits wait for `Retry-After` or `X-RateLimit-Reset` only
-when that wait and one more attempt fit the budget; a 401 reads the secret again once (it may have been rotated).
-A read timeout or a dropped connection after the request was sent is never re-sent: GitHub may have accepted it,
-and a second dispatch would start a second run. Whatever did not dispatch fails the invocation with one reason per
-object (SQS: only its messages, in `batchItemFailures`), and the function's dead-letter queue keeps the event and
-that reason (infra/ sets no automatic retries, so nothing is dispatched twice behind an operator's back).
+Retries (docs/security.md, "The dispatch Lambda's budget and dead-letter queue"): every object shares one time
+budget, the function's remaining time (from the Lambda context) minus BUDGET_MARGIN_S. 5xx answers and connection
+failures before the request was sent are retried with exponential backoff; 403/429 rate limits wait for
+`Retry-After` or `X-RateLimit-Reset` only when that wait and one more attempt fit the budget; a 401 reads the secret
+again once (it may have been rotated). A read timeout or a dropped connection after the request was sent is never
+re-sent: GitHub may have accepted it, and a second dispatch would start a second run. Whatever did not dispatch
+fails the invocation with one reason per object (SQS: only its messages, in `batchItemFailures`), and the function's
+dead-letter queue keeps the event and that reason (infra/ sets no automatic retries, so nothing is dispatched twice
+behind an operator's back).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make infra-deploy`: create or update the CloudFormation stack of infra/housing-mlops.yml with the aws CLI
-# (v1 or v2), then print the stack's outputs: the names the workflows need (see the README's "AWS resources").
+# (v1 or v2), then print the stack's outputs: the names the workflows need (docs/aws-resources.md).
 #
 # dispatch_lambda.py is larger than an inline ZipFile may be (4 KB), so it is zipped and uploaded first, to
 # s3://$CODE_BUCKET/dispatch_lambda/<content hash>.zip: a new key per version is what makes CloudFormation update
@@ -36,7 +36,7 @@ for pair in GitHubOwner=GITHUB_OWNER GitHubRepo=GITHUB_REPO GitHubRef=GITHUB_BRA
 done
 if [[ -z ${AWS_REGION:-${AWS_DEFAULT_REGION:-}} ]]; then missing+=(AWS_REGION); fi
 if ((${#missing[@]})); then
-  echo "infra-deploy: set ${missing[*]} (see the README's \"AWS resources\")" >&2
+  echo "infra-deploy: set ${missing[*]} (docs/aws-resources.md)" >&2
   exit 2
 fi
 if [[ ! $SERVING_TRACKING_URI =~ ^https?:// ]]; then
