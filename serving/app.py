@@ -36,7 +36,6 @@ from serving.schema import InputProblem, InvalidInput, openapi_document
 from serving.settings import Settings
 
 PARALLEL_MIN_ROWS = 256  # from this batch size, chunks are predicted in parallel threads
-MAX_REPORTED_PROBLEMS = 100
 # /reload answers within this, whatever the registry does. One registry call is bounded (registry.py), but /reload
 # may first wait for a check the poller has begun; past this the check goes on in the background.
 RELOAD_ANSWER_S = 8.0
@@ -203,7 +202,7 @@ async def invalid_input(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, InvalidInput):  # registered for InvalidInput only (EXCEPTION_HANDLERS)
         raise exc
     count_problems(exc.problems)
-    reported = [{"path": p.path, "message": p.message} for p in exc.problems[:MAX_REPORTED_PROBLEMS]]
+    reported = [{"path": p.path, "message": p.message} for p in exc.reported()]
     return error(422, str(exc), problems=reported)
 
 

@@ -23,7 +23,6 @@ from serving.schema import InputProblem, InvalidInput
 from serving.tabular import checked_arrays, column_records, csv_records, lenient_json, maybe_off_loop
 
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
-MAX_REPORTED_PROBLEMS = 100
 # MLflow's error codes (mlflow.protos.databricks_pb2) for what a client can get wrong.
 ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "RESOURCE_EXHAUSTED",
                415: "BAD_REQUEST", 503: "TEMPORARILY_UNAVAILABLE"}
@@ -132,7 +131,7 @@ class MlflowProtocol:
             return mlflow_error(400, f"malformed {'CSV' if media_type == 'text/csv' else 'JSON'}: {unreadable}")
         except InvalidInput as invalid:
             count_problems(invalid.problems)
-            shown = invalid.problems[:MAX_REPORTED_PROBLEMS]
+            shown = invalid.reported()
             message = "; ".join(f"{p.path}: {p.message}" for p in shown)
             return mlflow_error(400, f"{len(invalid.problems)} problem(s) in the request body: {message}",
                                 "INVALID_PARAMETER_VALUE",

@@ -65,6 +65,7 @@ class InputProblem:
 # Checking a body stops at this many problems: describing every field of 10,000 wrong records would cost the
 # server about a second of CPU, for an answer that shows the first 100 anyway.
 MAX_PROBLEMS = 1000
+MAX_REPORTED_PROBLEMS = 100  # of those, listed in an answer
 
 
 class InvalidInput(Exception):
@@ -72,6 +73,10 @@ class InvalidInput(Exception):
         counted = f"{len(problems)}" if len(problems) < MAX_PROBLEMS else f"{MAX_PROBLEMS} or more"
         super().__init__(f"{counted} problem(s) in the request body")
         self.problems = problems[:MAX_PROBLEMS]
+
+    def reported(self) -> list[InputProblem]:
+        """The problems an answer lists: the first MAX_REPORTED_PROBLEMS (the message counts them all)."""
+        return self.problems[:MAX_REPORTED_PROBLEMS]
 
 
 def records_in(payload: Any, max_rows: int) -> tuple[list[Any], bool]:

@@ -24,7 +24,6 @@ from serving.schema import InputProblem, InvalidInput
 from serving.tabular import checked_arrays, column_records, finite_or_marked, lenient_json, maybe_off_loop
 
 PLATFORM = "mlflow_sklearn"
-MAX_REPORTED_PROBLEMS = 100
 # The protocol's tensor types, as little-endian numpy types; BYTES is handled apart.
 NUMBER_TYPES = {"UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1", "INT16": "<i2",
                 "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
@@ -220,7 +219,7 @@ class OpenInferenceProtocol:
             return v2_error(400, f"malformed JSON: {unreadable}")
         except InvalidInput as invalid:
             count_problems(invalid.problems)
-            shown = "; ".join(f"{p.path}: {p.message}" for p in invalid.problems[:MAX_REPORTED_PROBLEMS])
+            shown = "; ".join(f"{p.path}: {p.message}" for p in invalid.reported())
             return v2_error(400, f"{len(invalid.problems)} problem(s) in the request: {shown}")
         identity = request_id(request)
         values = await service.score(request, identity, model, records, numeric, codes)

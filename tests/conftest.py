@@ -64,6 +64,13 @@ def json_records(frame: pd.DataFrame) -> list[dict]:
 # Candidate specs (params.yaml's train.candidates shape) small enough to train in a second or two.
 GBDT = {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16]}, "params": {"max_iter": 50}}
 RIDGE = {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}}
+# The candidates of the pipeline stories (test_retrain, test_promotion, test_data_loop): a params.yaml
+# train.candidates small enough that a whole `make retrain` trains in a few seconds.
+STORY_CANDIDATES = {
+    "ridge": RIDGE,
+    "gbdt": {"model": "hist_gradient_boosting", "features": {"neighbours": [8], "folds": 3},
+             "params": {"max_iter": 60, "learning_rate": 0.15, "random_state": 0}},
+}
 
 
 def project_copy(destination: Path) -> Path:

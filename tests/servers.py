@@ -20,9 +20,8 @@ from typing import TypeVar
 import httpx
 
 from serving.settings import Settings
-from tests.conftest import clean_environment
+from tests.conftest import ROOT, clean_environment
 
-ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 # What serve.py reads (serving/settings.py, and the metrics folder its workers share): a test's server sees only
 # the ones the test gives it, since some mean something even when set empty.

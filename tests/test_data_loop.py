@@ -42,7 +42,7 @@ from names import MODEL_NAME
 from scripts.split import holdout_mask
 from serving.schema import EXAMPLE_RECORD
 from tests.actions_runner import RETRAIN_TIMEOUT_S, WORKFLOW, ActionsRunner, Job
-from tests.conftest import clean_environment, seeded_origin, synthetic_housing
+from tests.conftest import STORY_CANDIDATES, clean_environment, seeded_origin, synthetic_housing
 from tests.fake_github import FakeGitHub
 from tests.servers import ROOT, ServerProcess, running_app, serve_environment, wait_for
 from tests.services import LocalServices
@@ -58,17 +58,7 @@ GITHUB_TOKEN = "ghp_" + "L00p" * 9
 RELOAD_TOKEN = "reload-" + uuid.uuid4().hex
 # Small models and no cross-validation: each retrain takes seconds. The absolute bars are loose so that the
 # comparison with the champion on the same holdout rows is what decides.
-FAST_TRAINING = {
-    "cv_folds": 0,
-    "candidates": {
-        "ridge": {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}},
-        "gbdt": {
-            "model": "hist_gradient_boosting",
-            "features": {"neighbours": [4, 16], "folds": 5},
-            "params": {"max_iter": 150, "learning_rate": 0.1, "random_state": 0},
-        },
-    },
-}
+FAST_TRAINING = {"cv_folds": 0, "candidates": STORY_CANDIDATES}
 LOOSE_GATE = {"max_rmse": 200_000, "min_r2": -1.0}
 RECORD = {**EXAMPLE_RECORD, "total_bedrooms": None}  # the example district, without its optional field
 

@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from features import TARGET
 from names import MODEL_NAME
 from tests.actions_runner import ActionsRunner, Job
-from tests.conftest import clean_environment, run_make, seeded_origin, synthetic_housing
+from tests.conftest import STORY_CANDIDATES, clean_environment, run_make, seeded_origin, synthetic_housing
 from tests.fake_github import Dispatch
 from tests.servers import ROOT
 from tests.services import LocalServices
@@ -42,14 +42,7 @@ pytestmark = pytest.mark.integration  # a real MLflow server with basic auth, mo
 
 MODEL = MODEL_NAME
 BRANCH = "main"
-FAST_TRAINING = {
-    "cv_folds": 0,
-    "candidates": {
-        "ridge": {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}},
-        "gbdt": {"model": "hist_gradient_boosting", "features": {"neighbours": [8], "folds": 3},
-                 "params": {"max_iter": 60, "learning_rate": 0.15, "random_state": 0}},
-    },
-}
+FAST_TRAINING = {"cv_folds": 0, "candidates": STORY_CANDIDATES}
 LOOSE_BARS = {"max_rmse": 200_000, "min_r2": -1.0}
 
 

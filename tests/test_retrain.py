@@ -24,17 +24,13 @@ from mlflow.tracking import MlflowClient
 
 from features import FEATURES
 from names import MODEL_NAME
-from tests.conftest import ROOT, project_copy, run_make, synthetic_housing
+from tests.conftest import ROOT, STORY_CANDIDATES, project_copy, run_make, synthetic_housing
 
 pytestmark = pytest.mark.integration  # real processes throughout
 
 MODEL = MODEL_NAME
 SMALL_PARAMS = {
-    "candidates": {
-        "ridge": {"model": "ridge", "features": {"neighbours": [], "encoding": "onehot"}, "params": {"alpha": 1.0}},
-        "gbdt": {"model": "hist_gradient_boosting", "features": {"neighbours": [4, 16], "folds": 5},
-                 "params": {"max_iter": 150, "learning_rate": 0.1, "random_state": 0}},
-    },
+    "candidates": STORY_CANDIDATES,
     "weak": {"weak": {"model": "hist_gradient_boosting", "features": {"neighbours": []},
                       "params": {"max_iter": 2, "learning_rate": 0.05, "random_state": 0}}},
 }
