@@ -3,6 +3,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,22 @@ def synthetic_housing(rows: int = 1500, seed: int = 0, missing_bedrooms: float =
         "ocean_proximity": category,
     })
     return frame[list(COLUMNS)]
+
+
+@pytest.fixture
+def report_figure(record_property: Callable[[str, object], None]) -> Callable[[str], None]:
+    """Show a measured figure in the run's "figures" summary: a test prints figures, it asserts no wall-clock bound.
+    Recorded on the test's report, so it survives pytest-xdist, whose workers' own output is never shown."""
+    return lambda line: record_property("figure", line)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    figures = [value for outcome in ("passed", "failed") for report in terminalreporter.getreports(outcome)
+               for name, value in report.user_properties if name == "figure"]
+    if figures:
+        terminalreporter.section("figures")
+        for line in figures:
+            terminalreporter.line(line)
 
 
 @pytest.fixture

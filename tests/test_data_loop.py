@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,15 +425,12 @@ def test_v1_upload_is_promoted_and_served(v1: LoopStep, loop: DataLoop) -> None:
 
 
 def test_v2_upload_is_promoted_and_hot_reloaded_without_a_failed_request(
-    v2: LoopStep, capsys: pytest.CaptureFixture[str]
+    v2: LoopStep, report_figure: Callable[[str], None]
 ) -> None:
     [job] = v2.jobs
     answers, failures = v2.notes["answers"], v2.notes["failures"]
-    with capsys.disabled():
-        print(
-            f"\ndata loop: S3 PUT of v2 -> version 2 served: {v2.notes['put_to_serving_s']:.1f} s "
-            f"({len(answers)} predictions during the reload, {len(failures)} failed)"
-        )
+    report_figure(f"data loop: S3 PUT of v2 -> version 2 served: {v2.notes['put_to_serving_s']:.1f} s "
+                  f"({len(answers)} predictions during the reload, {len(failures)} failed)")
     assert v2.notes["delivered"] == 1
     assert job.succeeded, job.log()
     assert failures == []

@@ -110,7 +110,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield server
 
 
-def test_hostile_bodies_get_4xx_while_health_keeps_answering(server):
+def test_hostile_bodies_get_4xx_while_health_keeps_answering(server, report_figure):
     answers: list[tuple[str, int, str]] = []
     in_flight: list[tuple[float, float]] = []  # when each hostile request was sent, and answered
     with HealthProbe(server.port) as probe, httpx.Client(timeout=60) as hostile:
@@ -133,9 +133,9 @@ def test_hostile_bodies_get_4xx_while_health_keeps_answering(server):
     during = [(started, finished) for started, finished, _ in probe.answers
               if in_flight[0][0] <= started and finished <= in_flight[-1][1]]
     latencies_ms = sorted((finished - started) * 1000 for started, finished in during)
-    print(f"\n/health during {len(answers)} hostile bodies ({in_flight[-1][1] - in_flight[0][0]:.1f} s): "
-          f"{len(during)} answers ({len(inside)} within a hostile request), "
-          f"p50 {latencies_ms[len(latencies_ms) // 2]:.1f} ms, worst {latencies_ms[-1]:.1f} ms")
+    report_figure(f"/health during {len(answers)} hostile bodies ({in_flight[-1][1] - in_flight[0][0]:.1f} s): "
+                  f"{len(during)} answers ({len(inside)} within a hostile request), "
+                  f"p50 {latencies_ms[len(latencies_ms) // 2]:.1f} ms, worst {latencies_ms[-1]:.1f} ms")
 
 
 @pytest.mark.parametrize(("name", "expected"), [(name, status) for name, (_, status) in HOSTILE.items()],

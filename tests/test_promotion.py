@@ -325,7 +325,7 @@ def test_a_job_from_a_stale_checkout_trains_on_the_branch_tip_and_publishes_with
 
 
 def test_an_upload_with_halved_labels_is_refused_on_the_reference_set(
-        stale: PromotionStep, halved: PromotionStep, capsys):
+        stale: PromotionStep, halved: PromotionStep, report_figure):
     job, decision = halved.job, halved.decision
     assert job.succeeded, job.log()  # a refusal is a decision, not a failure
     assert decision["decision"] == "rejected"
@@ -340,10 +340,10 @@ def test_an_upload_with_halved_labels_is_refused_on_the_reference_set(
     assert halved.champion.version == "2"
     assert halved.published_data_md5 == stale.published_data_md5 == halved.champion.tags["data_md5"]
     assert "publish_lock: dvc.lock unchanged" in job.output("Commit dvc.lock")
-    with capsys.disabled():
-        print(f"\nhalved labels: reference RMSE challenger {challenger['reference']['rmse']:,.0f} vs champion "
-              f"{champion['reference']['rmse']:,.0f}; holdout (from the upload) {challenger['holdout']['rmse']:,.0f} "
-              f"vs {champion['holdout']['rmse']:,.0f}; prediction shift {decision['prediction_shift']:.1%}")
+    report_figure(f"halved labels: reference RMSE challenger {challenger['reference']['rmse']:,.0f} vs champion "
+                  f"{champion['reference']['rmse']:,.0f}; holdout (from the upload) "
+                  f"{challenger['holdout']['rmse']:,.0f} vs {champion['holdout']['rmse']:,.0f}; prediction shift "
+                  f"{decision['prediction_shift']:.1%}")
 
 
 def test_the_same_data_again_retrains_nothing_and_keeps_the_champion(again: PromotionStep):

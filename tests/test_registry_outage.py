@@ -76,7 +76,8 @@ def registry(tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
         server.stop()
 
 
-def test_registry_outage_keeps_predictions_and_serves_the_new_champion_when_it_returns(registry, tmp_path):
+def test_registry_outage_keeps_predictions_and_serves_the_new_champion_when_it_returns(registry, tmp_path,
+                                                                                     report_figure):
     mlflow_server, store = registry
     with temporary_registry(tmp_path, tracking_uri=mlflow_server.url) as models:
         first = models.register(MODEL, fitted(RIDGE))
@@ -120,9 +121,9 @@ def test_registry_outage_keeps_predictions_and_serves_the_new_champion_when_it_r
     finally:
         serving.stop()
 
-    print(f"\nPOST /reload during the outage answered 503 in {reload_s:.2f} s; the new champion was served "
-          f"{served_s:.1f} s after the registry answered again (poll interval {POLL_S:g} s); "
-          f"{len(predictions.answers)} predictions, {len(predictions.failures)} failed")
+    report_figure(f"POST /reload during the outage answered 503 in {reload_s:.2f} s; the new champion was served "
+                  f"{served_s:.1f} s after the registry answered again (poll interval {POLL_S:g} s); "
+                  f"{len(predictions.answers)} predictions, {len(predictions.failures)} failed")
     assert predictions.failures == []
     versions = predictions.versions_seen()
     switch = versions.index(second)
@@ -135,7 +136,7 @@ def test_registry_outage_keeps_predictions_and_serves_the_new_champion_when_it_r
     assert f"the model registry at {mlflow_server.url} answers again" in registry_lines[1]
 
 
-def test_reload_answers_503_in_bounded_time_when_the_registry_hangs(tmp_path):
+def test_reload_answers_503_in_bounded_time_when_the_registry_hangs(tmp_path, report_figure):
     """A registry that accepts connections and never answers: /reload still answers, 503 naming it."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -152,7 +153,7 @@ def test_reload_answers_503_in_bounded_time_when_the_registry_hangs(tmp_path):
             health = httpx.get(serving.url + "/health")
         finally:
             serving.stop()
-    print(f"\nPOST /reload with a registry that never answers: {answer.status_code} in {reload_s:.1f} s")
+    report_figure(f"POST /reload with a registry that never answers: {answer.status_code} in {reload_s:.1f} s")
     assert answer.status_code == 503
     assert answer.json()["error"].startswith(f"the model registry at {registry_url} ")
     assert answer.json()["model"] is None

@@ -50,7 +50,7 @@ RUNS = {
 }
 
 
-def test_every_schemathesis_check_passes_on_over_a_thousand_cases(server, tmp_path):
+def test_every_schemathesis_check_passes_on_over_a_thousand_cases(server, tmp_path, report_figure):
     entries = []
     for name, selection in RUNS.items():
         har = tmp_path / f"requests-{len(entries)}.har"
@@ -68,6 +68,6 @@ def test_every_schemathesis_check_passes_on_over_a_thousand_cases(server, tmp_pa
         assert run.returncode == 0, shortened[-8000:] + run.stderr[-2000:]
         entries += found
     statuses = Counter(entry["response"]["status"] for entry in entries)
-    print(f"schemathesis: {len(entries)} requests in all, statuses {dict(sorted(statuses.items()))}")
+    report_figure(f"schemathesis: {len(entries)} requests in all, statuses {dict(sorted(statuses.items()))}")
     assert len(entries) >= MIN_CASES
     assert 500 not in statuses
