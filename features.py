@@ -17,17 +17,8 @@ from scipy.spatial import cKDTree
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.model_selection import KFold
 
-NUMERIC_FEATURES = (
-    "longitude",
-    "latitude",
-    "housing_median_age",
-    "total_rooms",
-    "total_bedrooms",
-    "population",
-    "households",
-    "median_income",
-)
-CATEGORICAL_FEATURE = "ocean_proximity"
+from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
+
 CATEGORIES = ("<1H OCEAN", "INLAND", "ISLAND", "NEAR BAY", "NEAR OCEAN")
 FEATURES = (*NUMERIC_FEATURES, CATEGORICAL_FEATURE)
 OPTIONAL_FEATURES = frozenset({"total_bedrooms"})

@@ -22,6 +22,21 @@ PROMOTION_TAG = "promotion"
 BY_GATE, BY_PERSON, REJECTED = "gate", "human", "rejected"
 TRUSTED_PROMOTIONS = (BY_GATE, BY_PERSON)
 
+# The model's input fields, in the CSV's order (features.py builds the model's inputs from them), and the
+# endpoints that answer only on ADMIN_PORT when it is set (serving/admin.py).
+NUMERIC_FEATURES = (
+    "longitude",
+    "latitude",
+    "housing_median_age",
+    "total_rooms",
+    "total_bedrooms",
+    "population",
+    "households",
+    "median_income",
+)
+CATEGORICAL_FEATURE = "ocean_proximity"
+ADMIN_PATHS = frozenset({"/reload", "/metrics"})
+
 # Files of the pipeline: what DVC versions the data by (the champion must come from the data it names), and the
 # gate's decision of the current run.
 DVC_LOCK = Path("dvc.lock")

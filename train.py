@@ -37,9 +37,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from features import (
-    CATEGORICAL_FEATURE,
     FEATURES,
-    NUMERIC_FEATURES,
     OPTIONAL_FEATURES,
     PROFILE_FILE,
     TARGET,
@@ -47,6 +45,7 @@ from features import (
     ReferenceProfile,
     reference_profile,
 )
+from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
 from scripts.fetch import DEFAULT_DATA_URL
 
 if TYPE_CHECKING:

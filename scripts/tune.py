@@ -58,7 +58,8 @@ from sklearn.model_selection import KFold
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-from features import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, TARGET, category_codes
+from features import FEATURES, TARGET, category_codes
+from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
 from serving.trees import FLAT_TREES_MAX_ROWS, flatten
 from train import build_pipeline
 

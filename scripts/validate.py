@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from features import CATEGORICAL_FEATURE, CATEGORIES, COLUMNS
+from features import CATEGORIES, COLUMNS
+from names import CATEGORICAL_FEATURE
 
 DATA = Path("data/housing.csv")
 REPORT = Path("reports/validation.json")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-ADMIN_PATHS = frozenset({"/reload", "/metrics"})
+from names import ADMIN_PATHS
+
 NOT_FOUND = b'{"error":"Not Found"}'
 
 

@@ -11,16 +11,15 @@ import numpy as np
 import numpy.typing as npt
 
 from features import (
-    CATEGORICAL_FEATURE,
     CATEGORIES,
     FEATURES,
-    NUMERIC_FEATURES,
     FloatArray,
     NumericProfile,
     ReferenceProfile,
     bin_indices,
     psi,
 )
+from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
 from serving.background import BackgroundThread
 from serving.metrics import DRIFT_PSI, DRIFT_ROWS
 

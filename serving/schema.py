@@ -13,15 +13,14 @@ import numpy as np
 from starlette.exceptions import HTTPException
 
 from features import (
-    CATEGORICAL_FEATURE,
     CATEGORIES,
     FEATURES,
-    NUMERIC_FEATURES,
     OPTIONAL_FEATURES,
     TARGET,
     FloatArray,
     category_codes,
 )
+from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
 from serving.settings import Settings
 
 # Real coordinates; far beyond them the neighbourhood features of features.py fail.

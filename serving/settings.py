@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import names
-from features import CATEGORIES, NUMERIC_FEATURES
+from features import CATEGORIES
+from names import NUMERIC_FEATURES
 
 # The longest JSON a client can reasonably write for one record: every number at full float64 precision with an
 # exponent (-1.2345678901234567e-05: 23 characters), the longest category, Python's default separators (", " and

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 import orjson
 from starlette.concurrency import run_in_threadpool
 
-from features import CATEGORICAL_FEATURE, FloatArray
+from features import FloatArray
+from names import CATEGORICAL_FEATURE
 from serving.schema import InputProblem, InvalidInput, to_arrays
 
 T = TypeVar("T")

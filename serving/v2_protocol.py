@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from features import CATEGORICAL_FEATURE, FEATURES, OPTIONAL_FEATURES, TARGET
+from features import FEATURES, OPTIONAL_FEATURES, TARGET
+from names import CATEGORICAL_FEATURE
 from serving.app import Service, count_problems, json_response, request_id
 from serving.body import read_body
 from serving.model import RETRY_S, ServedModel

@@ -56,6 +56,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for names.py
+from names import ADMIN_PATHS, CATEGORICAL_FEATURE, NUMERIC_FEATURES
+
 APP_PORT = 8000
 SLOW_READY_S = 1.0
 LOAD_ERROR = (
@@ -63,20 +66,9 @@ LOAD_ERROR = (
     "RESOURCE_DOES_NOT_EXIST: Registered model alias champion not found."
 )
 NGINX_CONF_DIR = "/etc/nginx/conf.d"
-ADMIN_PATHS = frozenset({"/reload", "/metrics"})
-# The app's input fields (features.FEATURES), listed here: importing features.py (numpy, scipy, scikit-learn)
-# would cost every `docker` call a second.
-FEATURES = (
-    "longitude",
-    "latitude",
-    "housing_median_age",
-    "total_rooms",
-    "total_bedrooms",
-    "population",
-    "households",
-    "median_income",
-    "ocean_proximity",
-)
+# The app's input fields from names.py (standard library only): importing features.py (numpy, scipy,
+# scikit-learn) would cost every `docker` call a second.
+FEATURES = (*NUMERIC_FEATURES, CATEGORICAL_FEATURE)
 RESTARTING_POLICIES = re.compile(r"always|unless-stopped|on-failure(:\d+)?")
 DOCKER_COMMANDS = frozenset(
     "attach build builder buildx commit compose config container context cp create diff events exec export history "
