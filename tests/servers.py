@@ -1,5 +1,7 @@
-"""Real server processes for tests: each in its own process group on a free port, stopped by group; and a client
-that keeps predicting from one while a test changes its model."""
+"""The app for tests: in this process (HTTP contracts: Starlette's TestClient runs the app and its lifespan, no
+socket), or as real server processes (what needs uvicorn: workers, signals, the admin port, a process restart), each
+in its own process group on a free port, stopped by group; and a client that keeps predicting while a test changes
+the model."""
 
 from __future__ import annotations
 
@@ -14,11 +16,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
+import httpx2
+from starlette.testclient import TestClient
 
+from serve import create_app
 from serving.settings import Settings
 from tests.conftest import ROOT, clean_environment
 
@@ -41,8 +47,15 @@ class ServerProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    @cached_property
+    def http(self) -> httpx.Client:
+        """A client of this server; closed when the server stops."""
+        return httpx.Client(base_url=self.url, timeout=30)
+
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL it after 30 s, and any children the leader left behind."""
+        if "http" in self.__dict__:
+            self.http.close()
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -124,11 +137,27 @@ def running_app(env: Mapping[str, str], log: Path, path: str = "/ready") -> Iter
         server.stop()
 
 
+@contextmanager
+def app_in_process(ready: bool = True, **settings: Any) -> Iterator[TestClient]:
+    """serve.py's app built from `Settings(**settings)`, its lifespan running, answering a client in this process;
+    once /ready answers 200 unless `ready` is False (the model loads in the background, as in a server).
+
+    The registry is MLflow's from the environment (MLFLOW_TRACKING_URI), as in a server. Metrics are this process's
+    own (prometheus-client's default single-process mode): compare before and after, not absolute counts.
+    """
+    with TestClient(create_app(Settings(**settings))) as client:
+        if ready:
+            wait_for(lambda: client.get("/ready").status_code == 200, 90, "the in-process app's /ready")
+        yield client
+
+
 @dataclass
 class SteadyClient:
-    """Sends the same record again and again from a thread, noting (status, version, prediction) per answer."""
+    """Sends the same record again and again from a thread, noting (status, version, prediction) per answer.
 
-    url: str
+    `client`: a server's `http`, or an in-process app's TestClient (both are safe to share with this thread)."""
+
+    client: httpx.Client | TestClient
     record: dict
     answers: list[tuple[int, str | None, float | None]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -149,15 +178,14 @@ class SteadyClient:
         return [version for _, version, _ in self.answers]
 
     def _run(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                try:
-                    response = client.post(self.url + "/predict", json=self.record)
-                except httpx.HTTPError as error:
-                    self.failures.append(repr(error))
-                    continue
-                if response.status_code != 200:
-                    self.failures.append(f"{response.status_code} {response.text}")
-                    continue
-                body = response.json()
-                self.answers.append((response.status_code, body["model"]["version"], body["prediction"]))
+        while not self._stop.is_set():
+            try:
+                response = self.client.post("/predict", json=self.record)
+            except (httpx.HTTPError, httpx2.HTTPError) as error:
+                self.failures.append(repr(error))
+                continue
+            if response.status_code != 200:
+                self.failures.append(f"{response.status_code} {response.text}")
+                continue
+            body = response.json()
+            self.answers.append((response.status_code, body["model"]["version"], body["prediction"]))

@@ -88,7 +88,7 @@ def test_registry_outage_keeps_predictions_and_serves_the_new_champion_when_it_r
     serving = start_serve(env, tmp_path / "serve.log")
     try:
         wait_until_answering(serving, "/ready")
-        with SteadyClient(serving.url, RECORD) as predictions:
+        with SteadyClient(serving.http, RECORD) as predictions:
             mlflow_server.stop()
             unavailable_before = reloads(serving, "unavailable")
 

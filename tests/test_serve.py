@@ -1,4 +1,5 @@
-"""serve.py as deployed: real uvicorn processes on free ports, models registered in a temporary MLflow store."""
+"""serve.py's app on models registered in a temporary MLflow store: its HTTP contract in this process (Starlette's
+TestClient), and real uvicorn processes where the server itself is under test (two workers, polling from start)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+import httpx2
 import mlflow
 import numpy as np
 import orjson
 import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 from threadpoolctl import threadpool_limits
 
 import train
@@ -30,15 +33,14 @@ from tests.servers import (
     ROOT,
     ServerProcess,
     SteadyClient,
+    app_in_process,
     running_app,
     serve_environment,
-    start_serve,
     wait_for,
-    wait_until_answering,
 )
 
 pytestmark = [
-    pytest.mark.integration,  # most tests talk to real uvicorn processes
+    pytest.mark.integration,  # a registry on disk, model loading, and real uvicorn processes
     pytest.mark.filterwarnings("ignore:Operation with range is deprecated"),  # inside MLflow's pyfunc
 ]
 
@@ -84,39 +86,41 @@ def serve_env(registry: TemporaryRegistry, tmp: Path, **settings: str) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def server(registry: TemporaryRegistry, models: dict,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """Serves "served"@champion; no polling, so only POST /reload changes the model."""
-    tmp = tmp_path_factory.mktemp("server")
-    env = serve_env(registry, tmp, MODEL_NAME="served", RELOAD_INTERVAL_S="0", RELOAD_TOKEN=TOKEN,
-                    MAX_BATCH_ROWS=str(MAX_BATCH_ROWS), MAX_BODY_BYTES=str(MAX_BODY_BYTES))
-    with running_app(env, tmp / "serve.log") as server:
-        yield server
+def prediction_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server") / "predictions"
+
+
+@pytest.fixture(scope="module")
+def server(registry: TemporaryRegistry, models: dict, prediction_log_dir: Path) -> Iterator[TestClient]:
+    """The app serving "served"@champion, in this process; no polling, so only POST /reload changes the model."""
+    with app_in_process(model_name="served", reload_interval_s=0, reload_token=TOKEN, max_batch_rows=MAX_BATCH_ROWS,
+                        max_body_bytes=MAX_BODY_BYTES, prediction_log_dir=prediction_log_dir) as client:
+        yield client
 
 
 @pytest.fixture
-def champion_restored(server: ServerProcess, registry: TemporaryRegistry, models: dict) -> Iterator[None]:
+def champion_restored(server: TestClient, registry: TemporaryRegistry, models: dict) -> Iterator[None]:
     yield
     registry.client.set_registered_model_alias("served", "champion", models["first"])
     assert reload(server).status_code == 200
 
 
-def predict(server: ServerProcess, body: object, **kwargs) -> httpx.Response:
-    return httpx.post(server.url + "/predict", json=body, timeout=30, **kwargs)
+def predict(http: httpx.Client | TestClient, body: object, **kwargs) -> httpx.Response | httpx2.Response:
+    return http.post("/predict", json=body, **kwargs)
 
 
-def reload(server: ServerProcess, token: str | None = TOKEN) -> httpx.Response:
+def reload(http: httpx.Client | TestClient, token: str | None = TOKEN) -> httpx.Response | httpx2.Response:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    return httpx.post(server.url + "/reload", headers=headers, timeout=60)
+    return http.post("/reload", headers=headers)
 
 
-def served_version(server: ServerProcess) -> str:
-    return httpx.get(server.url + "/model", timeout=10).json()["version"]
+def served_version(http: httpx.Client | TestClient) -> str:
+    return http.get("/model").json()["version"]
 
 
-def metrics(server: ServerProcess) -> dict[tuple[str, frozenset], float]:
+def metrics(http: httpx.Client | TestClient) -> dict[tuple[str, frozenset], float]:
     """Every sample of /metrics, keyed by (name, labels)."""
-    text = httpx.get(server.url + "/metrics", headers={"Connection": "close"}, timeout=10).text
+    text = http.get("/metrics", headers={"Connection": "close"}).text
     return {(sample.name, frozenset(sample.labels.items())): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
@@ -156,10 +160,10 @@ def test_request_id_is_echoed_or_made_up(server):
     assert len(made_up.headers["X-Request-ID"]) == 32
 
 
-def test_every_prediction_is_logged(server):
+def test_every_prediction_is_logged(server, prediction_log_dir):
     record = records(1, seed=11)[0]
     response = predict(server, record, headers={"X-Request-ID": "logged-request-1"})
-    log_dir = server.log.parent / "predictions"
+    log_dir = prediction_log_dir
 
     def logged() -> dict | None:
         for path in log_dir.glob("predictions-*.jsonl"):
@@ -248,21 +252,21 @@ def test_schema_problems_are_422_naming_each_field(server, body, problems):
     (b" " * (MAX_BODY_BYTES + 1), "application/json", 413, "MAX_BODY_BYTES"),
 ], ids=["truncated", "NaN", "infinite", "not UTF-8", "text", "form", "batch too large", "body too large"])
 def test_unreadable_requests_get_their_status(server, content, content_type, status, message):
-    response = httpx.post(server.url + "/predict", content=content, headers={"Content-Type": content_type})
+    response = server.post("/predict", content=content, headers={"Content-Type": content_type})
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
 
 
 def test_body_too_large_is_refused_when_streamed_without_length(server):
     chunks = iter([b"[" + b" " * MAX_BODY_BYTES, b"]"])
-    response = httpx.post(server.url + "/predict", content=chunks, headers={"Content-Type": "application/json"})
+    response = server.post("/predict", content=chunks, headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert "MAX_BODY_BYTES" in response.json()["error"]
 
 
 def test_wrong_method_and_unknown_path_are_json_errors(server):
-    assert httpx.get(server.url + "/predict").status_code == 405
-    assert httpx.get(server.url + "/nowhere").json() == {"error": "Not Found"}
+    assert server.get("/predict").status_code == 405
+    assert server.get("/nowhere").json() == {"error": "Not Found"}
 
 
 # --- prediction log ------------------------------------------------------------------------------------------
@@ -339,7 +343,7 @@ def two_workers(registry, models, tmp_path_factory) -> Iterator[ServerProcess]:
 def test_metrics_add_up_across_two_workers(two_workers, models):
     server, log_dir = two_workers, two_workers.log.parent / "predictions"
     # /ready answers for the worker it reaches; housing_model_loaded is the minimum over the workers.
-    wait_for(lambda: value(metrics(server), "housing_model_loaded") == 1, 60, "every worker to load the model")
+    wait_for(lambda: value(metrics(server.http), "housing_model_loaded") == 1, 60, "every worker to load the model")
     sent = 0
 
     def both_workers_served() -> bool:
@@ -352,7 +356,7 @@ def test_metrics_add_up_across_two_workers(two_workers, models):
 
     wait_for(both_workers_served, 60, "requests answered by each worker")
     for _ in range(4):  # whichever worker answers the scrape, it reports the sum
-        samples = metrics(server)
+        samples = metrics(server.http)
         assert value(samples, "housing_predictions_total") == sent
         assert value(samples, "housing_http_requests_total", route="/predict", method="POST", status="200") == sent
         assert value(samples, "housing_model_info", name="served", version=models["first"]) == 1
@@ -377,7 +381,7 @@ def assert_clean_switch(client: SteadyClient, registry: TemporaryRegistry, name:
 
 
 def test_reload_swaps_champion_without_failing_a_request(server, registry, models, champion_restored):
-    with SteadyClient(server.url, records(1)[0]) as client:
+    with SteadyClient(server, records(1)[0]) as client:
         wait_for(lambda: len(client.answers) >= 20, 30, "answers from the first model")
         registry.client.set_registered_model_alias("served", "champion", models["second"])
         response = reload(server)
@@ -414,7 +418,7 @@ def test_broken_champion_is_refused_and_old_one_kept(server, registry, models, c
     assert served_version(server) == models["first"]
     assert predict(server, GOOD).json()["model"]["version"] == models["first"]
     assert value(metrics(server), "housing_model_reloads_total", result="failed") == failed_before + 1
-    assert httpx.get(server.url + "/model").json()["not_serving"]["result"] == "failed"
+    assert server.get("/model").json()["not_serving"]["result"] == "failed"
 
 
 # --- only what the gate passed ----------------------------------------------------------------------------------
@@ -437,7 +441,7 @@ def test_alias_moved_by_hand_to_a_version_nobody_promoted_is_refused(server, reg
     reason = response.json()["detail"]
     assert reason.startswith(f"models:/served/{version} {why}")
     assert f"`make promote VERSION={version} REASON=" in reason
-    described = httpx.get(server.url + "/model").json()
+    described = server.get("/model").json()
     assert described["version"] == models["first"]
     assert described["not_serving"] == {"version": version, "uri": f"models:/served/{version}", "result": "refused",
                                         "reason": reason}
@@ -454,7 +458,7 @@ def test_version_promoted_by_the_gate_or_approved_by_a_person_is_served(server, 
     assert response.status_code == 200, response.text
     assert response.json()["result"] == "loaded"
     assert served_version(server) == version
-    assert httpx.get(server.url + "/model").json()["not_serving"] is None
+    assert server.get("/model").json()["not_serving"] is None
 
 
 def test_refused_version_is_served_once_a_person_approves_it(server, registry, champion_restored):
@@ -472,48 +476,43 @@ def test_pointing_the_alias_back_clears_the_refusal(server, registry, models, ch
 
     registry.client.set_registered_model_alias("served", "champion", models["first"])  # what `make rollback` does
     assert reload(server).json()["result"] == "unchanged"
-    assert httpx.get(server.url + "/model").json()["not_serving"] is None
+    assert server.get("/model").json()["not_serving"] is None
 
 
 def test_unpromoted_champion_is_not_served_at_start_unless_model_uri_names_it(registry, tmp_path):
     version = registry.register("unpromoted", fitted(RIDGE, seed=5), promotion=None)
     uri = f"models:/unpromoted/{version}"
-    following = start_serve(serve_env(registry, tmp_path, MODEL_NAME="unpromoted", RELOAD_INTERVAL_S="0.3"),
-                            tmp_path / "following.log")
-    pinned = start_serve(serve_env(registry, tmp_path, MODEL_NAME="unpromoted", MODEL_URI=uri), tmp_path / "pinned.log")
-    try:
-        wait_until_answering(pinned, "/ready")  # MODEL_URI is an explicit choice: no promotion record is asked for
+    with (app_in_process(model_name="unpromoted", model_uri=uri, prediction_log_dir=tmp_path / "pinned") as pinned,
+          app_in_process(ready=False, model_name="unpromoted", reload_interval_s=0.3,
+                         prediction_log_dir=tmp_path / "following") as following):
+        # MODEL_URI is an explicit choice: no promotion record is asked for
         assert predict(pinned, GOOD).status_code == 200
-        assert httpx.get(pinned.url + "/model").json()["uri"] == uri
+        assert pinned.get("/model").json()["uri"] == uri
 
-        wait_until_answering(following, "/health")
         wait_for(lambda: value(metrics(following), "housing_model_reloads_total", result="refused") >= 2, 60,
-                 "the server to refuse the champion, and refuse it again")
+                 "the app to refuse the champion, and refuse it again")
         assert predict(following, GOOD).status_code == 503
-        unloaded = httpx.get(following.url + "/model")
+        unloaded = following.get("/model")
         assert unloaded.status_code == 503
         assert unloaded.json()["not_serving"]["uri"] == uri
         assert "has no promotion tag" in unloaded.json()["not_serving"]["reason"]
 
         registry.client.set_model_version_tag("unpromoted", version, PROMOTION_TAG, "human")
-        wait_for(lambda: httpx.get(following.url + "/ready").status_code == 200, 60, "the approved version to load")
-        assert httpx.get(following.url + "/model").json()["not_serving"] is None
+        wait_for(lambda: following.get("/ready").status_code == 200, 60, "the approved version to load")
+        assert following.get("/model").json()["not_serving"] is None
         assert predict(following, GOOD).json()["model"] == {"name": "unpromoted", "version": version}
-    finally:
-        following.stop()
-        pinned.stop()
 
 
 def test_reload_needs_the_token(server):
     assert reload(server, token=None).status_code == 401
     assert reload(server, token=None).headers["WWW-Authenticate"] == "Bearer"
-    assert httpx.post(server.url + "/reload", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+    assert server.post("/reload", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
     assert reload(server, token="guess").status_code == 403
     assert reload(server).json()["result"] == "unchanged"
 
 
 def test_model_endpoint_describes_the_served_version(server, registry, models):
-    described = httpx.get(server.url + "/model").json()
+    described = server.get("/model").json()
     run_id = registry.client.get_model_version("served", models["first"]).run_id
     assert described["name"] == "served"
     assert described["version"] == models["first"]
@@ -535,16 +534,16 @@ def polling_server(registry, tmp_path_factory) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="module")
 def first_polled_champion(polling_server, registry) -> dict:
     """The polling server's answers before any champion exists, then its first champion, once it serves it."""
-    before = {path: httpx.get(polling_server.url + path) for path in ("/ready", "/model", "/health")}
-    before["/predict"] = predict(polling_server, GOOD)
+    before = {path: polling_server.http.get(path) for path in ("/ready", "/model", "/health")}
+    before["/predict"] = predict(polling_server.http, GOOD)
 
     def looked_twice() -> bool:
-        return value(metrics(polling_server), "housing_model_reloads_total", result="unavailable") >= 2
+        return value(metrics(polling_server.http), "housing_model_reloads_total", result="unavailable") >= 2
 
     wait_for(looked_twice, 60, "the server to look for a champion, and look again")
     version = registry.register("polled", fitted(GBDT, seed=1))
-    wait_for(lambda: httpx.get(polling_server.url + "/ready").status_code == 200, 60, "/ready to turn 200")
-    return {"before": before, "version": version, "answer": predict(polling_server, GOOD).json()}
+    wait_for(lambda: polling_server.http.get("/ready").status_code == 200, 60, "/ready to turn 200")
+    return {"before": before, "version": version, "answer": predict(polling_server.http, GOOD).json()}
 
 
 def test_without_a_model_it_answers_503_until_a_champion_appears(first_polled_champion):
@@ -557,17 +556,17 @@ def test_without_a_model_it_answers_503_until_a_champion_appears(first_polled_ch
 
 
 def test_polling_picks_up_a_new_champion_without_failing_a_request(polling_server, registry, first_polled_champion):
-    old = served_version(polling_server)
-    with SteadyClient(polling_server.url, records(1)[0]) as client:
+    old = served_version(polling_server.http)
+    with SteadyClient(polling_server.http, records(1)[0]) as client:
         wait_for(lambda: len(client.answers) >= 20, 30, "answers from the first model")
         new = registry.register("polled", fitted(RIDGE, seed=1))
         wait_for(lambda: client.versions_seen().count(new) >= 20, 60, "answers from the new champion")
-    assert served_version(polling_server) == new
+    assert served_version(polling_server.http) == new
     assert_clean_switch(client, registry, "polled", old, new)
 
 
 def test_reload_is_disabled_without_a_token(polling_server):
-    response = reload(polling_server)
+    response = reload(polling_server.http)
     assert response.status_code == 404
     assert "RELOAD_TOKEN" in response.json()["error"]
 
@@ -576,18 +575,11 @@ def test_reload_is_disabled_without_a_token(polling_server):
 def test_stage_and_uri_settings_choose_the_model(registry, models, tmp_path):
     registry.client.transition_model_version_stage("served", models["second"], "Production")
     local = mlflow.artifacts.download_artifacts(f"models:/served/{models['first']}", dst_path=str(tmp_path / "model"))
-    staged = start_serve(serve_env(registry, tmp_path, MODEL_NAME="served", MODEL_STAGE="Production"),
-                         tmp_path / "staged.log")
-    pinned = start_serve(serve_env(registry, tmp_path, MODEL_NAME="served", MODEL_URI=local), tmp_path / "pinned.log")
-    try:
-        for server in (staged, pinned):
-            wait_until_answering(server, "/ready")
-        staged_model = httpx.get(staged.url + "/model").json()
-        pinned_model = httpx.get(pinned.url + "/model").json()
+    with (app_in_process(model_name="served", model_stage="Production", prediction_log_dir=tmp_path / "s") as staged,
+          app_in_process(model_name="served", model_uri=local, prediction_log_dir=tmp_path / "p") as pinned):
+        staged_model = staged.get("/model").json()
+        pinned_model = pinned.get("/model").json()
         pinned_prediction = predict(pinned, GOOD).json()
-    finally:
-        staged.stop()
-        pinned.stop()
     assert (staged_model["version"], staged_model["stage"]) == (models["second"], "Production")
     assert (pinned_model["version"], pinned_model["uri"]) == (None, local)
     expected = registry.predictions("served", models["first"], records_frame([GOOD]))[0]
@@ -598,8 +590,8 @@ def test_stage_and_uri_settings_choose_the_model(registry, models, tmp_path):
 
 
 def test_health_and_openapi(server):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    document = httpx.get(server.url + "/openapi.json").json()
+    assert server.get("/health").json() == {"status": "ok"}
+    document = server.get("/openapi.json").json()
     record = document["components"]["schemas"]["Record"]
     assert list(record["properties"]) == list(FEATURES)
     assert record["properties"]["ocean_proximity"]["enum"] == list(CATEGORIES)
