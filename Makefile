@@ -60,7 +60,7 @@ lock: ## compile the hash-locked requirements-*.txt from the requirements*.in yo
 	$(PIP_COMPILE) $(LOCK_ARGS) --output-file=requirements-aws.txt requirements-aws.in
 	$(PIP_COMPILE) $(LOCK_ARGS) --output-file=requirements-scan.txt requirements-scan.in
 
-tools: ## install what only Debian ships, when missing: prometheus (promtool), buildah, chromium + chromedriver, graphviz
+tools: ## install what only Debian ships, when missing (the table in scripts/system_tools.sh: prometheus, buildah, chromium + driver, ...)
 	@scripts/system_tools.sh
 
 scan-venv: ## the scanners' own virtualenv: zizmor, checkov, bandit (requirements-scan.txt, apart from the app's pins)
@@ -75,7 +75,7 @@ ifeq ($(DVC_REMOTE),s3remote)
 	@if [ -n "$(AWS_ENDPOINT_URL)" ]; then dvc remote modify --local s3remote endpointurl "$(AWS_ENDPOINT_URL)"; fi
 endif
 
-retrain: venv dvc-remote ## fetch, validate, split, train, register + gated promotion; push data to DVC_REMOTE
+retrain: venv dvc-remote ## fetch, validate, split, train, register + gated promotion; push data to DVC_REMOTE (scripts/retrain.py)
 	@python -m scripts.retrain
 
 # `make tune`: time budget of one run in minutes; APPLY=1 writes the stored study's proposal into params.yaml.
