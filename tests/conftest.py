@@ -59,6 +59,13 @@ def report_figure(record_property: Callable[[str, object], None]) -> Callable[[s
     return lambda line: record_property("figure", line)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle, which it keeps within each group
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked `long` first: pytest-xdist hands out files in this order, and a long story that starts last
+    would leave the other worker idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     figures = [value for outcome in ("passed", "failed") for report in terminalreporter.getreports(outcome)
                for name, value in report.user_properties if name == "figure"]

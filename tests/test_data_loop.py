@@ -47,7 +47,7 @@ from tests.fake_github import FakeGitHub
 from tests.servers import ROOT, ServerProcess, running_app, serve_environment, wait_for
 from tests.services import LocalServices
 
-pytestmark = pytest.mark.integration  # real processes throughout
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # real processes throughout
 
 log = logging.getLogger(__name__)
 

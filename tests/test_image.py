@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.integration  # real processes throughout
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # real processes throughout
 
 MAX_IMAGE_MB = 651  # 641 MB now: numpy, scipy, pandas and scikit-learn, their tests (112 MB) and bytecode (158 MB);
 # Swagger UI for /docs adds 4 MB (the Dockerfile deletes its 9 MB of source maps and ES-module bundles)

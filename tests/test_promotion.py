@@ -38,7 +38,7 @@ from tests.fake_github import Dispatch
 from tests.servers import ROOT
 from tests.services import LocalServices
 
-pytestmark = pytest.mark.integration  # a real MLflow server with basic auth, moto, DVC and git
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # a real MLflow server with basic auth, moto, DVC and git
 
 MODEL = MODEL_NAME
 BRANCH = "main"

@@ -1,21 +1,27 @@
-"""One real `make retrain` with nothing set: the shipped 16,512-row sample of the California Housing CSV, default
-params, no network."""
+"""One real `make retrain` with no data or registry set: the shipped 16,512-row sample of the California Housing CSV,
+the default model (params.yaml's candidates), no network."""
 
 import json
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from scripts.fetch import DEFAULT_DATA_URL
 from tests.conftest import project_copy, run_make
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 
 def test_champion_on_the_shipped_sample_beats_the_book(tmp_path):
     project = project_copy(tmp_path)
+    # Cross-validation only reports (cv_rmse in MLflow); the champion and its holdout RMSE do not depend on it, and
+    # it is 3 of the 4 fits of the 1,400-tree model.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["cv_folds"] = 0
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
-    # Default params: about 5 CPU-minutes of training (1,500 trees, 3 CV folds); a busy machine needs longer.
+    # The default candidates: about a CPU-minute of training; a busy machine needs longer.
     result = run_make(project, "retrain", timeout_s=1800, MLFLOW_TRACKING_URI=tracking_uri)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"fetch: {DEFAULT_DATA_URL} -> data/housing.csv (1138923 bytes" in result.stdout + result.stderr

@@ -26,7 +26,7 @@ from features import FEATURES
 from names import MODEL_NAME
 from tests.conftest import ROOT, STORY_CANDIDATES, project_copy, run_make, synthetic_housing
 
-pytestmark = pytest.mark.integration  # real processes throughout
+pytestmark = [pytest.mark.integration, pytest.mark.long]  # real processes throughout
 
 MODEL = MODEL_NAME
 SMALL_PARAMS = {
