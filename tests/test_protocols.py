@@ -299,13 +299,13 @@ def test_unknown_models_and_versions_are_404_whatever_the_body(server, v2_client
 
 
 def test_metrics_drift_and_the_prediction_log_count_every_protocol(server, v2_client, frame):
-    before = metrics(server)
+    before = metrics(server.http)
     rows = frame.head(5)
     assert invocations(server, orjson.dumps({"dataframe_records": plain(rows)})).status_code == 200
     assert invocations(server, orjson.dumps({"dataframe_records": BAD})).status_code == 400
     v2_client.infer("served", triton_inputs(rows, binary=True), headers={"X-Request-ID": "v2-logged"})
     assert httpx.post(server.url + "/predict", json={"instances": plain(rows)}).status_code == 200
-    after = metrics(server)
+    after = metrics(server.http)
 
     def moved(metric: str, /, **labels: str) -> float:
         return value(after, metric, **labels) - value(before, metric, **labels)
@@ -319,7 +319,7 @@ def test_metrics_drift_and_the_prediction_log_count_every_protocol(server, v2_cl
     assert moved("housing_validation_failures_total", field="median_income") == 1
 
     def drift_holds_every_prediction() -> bool:  # the window (DRIFT_WINDOW) is larger than all this module sends
-        samples = metrics(server)
+        samples = metrics(server.http)
         return value(samples, "housing_drift_window_rows") == value(samples, "housing_predictions_total")
 
     wait_for(drift_holds_every_prediction, 20, "the drift window to hold every protocol's records")
