@@ -1,6 +1,6 @@
 """The registry follows the data: dvc.lock and the champion must describe the same data version.
 
-scripts/retrain.py calls both:
+scripts/retrain.py calls both, with the champion it found when it started:
   check   before `dvc repro`: True when the configured registry has no champion trained on dvc.lock's data (an
           empty, new or different registry), so `make retrain` retrains and registers instead of reporting
           "up to date"
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import cast
 
 import yaml
@@ -22,8 +21,6 @@ from mlflow.tracking import MlflowClient
 from names import CHAMPION, DECISION, DVC_LOCK, PROMOTION_TAG
 from scripts.champion import version_by_alias
 from scripts.fetch import DEFAULT_DATA_URL
-
-BEFORE = Path(".dvc/tmp/champion-before.json")
 
 
 def locked_data_md5() -> str | None:
@@ -41,10 +38,7 @@ def describe(version: ModelVersion | None) -> str:
     return f"version {version.version} ({PROMOTION_TAG}={version.tags.get(PROMOTION_TAG, 'unrecorded')})"
 
 
-def check(client: MlflowClient, name: str, registry: str) -> bool:
-    champion = version_by_alias(client, name, CHAMPION)
-    BEFORE.parent.mkdir(parents=True, exist_ok=True)
-    BEFORE.write_text(json.dumps({"champion": describe(champion)}))
+def check(client: MlflowClient, name: str, registry: str, champion: ModelVersion | None) -> bool:
     data_md5 = locked_data_md5()
     if data_md5 is None:
         return False
@@ -71,8 +65,7 @@ def next_steps(registry: str) -> str:
     return f"mlflow ui --backend-store-uri {registry}; reports/decision.md"
 
 
-def report(client: MlflowClient, name: str, registry: str) -> int:
-    before = json.loads(BEFORE.read_text())["champion"] if BEFORE.is_file() else "unknown"
+def report(client: MlflowClient, name: str, registry: str, before: ModelVersion | None) -> int:
     champion = version_by_alias(client, name, CHAMPION)
     data_md5 = locked_data_md5()
     record = json.loads(DECISION.read_text()) if DECISION.is_file() else None
@@ -82,7 +75,7 @@ def report(client: MlflowClient, name: str, registry: str) -> int:
     elif record:
         data += f" ({source})"
     rows = [("data version", data),
-            ("champion before", before), ("champion after", describe(champion))]
+            ("champion before", describe(before)), ("champion after", describe(champion))]
     if record:
         challenger, defender = record["challenger"], record["champion"]
         for where in ("holdout", "reference"):

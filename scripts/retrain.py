@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess  # dvc with fixed argv, never a shell  # nosec B404
 import sys
 from pathlib import Path
@@ -25,15 +24,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from names import DECISION, DECISION_TABLE, DVC_LOCK, REJECTED, model_name
+from names import CHAMPION, DECISION, DECISION_TABLE, DVC_LOCK, REJECTED, model_name
 from scripts import lineage, promote
-from scripts.champion import registry_failure
+from scripts.champion import registry_failure, version_by_alias
 
 # Bounded retries for every call to the registry (MLflow's client would otherwise retry a dead server for minutes).
 # MLflow reads them at each call; the register stage that dvc repro starts inherits them.
 REGISTRY_CALL_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
-GOOD_LOCK = Path(".dvc/tmp/dvc.lock.good")
 DATA_STAGES = ("fetch", "split")  # what a restore checks out by default: the data the restored dvc.lock names
 
 
@@ -46,26 +44,24 @@ def dvc(*args: str) -> bool:
     return subprocess.run(["dvc", *args]).returncode == 0  # nosec B603 B607  # fixed argv, dvc from PATH
 
 
-def keep_good_lock(remote: str) -> None:
-    """Remember the dvc.lock this run starts from; a fresh clone (a CI runner) also fetches its outputs, or every
-    stage would re-run."""
-    GOOD_LOCK.parent.mkdir(parents=True, exist_ok=True)
+def last_good_lock(remote: str) -> str | None:
+    """The dvc.lock this run starts from (None: none yet). A fresh clone (a CI runner) has it without its outputs:
+    they are fetched, or every stage would re-run."""
     if not DVC_LOCK.is_file():
-        GOOD_LOCK.unlink(missing_ok=True)
-        return
-    shutil.copyfile(DVC_LOCK, GOOD_LOCK)
+        return None
     if not Path("data/train.csv").exists():
         say(f"fetching the outputs of dvc.lock from remote '{remote}'")
         dvc("pull", "--remote", remote, "--allow-missing", "--quiet")  # what is missing is produced by repro
+    return DVC_LOCK.read_text()
 
 
-def restore(why: str, stages: tuple[str, ...] = DATA_STAGES) -> None:
+def restore(good_lock: str | None, why: str, stages: tuple[str, ...] = DATA_STAGES) -> None:
     """Put back the last good dvc.lock and the outputs of `stages` from the DVC cache."""
-    if not GOOD_LOCK.is_file():
+    if good_lock is None:
         DVC_LOCK.unlink(missing_ok=True)
         say(f"{why}; no earlier data version to restore")
         return
-    shutil.copyfile(GOOD_LOCK, DVC_LOCK)
+    DVC_LOCK.write_text(good_lock)
     if not dvc("checkout", "--force", "--quiet", *stages):
         say("some outputs of the restored dvc.lock are not in the cache")
     say(f"{why}; dvc.lock and data/ restored to the last good version")
@@ -77,11 +73,12 @@ def main() -> int:
     remote = os.environ.get("DVC_REMOTE", "local")
     registry, name = mlflow.get_tracking_uri(), model_name()  # the registry MlflowClient() talks to
     client = MlflowClient()
-    keep_good_lock(remote)
+    good_lock = last_good_lock(remote)
 
     say("1/5 checking the registry against dvc.lock")
     try:
-        retrain_needed = lineage.check(client, name, registry)
+        before = version_by_alias(client, name, CHAMPION)
+        retrain_needed = lineage.check(client, name, registry, before)
     except MlflowException as error:
         say(registry_failure(registry, error))
         return 1
@@ -94,7 +91,7 @@ def main() -> int:
         # --no-run-cache: a stage whose inputs changed really runs (training logs to MLflow, the gate consults the
         # registry as it is now) instead of restoring outputs of an earlier identical run.
         if not dvc("repro", "--no-run-cache", *(["--force"] if retrain_needed else [])):
-            restore("failed")
+            restore(good_lock, "failed")
             return 1
         record = json.loads(DECISION.read_text()) if DECISION.is_file() else None
         if record:
@@ -102,8 +99,8 @@ def main() -> int:
 
         say(f"3/5 dvc push to remote '{remote}'")
         if not dvc("push", "--remote", remote):
-            restore(f"dvc push to remote '{remote}' failed (see above), so nothing was promoted and the champion is "
-                    "unchanged")
+            restore(good_lock, f"dvc push to remote '{remote}' failed (see above), so nothing was promoted and the "
+                    "champion is unchanged")
             say(f"fix the remote (credentials, bucket, network: dvc push --remote {remote} -v), then run make "
                 "retrain again")
             return 1
@@ -113,22 +110,22 @@ def main() -> int:
         if decision == "passed":
             print(promote.by_gate(client, name))
         elif decision == REJECTED:
-            restore("the gate rejected the challenger (reports/decision.md), champion unchanged",
+            restore(good_lock, "the gate rejected the challenger (reports/decision.md), champion unchanged",
                     ("fetch", "split", "train"))
         else:
             say("nothing retrained: the champion and dvc.lock stay")
     except promote.PromotionRefused as refusal:
         say(f"promotion refused: {refusal}")
-        restore("promotion failed, champion unchanged")
+        restore(good_lock, "promotion failed, champion unchanged")
         return 1
     except MlflowException as error:
         say(registry_failure(registry, error))
-        restore("the registry failed before the champion moved, champion unchanged")
+        restore(good_lock, "the registry failed before the champion moved, champion unchanged")
         return 1
 
     say("5/5 summary")
     try:
-        return lineage.report(client, name, registry)
+        return lineage.report(client, name, registry, before)
     except MlflowException as error:
         say(registry_failure(registry, error))
         return 1
