@@ -14,7 +14,6 @@ anything else. The gate's own refusals carry `promotion=rejected` (scripts/regis
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import subprocess  # git config and dvc with fixed argv, never a shell  # nosec B404
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from names import BY_GATE, BY_PERSON, CHAMPION, DECISION, DVC_LOCK, PREVIOUS_CHAMPION, PROMOTION_TAG, model_name
+from names import BY_GATE, BY_PERSON, CHAMPION, DVC_LOCK, PREVIOUS_CHAMPION, PROMOTION_TAG, model_name
 from scripts.champion import point_champion, version_by_alias, write_decision
 
 LOCK_ARTIFACT = "dvc.lock"
@@ -52,13 +51,9 @@ def promote(client: MlflowClient, name: str, version: str, how: str, tags: dict[
     return previous
 
 
-def by_gate(client: MlflowClient, name: str) -> str:
-    if not DECISION.is_file():
-        return "promote: no decision in this run (nothing retrained); champion unchanged"
-    record = json.loads(DECISION.read_text())
+def by_gate(client: MlflowClient, name: str, record: dict[str, Any]) -> str:
+    """Promote the challenger of this run's decision `record`, which the gate passed."""
     challenger = record["challenger"]["version"]
-    if record["decision"] != "passed":
-        return f"promote: version {challenger} was rejected by the gate; champion unchanged"
     decided_against = record["champion"]["version"] if record["champion"] else None
     current = version_by_alias(client, name, CHAMPION)
     if (current.version if current else None) != decided_against:
@@ -125,10 +120,9 @@ def git_identity() -> str:
     return found.stdout.strip()
 
 
-def record_lock(client: MlflowClient) -> str:
-    if not DECISION.is_file():
-        return "promote: no decision in this run; no dvc.lock to record"
-    run_id = json.loads(DECISION.read_text())["challenger"]["run_id"]
+def record_lock(client: MlflowClient, record: dict[str, Any]) -> str:
+    """Log dvc.lock with the run of the challenger that this run's decision `record` judged, passed or not."""
+    run_id = record["challenger"]["run_id"]
     client.log_artifact(run_id, str(DVC_LOCK))
     return f"promote: dvc.lock recorded with run {run_id}"
 

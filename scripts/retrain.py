@@ -95,7 +95,7 @@ def main() -> int:
             return 1
         record = json.loads(DECISION.read_text()) if DECISION.is_file() else None
         if record:
-            print(promote.record_lock(client))
+            print(promote.record_lock(client, record))
 
         say(f"3/5 dvc push to remote '{remote}'")
         if not dvc("push", "--remote", remote):
@@ -107,8 +107,8 @@ def main() -> int:
 
         decision = record["decision"] if record else "none"
         say(f"4/5 promotion (gate decision: {decision})")
-        if decision == "passed":
-            print(promote.by_gate(client, name))
+        if record and decision == "passed":
+            print(promote.by_gate(client, name, record))
         elif decision == REJECTED:
             restore(good_lock, "the gate rejected the challenger (reports/decision.md), champion unchanged",
                     ("fetch", "split", "train"))

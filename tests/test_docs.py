@@ -30,12 +30,8 @@ NOT_SETTINGS = {
 }
 
 
-def read(path: Path) -> str:
-    return path.read_text()
-
-
 def makefile_targets() -> set[str]:
-    return set(re.findall(r"^([a-z][a-z-]*):", read(ROOT / "Makefile"), re.MULTILINE))
+    return set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.MULTILINE))
 
 
 def routes() -> set[tuple[str, str]]:
@@ -61,14 +57,14 @@ def settings_the_code_reads() -> dict[str, str]:
     found: dict[str, str] = {}
     for path in sorted(files):
         pattern = patterns["Makefile" if path.name == "Makefile" else path.suffix]
-        for name in pattern.findall(read(path)):
+        for name in pattern.findall(path.read_text()):
             found.setdefault(name, str(path.relative_to(ROOT)))
     return found
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_every_make_target_the_docs_name_exists(page: Path):
-    named = set(re.findall(r"`make ([a-z][a-z-]*)", read(page)))
+    named = set(re.findall(r"`make ([a-z][a-z-]*)", page.read_text()))
     assert named - makefile_targets() == set()
 
 
@@ -76,7 +72,7 @@ def test_every_make_target_the_docs_name_exists(page: Path):
 def test_every_endpoint_the_docs_name_is_a_route(page: Path):
     known = routes()
     paths = {path for _, path in known}
-    for method, path in re.findall(r"`(?:(GET|POST) )?(/[A-Za-z0-9_{}./-]+)`", read(page)):
+    for method, path in re.findall(r"`(?:(GET|POST) )?(/[A-Za-z0-9_{}./-]+)`", page.read_text()):
         if path.startswith(HOST_PATHS):
             continue
         normalized = re.sub(r"\{[^}]*\}", "{}", path)
@@ -93,7 +89,7 @@ def test_the_scan_finds_what_it_looks_for():
 
 
 def test_every_setting_the_code_reads_is_in_the_configuration_page():
-    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", read(CONFIGURATION)))
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", CONFIGURATION.read_text()))
     serving = {field.upper() for field in Settings.__dataclass_fields__}
     missing = {name: where for name, where in settings_the_code_reads().items()
                if name not in documented | NOT_SETTINGS}
