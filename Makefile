@@ -24,7 +24,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy infra-deploy monitoring-up monitoring-down soak tune promote reference
+.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy reload infra-deploy monitoring-up monitoring-down soak tune promote reference
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -153,6 +153,10 @@ deploy: ## on the host: start IMAGE:IMAGE_TAG beside the old container, switch p
 
 rollback-deploy: ## on the host: go back to the previously deployed image tag
 	@scripts/deploy.sh rollback
+
+# SERVE_URL: the app's base URL as this machine reaches it, e.g. http://127.0.0.1:9100 through an SSM port forward.
+reload: ## POST SERVE_URL/reload with RELOAD_TOKEN; https://, or http:// to a loopback/private address only
+	@$(PYTHON) scripts/reload_serving.py reload
 
 infra-deploy: ## create or update the AWS stack in infra/ (aws cloudformation deploy)
 	@scripts/infra_deploy.sh

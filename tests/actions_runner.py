@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,8 +158,9 @@ class ActionsRunner:
         self.checkout(ref, workspace)
         return self.run_job(dispatch, ref, workspace)
 
-    def run_job(self, dispatch: Dispatch, ref: str, workspace: Path) -> Job:
-        """The job's steps in a checked-out `workspace`."""
+    def run_job(self, dispatch: Dispatch, ref: str, workspace: Path, only: Collection[str] = ()) -> Job:
+        """The job's steps in a checked-out `workspace`; with `only`, just the steps of those names, in the job's
+        order and under their own `if:`, as if the others had succeeded."""
         definition = yaml.safe_load((workspace / WORKFLOW).read_text())["jobs"]["retrain"]
         context: dict[str, Any] = {
             "inputs": dict(dispatch.inputs),
@@ -184,7 +185,9 @@ class ActionsRunner:
         steps: dict[str, subprocess.CompletedProcess] = {}
         for step in definition["steps"]:
             failed = not all(done.returncode == 0 for done in steps.values())
-            if "run" not in step or not condition_holds(str(step.get("if", "")), context, workspace, failed):
+            if "run" not in step or (only and step["name"] not in only):
+                continue
+            if not condition_holds(str(step.get("if", "")), context, workspace, failed):
                 continue
             env = {**runner_env, **{k: evaluate(str(v), context) for k, v in step.get("env", {}).items()}}
             steps[step["name"]] = done = subprocess.run(
