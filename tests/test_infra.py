@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import base64
 import io
+import ipaddress
 import json
 import os
 import re
@@ -341,7 +342,9 @@ def test_outputs_name_every_repository_variable_the_workflows_read(aws, stack: d
     aws("ec2").describe_instances(InstanceIds=[outputs["ServingInstanceId"]])
     for output in ("RetrainRoleArn", "DeployRoleArn"):
         assert aws("iam").get_role(RoleName=outputs[output].split("/")[-1])["Role"]["Arn"] == outputs[output]
-    assert outputs["ServeUrl"].startswith("http://") and outputs["AwsRegion"] == REGION
+    assert outputs["PredictUrl"].startswith("http://") and outputs["AwsRegion"] == REGION
+    admin = re.fullmatch(r"http://([\d.]+):9100", outputs["AdminUrl"])  # the private address and AdminPort
+    assert admin is not None and ipaddress.ip_address(admin.group(1)).is_private, outputs["AdminUrl"]
 
 
 def test_template_data_bucket_tells_eventbridge():
