@@ -48,9 +48,10 @@ from uvicorn.supervisors import Multiprocess
 
 from serving import docs
 from serving.admin import AdminPortSplit
-from serving.app import EXCEPTION_HANDLERS, Service
+from serving.app import Service
 from serving.metrics import MetricsMiddleware, prepare_multiprocess_metrics
 from serving.mlflow_protocol import MlflowProtocol
+from serving.responses import EXCEPTION_HANDLERS
 from serving.settings import Settings
 from serving.v2_protocol import OpenInferenceProtocol
 

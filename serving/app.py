@@ -7,32 +7,30 @@ import gc
 import hmac
 import os
 import time
-import uuid
-from collections import Counter as Tally
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import NamedTuple
 
 import anyio
 import anyio.to_thread
 import numpy as np
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from threadpoolctl import threadpool_limits
 
-from features import FloatArray
-from serving.body import read_predict_input
+from features import FEATURES, FloatArray
 from serving.drift import DriftMonitor
-from serving.metrics import BATCH_SIZE, PREDICTED_VALUE, PREDICTIONS, VALIDATION_FAILURES, metrics_text, worker_stopped
+from serving.intake import parse_json, read_checked, refuse_more_than
+from serving.metrics import BATCH_SIZE, PREDICTED_VALUE, PREDICTIONS, metrics_text, worker_stopped
 from serving.model import RETRY_S, ModelKeeper, Poller, Reload, ServedModel
+from serving.openapi import openapi_document
 from serving.prediction_log import PredictionLog
-from serving.schema import InputProblem, InvalidInput, openapi_document
+from serving.responses import error, json_response, not_loaded, request_id
+from serving.schema import CheckedInput, in_body, in_instances, records_in, to_arrays
 from serving.settings import Settings
 
 PARALLEL_MIN_ROWS = 256  # from this batch size, chunks are predicted in parallel threads
@@ -47,27 +45,27 @@ def one_openmp_thread() -> None:
     threadpool_limits(limits=1, user_api="openmp")
 
 
-def json_response(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(content), status, headers=headers, media_type="application/json")
-
-
-def error(status: int, message: str, headers: Mapping[str, str] | None = None, **details: Any) -> Response:
-    return json_response({"error": message, **details}, status, headers)
-
-
-def not_loaded() -> Response:
-    return error(503, "no model loaded yet", headers={"Retry-After": str(RETRY_S)})
-
-
 def route_of(request: Request) -> str:
     """The path template of the route that answers: one label for /v2/models/{name}/infer, whatever the name."""
     route = request.scope.get("route")
     return route.path if isinstance(route, Route) else request.url.path
 
 
-def request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+def predict_input(body: bytes, media_type: str, max_rows: int) -> CheckedInput:
+    """A /predict body → its checked records (intake.py's steps).
+
+    `{"instances": [record, ...]}` has max_rows + 1 objects, one array and fewer than len(FEATURES) commas per record.
+    """
+    refuse_more_than(max_rows + 2, body.count(b"{") + body.count(b"["), "JSON objects and arrays", max_rows)
+    refuse_more_than(max_rows * len(FEATURES), body.count(b","), "JSON values", max_rows)
+    records, batch = records_in(parse_json(body), max_rows)
+    numeric, codes = to_arrays(records, in_instances if batch else in_body)
+    return CheckedInput(records, numeric, codes, batch=batch)
+
+
+class Scored(NamedTuple):
+    values: list[float]  # one prediction per record
+    request_id: str  # the client's X-Request-ID, or a new one: in the answer's header and the prediction log
 
 
 class Service:
@@ -77,13 +75,13 @@ class Service:
         self.settings = settings
         self.keeper = ModelKeeper(settings)
         self.poller = Poller(self.keeper, 0 if settings.model_uri else settings.reload_interval_s)
-        self.prediction_log = PredictionLog(settings.prediction_log_dir)
+        self.prediction_log = PredictionLog(settings)
         self.drift = DriftMonitor(self.keeper.drift_window)
         self.openapi = openapi_document(settings)
         # The cores this worker may use; with WORKERS>1 they are shared out.
         self.parallelism = max(1, len(os.sched_getaffinity(0)) // settings.workers)
         self._pool = ThreadPoolExecutor(self.parallelism, "predict", initializer=one_openmp_thread)
-        self._parsers = anyio.CapacityLimiter(self.parallelism)  # large bodies parsed at once (body.py)
+        self.parsers = anyio.CapacityLimiter(self.parallelism)  # large bodies parsed at once (intake.py)
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -104,24 +102,24 @@ class Service:
             worker_stopped()
 
     async def predict(self, request: Request) -> Response:
-        inputs = await read_predict_input(request, self.settings, self._parsers)
+        max_rows = self.settings.max_batch_rows
+        checked = await read_checked(request, self.settings, self.parsers, ("application/json",),
+                                     lambda body, media_type: predict_input(body, media_type, max_rows))
         model = self.keeper.current
         if model is None:
             return not_loaded()
-        identity = request_id(request)
-        values = await self.score(request, identity, model, inputs.records, inputs.numeric, inputs.codes)
-        content = {"predictions": values} if inputs.batch else {"prediction": values[0]}
-        return json_response({**content, "model": model.label}, headers={"X-Request-ID": identity})
+        scored = await self.score(request, model, checked)
+        content = {"predictions": scored.values} if checked.batch else {"prediction": scored.values[0]}
+        return json_response({**content, "model": model.label}, headers={"X-Request-ID": scored.request_id})
 
-    async def score(self, request: Request, identity: str, model: ServedModel, records: list[Any],
-                    numeric: FloatArray, codes: FloatArray) -> list[float]:
-        """Every protocol's one path from checked arrays to predictions: drift, metrics and the prediction log."""
-        predictions = await self._predict(model, numeric, codes)
+    async def score(self, request: Request, model: ServedModel, checked: CheckedInput) -> Scored:
+        """Every protocol's one path from checked input to predictions: drift, metrics and the prediction log."""
+        predictions = await self._predict(model, checked.numeric, checked.codes)
         if model.drift is not None:
-            model.drift.add(numeric, codes, predictions)
-        values: list[float] = predictions.tolist()
-        self._record(identity, route_of(request), model, records, values)
-        return values
+            model.drift.add(checked.numeric, checked.codes, predictions)
+        scored = Scored(predictions.tolist(), request_id(request))
+        self._record(request, model, checked, scored)
+        return scored
 
     async def _predict(self, model: ServedModel, numeric: FloatArray, codes: FloatArray) -> FloatArray:
         """Small batches inline (a thread hop costs more than it saves); large ones in chunks, in parallel."""
@@ -133,13 +131,14 @@ class Service:
                                        for rows in chunks))
         return np.concatenate(parts)
 
-    def _record(self, identity: str, route: str, model: ServedModel, records: list[Any], values: list[float]) -> None:
-        PREDICTIONS.inc(len(values))
-        BATCH_SIZE.observe(len(values))
-        for value in values:
+    def _record(self, request: Request, model: ServedModel, checked: CheckedInput, scored: Scored) -> None:
+        PREDICTIONS.inc(len(scored.values))
+        BATCH_SIZE.observe(len(scored.values))
+        for value in scored.values:
             PREDICTED_VALUE.observe(value)
-        self.prediction_log.append({"request_id": identity, "time": time.time(), "model": model.label,
-                                    "route": route, "inputs": records, "outputs": values})
+        self.prediction_log.append({"request_id": scored.request_id, "time": time.time(), "model": model.label,
+                                    "route": route_of(request), "inputs": checked.records, "outputs": scored.values},
+                                   client=request.client.host if request.client else "")
 
     async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -185,25 +184,3 @@ class Service:
 
     async def openapi_json(self, request: Request) -> Response:
         return json_response(self.openapi)
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    if not isinstance(exc, HTTPException):  # registered for HTTPException only (EXCEPTION_HANDLERS)
-        raise exc
-    return error(exc.status_code, exc.detail, headers=exc.headers)
-
-
-def count_problems(problems: list[InputProblem]) -> None:
-    for field, count in Tally(problem.field for problem in problems).items():
-        VALIDATION_FAILURES.labels(field).inc(count)
-
-
-async def invalid_input(request: Request, exc: Exception) -> Response:
-    if not isinstance(exc, InvalidInput):  # registered for InvalidInput only (EXCEPTION_HANDLERS)
-        raise exc
-    count_problems(exc.problems)
-    reported = [{"path": p.path, "message": p.message} for p in exc.reported()]
-    return error(422, str(exc), problems=reported)
-
-
-EXCEPTION_HANDLERS = {HTTPException: http_error, InvalidInput: invalid_input}

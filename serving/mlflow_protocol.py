@@ -9,6 +9,7 @@ answers a client's mistake with a 500 or in text/plain, this answers 4xx JSON, a
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from mlflow.version import VERSION
@@ -16,13 +17,19 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from serving.app import Service, count_problems, json_response, request_id
-from serving.body import read_body
+from features import FEATURES
+from serving.app import Service
+from serving.intake import parse_json, read_checked, refuse_more_than, refuse_rows
 from serving.model import RETRY_S
-from serving.schema import InputProblem, InvalidInput
-from serving.tabular import checked_arrays, column_records, csv_records, lenient_json, maybe_off_loop
+from serving.responses import count_problems, json_response, reported
+from serving.schema import MAX_PROBLEMS, CheckedInput, InputProblem, InvalidInput, to_arrays, unknown_fields
+from serving.tabular import column_records, csv_records
 
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+MEDIA_TYPES = ("application/json", "text/csv")
+# Room for what surrounds the records in an acceptable JSON body: the format's name, dataframe_split's columns and
+# index, params.
+JSON_SLACK = 256
 # MLflow's error codes (mlflow.protos.databricks_pb2) for what a client can get wrong.
 ERROR_CODES = {400: "BAD_REQUEST", 404: "RESOURCE_DOES_NOT_EXIST", 413: "RESOURCE_EXHAUSTED",
                415: "BAD_REQUEST", 503: "TEMPORARILY_UNAVAILABLE"}
@@ -40,7 +47,7 @@ def records_in(payload: Any, max_rows: int) -> tuple[list[Any], str]:
         raise InvalidInput([InputProblem("body", "body",
                                          f"must be a JSON object with exactly one of {', '.join(FORMATS)}")])
     given = [name for name in FORMATS if name in payload]
-    unknown = [InputProblem(name, "unknown", "unknown field") for name in payload if name not in (*FORMATS, "params")]
+    unknown = unknown_fields(name for name in payload if name not in (*FORMATS, "params"))
     if len(given) != 1 or unknown:
         found = f"found {', '.join(given)}" if given else "found none"
         raise InvalidInput(unknown or [InputProblem("body", "body", f"must hold exactly one of {', '.join(FORMATS)}; "
@@ -50,9 +57,9 @@ def records_in(payload: Any, max_rows: int) -> tuple[list[Any], str]:
     name = given[0]
     data = payload[name]
     if name == "dataframe_split":
-        records, where = split_records(data), "dataframe_split.data"
+        records, where = split_records(data, max_rows), "dataframe_split.data"
     elif isinstance(data, dict) and name in ("instances", "inputs"):  # columns: {"median_income": [...], ...}
-        records, where = columns_to_records(data, name), name
+        records, where = columns_to_records(data, name, max_rows), name
     elif isinstance(data, list) and data:
         records, where = data, name
     else:
@@ -61,18 +68,18 @@ def records_in(payload: Any, max_rows: int) -> tuple[list[Any], str]:
                                              "" if name == "dataframe_records" else ", or an object of columns"))])
     if not records:
         raise InvalidInput([InputProblem(where, "body", "holds no records")])
-    if len(records) > max_rows:
-        raise HTTPException(413, f"{len(records)} records is more than MAX_BATCH_ROWS={max_rows}")
+    refuse_rows(len(records), max_rows)
     return records, where
 
 
-def split_records(split: Any) -> list[dict[str, Any]]:
+def split_records(split: Any, max_rows: int) -> list[dict[str, Any]]:
     """pandas' "split" orient: {"columns": [...], "data": [[...], ...]} and an "index" that does not matter here."""
     if not isinstance(split, dict) or not isinstance(split.get("columns"), list) or not isinstance(
             split.get("data"), list) or not set(split) <= {"columns", "data", "index"}:
         raise InvalidInput([InputProblem("dataframe_split", "body", 'must be {"columns": [names], "data": [rows]} '
                                                                    '(and optionally "index")')])
     columns, rows = split["columns"], split["data"]
+    refuse_rows(len(rows), max_rows)
     if not all(type(name) is str for name in columns) or len(set(columns)) != len(columns):
         raise InvalidInput([InputProblem("dataframe_split.columns", "body", "must be distinct column names")])
     for number, row in enumerate(rows):
@@ -82,10 +89,11 @@ def split_records(split: Any) -> list[dict[str, Any]]:
     return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
-def columns_to_records(columns: dict[str, Any], where: str) -> list[dict[str, Any]]:
+def columns_to_records(columns: dict[str, Any], where: str, max_rows: int) -> list[dict[str, Any]]:
     lengths = {len(values) for values in columns.values() if isinstance(values, list)}
+    refuse_rows(max(lengths, default=0), max_rows)
     problems = [InputProblem(f"{where}.{name}", "body", "must be a list of values, one per record")
-                for name, values in columns.items() if not isinstance(values, list)]
+                for name, values in columns.items() if not isinstance(values, list)][:MAX_PROBLEMS]
     if len(lengths) > 1:
         problems.append(InputProblem(where, "body", f"columns must be equally long; found lengths {sorted(lengths)}"))
     if problems:
@@ -93,18 +101,24 @@ def columns_to_records(columns: dict[str, Any], where: str) -> list[dict[str, An
     return column_records(columns)
 
 
-def parse(body: bytes, media_type: str, max_rows: int) -> tuple[list[Any], Any, Any]:
-    """Body → (records, numeric, codes); InvalidInput, HTTPException or ValueError (unreadable) when it cannot."""
+def parse(body: bytes, media_type: str, max_rows: int) -> CheckedInput:
+    """An /invocations body → its checked records (intake.py's steps)."""
     if media_type == "text/csv":
-        records, where = csv_records(body.decode("utf-8-sig")), "rows"  # -sig: a leading BOM is no column
+        refuse_more_than(max_rows + 2, max(body.count(b"\n"), body.count(b"\r")), "CSV lines", max_rows)
+        refuse_more_than((max_rows + 1) * len(FEATURES), body.count(b","), "CSV cells", max_rows)
+        try:
+            records, where = csv_records(body.decode("utf-8-sig"), max_rows), "rows"  # -sig: a leading BOM is no column
+        except ValueError as unreadable:  # UnicodeDecodeError included
+            raise HTTPException(400, f"malformed CSV: {unreadable}") from None
         if not records:
             raise InvalidInput([InputProblem("body", "body", "holds no rows below the header")])
-        if len(records) > max_rows:
-            raise HTTPException(413, f"{len(records)} records is more than MAX_BATCH_ROWS={max_rows}")
     else:
-        records, where = records_in(lenient_json(body), max_rows)
-    numeric, codes = checked_arrays(records, lambda row, field: f"{where}[{row}]" + (f".{field}" if field else ""))
-    return records, numeric, codes
+        refuse_more_than(max_rows + JSON_SLACK, body.count(b"{") + body.count(b"["), "JSON objects and arrays",
+                         max_rows)
+        refuse_more_than(max_rows * (len(FEATURES) + 1) + JSON_SLACK, body.count(b","), "JSON values", max_rows)
+        records, where = records_in(parse_json(body, lenient=True), max_rows)
+    numeric, codes = to_arrays(records, lambda row, field: f"{where}[{row}]" + (f".{field}" if field else ""))
+    return CheckedInput(records, numeric, codes)
 
 
 class MlflowProtocol:
@@ -114,34 +128,22 @@ class MlflowProtocol:
         self.service = service
 
     async def invocations(self, request: Request) -> Response:
-        media_type, *parameters = (part.strip().lower() for part in request.headers.get("content-type", "").split(";"))
-        if media_type not in ("application/json", "text/csv"):
-            return mlflow_error(415, "send Content-Type: application/json (one of dataframe_split, dataframe_records, "
-                                     f"instances, inputs) or text/csv; got {media_type or 'none'!r}")
-        if any(parameter.replace(" ", "") not in ("charset=utf-8", "") for parameter in parameters):
-            return mlflow_error(415, "the only content type parameter understood is charset=utf-8")
         service = self.service
         try:
-            body = await read_body(request, service.settings.max_body_bytes)
-            records, numeric, codes = await maybe_off_loop(
-                len(body), lambda: parse(body, media_type, service.settings.max_batch_rows))
+            checked = await read_checked(request, service.settings, service.parsers, MEDIA_TYPES,
+                                         partial(parse, max_rows=service.settings.max_batch_rows))
         except HTTPException as refused:
             return mlflow_error(refused.status_code, refused.detail)
-        except ValueError as unreadable:  # UnicodeDecodeError included
-            return mlflow_error(400, f"malformed {'CSV' if media_type == 'text/csv' else 'JSON'}: {unreadable}")
         except InvalidInput as invalid:
             count_problems(invalid.problems)
-            shown = invalid.reported()
-            message = "; ".join(f"{p.path}: {p.message}" for p in shown)
-            return mlflow_error(400, f"{len(invalid.problems)} problem(s) in the request body: {message}",
-                                "INVALID_PARAMETER_VALUE",
-                                problems=[{"path": p.path, "message": p.message} for p in shown])
+            shown = reported(invalid)
+            message = "; ".join(f"{problem['path']}: {problem['message']}" for problem in shown)
+            return mlflow_error(400, f"{invalid}: {message}", "INVALID_PARAMETER_VALUE", problems=shown)
         model = service.keeper.current
         if model is None:
             return mlflow_error(503, "no model loaded yet")
-        identity = request_id(request)
-        values = await service.score(request, identity, model, records, numeric, codes)
-        return json_response({"predictions": values}, headers={"X-Request-ID": identity})
+        scored = await service.score(request, model, checked)
+        return json_response({"predictions": scored.values}, headers={"X-Request-ID": scored.request_id})
 
     async def ping(self, request: Request) -> Response:
         """200 once a model is loaded, with MLflow's body ("\\n"); 503 before, like /ready."""

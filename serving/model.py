@@ -145,7 +145,7 @@ def promotion_refusal(ref: ModelRef, tags: Mapping[str, str]) -> str | None:
 
 
 def smoke_test(model: ServedModel) -> None:
-    fast = model.predict(*to_arrays(list(SMOKE_RECORDS), batch=True))
+    fast = model.predict(*to_arrays(list(SMOKE_RECORDS)))
     reference = model.pipeline.predict(pd.DataFrame(list(SMOKE_RECORDS), columns=list(FEATURES)))
     if not np.all(np.isfinite(fast)):
         raise ModelRefused(f"smoke predictions are not all finite: {fast.tolist()}")

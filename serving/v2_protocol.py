@@ -18,17 +18,21 @@ from starlette.responses import Response
 
 from features import FEATURES, OPTIONAL_FEATURES, TARGET
 from names import CATEGORICAL_FEATURE
-from serving.app import Service, count_problems, json_response, request_id
-from serving.body import read_body
+from serving.app import Service
+from serving.intake import parse_json, read_checked, refuse_more_than, refuse_rows
 from serving.model import RETRY_S, ServedModel
-from serving.schema import InputProblem, InvalidInput
-from serving.tabular import checked_arrays, column_records, finite_or_marked, lenient_json, maybe_off_loop
+from serving.responses import count_problems, json_response, reported
+from serving.schema import CheckedInput, InputProblem, InvalidInput, to_arrays
+from serving.tabular import column_records, finite_or_marked
 
 PLATFORM = "mlflow_sklearn"
 # The protocol's tensor types, as little-endian numpy types; BYTES is handled apart.
 NUMBER_TYPES = {"UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1", "INT16": "<i2",
                 "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 # An MLflow signature's column types, as tensor types.
+# Room for what surrounds the values in an acceptable request: each tensor's name, datatype, shape and parameters, the
+# id, parameters and outputs.
+JSON_SLACK = 256
 SIGNATURE_TYPES = {"double": "FP64", "float": "FP32", "long": "INT64", "integer": "INT32", "boolean": "BOOL",
                    "string": "BYTES", "binary": "BYTES"}
 
@@ -64,7 +68,7 @@ def tensor_columns(request: Any, binary: bytes, max_rows: int) -> dict[str, list
             raise fault("inputs", 'each tensor must be an object with a "name"')
         if name not in FEATURES:
             raise InvalidInput([InputProblem(name, "unknown", f"unknown tensor; the inputs are {', '.join(FEATURES)}")])
-        values, offset = tensor_values(tensor, binary, offset)
+        values, offset = tensor_values(tensor, binary, offset, max_rows)
         if name in columns:
             problems.append(InputProblem(name, "body", "sent twice"))
         else:
@@ -79,12 +83,12 @@ def tensor_columns(request: Any, binary: bytes, max_rows: int) -> dict[str, list
     sizes = {len(values) for values in columns.values()}
     if len(sizes) != 1:
         raise fault("inputs", f"every tensor must hold one value per record; found sizes {sorted(sizes)}")
-    if sizes.pop() > max_rows:
-        raise HTTPException(413, f"more records than MAX_BATCH_ROWS={max_rows}")
+    if not sizes.pop():
+        raise fault("inputs", "the tensors hold no records")
     return columns
 
 
-def tensor_values(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[list[Any], int]:
+def tensor_values(tensor: dict[str, Any], binary: bytes, offset: int, max_rows: int) -> tuple[list[Any], int]:
     """One tensor's values as JSON values; and where the next tensor's binary data starts."""
     name, datatype, shape = tensor["name"], tensor.get("datatype"), tensor.get("shape")
     wanted = "BYTES" if name == CATEGORICAL_FEATURE else "FP64 (or another number type)"
@@ -95,13 +99,19 @@ def tensor_values(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[l
             and shape[1:] in ([], [1])):
         raise fault(name, f"shape {shape!r} must be [records] or [records, 1]")
     size = shape[0]
-    parameters = tensor.get("parameters") or {}
-    binary_size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    refuse_rows(size, max_rows)  # before any value is decoded
+    parameters = tensor.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise fault(f"{name}.parameters", "must be an object")
+    binary_size = parameters.get("binary_data_size")
     if binary_size is not None:
         if type(binary_size) is not int or not 0 <= binary_size <= len(binary) - offset:
             raise fault(name, f"binary_data_size {binary_size!r} runs past the end of the body")
         raw = binary[offset:offset + binary_size]
-        values = decode_strings(name, raw) if datatype == "BYTES" else decode_numbers(name, raw, str(datatype))
+        if datatype == "BYTES":
+            values = decode_strings(name, raw, size)
+        else:
+            values = decode_numbers(name, raw, str(datatype), size)
         offset += binary_size
     else:
         data = tensor.get("data")
@@ -113,10 +123,10 @@ def tensor_values(tensor: dict[str, Any], binary: bytes, offset: int) -> tuple[l
     return values, offset
 
 
-def decode_numbers(name: str, raw: bytes, datatype: str) -> list[Any]:
+def decode_numbers(name: str, raw: bytes, datatype: str, size: int) -> list[Any]:
     kind = np.dtype(NUMBER_TYPES[datatype])
-    if len(raw) % kind.itemsize:
-        raise fault(name, f"binary data of {len(raw)} bytes is not a whole number of {datatype}")
+    if len(raw) != size * kind.itemsize:
+        raise fault(name, f"binary data of {len(raw)} bytes is not the {size} {datatype} of its shape")
     array = np.frombuffer(raw, kind)
     if array.dtype.kind in "iu":
         integers: list[int] = array.tolist()  # as JSON would hold them
@@ -124,11 +134,12 @@ def decode_numbers(name: str, raw: bytes, datatype: str) -> list[Any]:
     return [finite_or_marked(value) for value in array.astype(float).tolist()]
 
 
-def decode_strings(name: str, raw: bytes) -> list[str | bytes]:
-    """BYTES in binary: each element a 4-byte little-endian length, then that many bytes (UTF-8 here)."""
+def decode_strings(name: str, raw: bytes, size: int) -> list[str | bytes]:
+    """BYTES in binary: each element a 4-byte little-endian length, then that many bytes (UTF-8 here). At most `size`
+    elements are decoded: one more is the shape's mismatch."""
     values: list[str | bytes] = []
     at = 0
-    while at < len(raw):
+    while at < len(raw) and len(values) <= size:
         if at + 4 > len(raw) or at + 4 + (length := struct.unpack_from("<I", raw, at)[0]) > len(raw):
             raise fault(name, "binary BYTES data is cut short: each element is a 4-byte length, then its bytes")
         element = raw[at + 4:at + 4 + length]
@@ -140,20 +151,27 @@ def decode_strings(name: str, raw: bytes) -> list[str | bytes]:
     return values
 
 
-def read_infer(body: bytes, header_length: str | None, model_name: str, max_rows: int) -> tuple[Any, ...]:
-    """Body → (request, records, numeric, codes); InvalidInput, HTTPException or ValueError (not JSON)."""
+def read_infer(body: bytes, header_length: str | None, model_name: str, max_rows: int) -> CheckedInput:
+    """An infer request → its checked records (intake.py's steps)."""
     head, binary = split_body(body, header_length)
-    request = lenient_json(head)
+    limit = max_rows * len(FEATURES) + JSON_SLACK  # a value per column per record, each in a list of one at most
+    refuse_more_than(limit, head.count(b"{") + head.count(b"["), "JSON objects and arrays", max_rows)
+    refuse_more_than(limit, head.count(b","), "JSON values", max_rows)
+    request = parse_json(head, lenient=True)
     columns = tensor_columns(request, binary, max_rows)
-    outputs = request.get("outputs") or []
+    if not isinstance(request.get("id", ""), str):
+        raise fault("id", "must be a string")
+    if not isinstance(request.get("parameters", {}), dict):
+        raise fault("parameters", "must be an object")
+    outputs = request.get("outputs", [])
     if not isinstance(outputs, list):
         raise fault("outputs", "must be a list of the outputs wanted")
     for output in outputs:
         if not isinstance(output, dict) or output.get("name") != TARGET:
             raise fault("outputs", f"{model_name} has one output, {TARGET!r}")
     records = column_records(columns)
-    numeric, codes = checked_arrays(records, lambda row, field: f"{field}[{row}]")
-    return request, records, numeric, codes
+    numeric, codes = to_arrays(records, lambda row, field: f"{field}[{row}]")
+    return CheckedInput(records, numeric, codes, client_id=request.get("id"))
 
 
 class OpenInferenceProtocol:
@@ -209,27 +227,25 @@ class OpenInferenceProtocol:
         model = self._model(request)  # another model's name is a 404 whatever the body holds
         if isinstance(model, Response):
             return model
+        header_length = request.headers.get("inference-header-content-length")
+        settings = service.settings
         try:
-            body = await read_body(request, service.settings.max_body_bytes)
-            header_length = request.headers.get("inference-header-content-length")
-            inference, records, numeric, codes = await maybe_off_loop(len(body), lambda: read_infer(
-                body, header_length, service.settings.model_name, service.settings.max_batch_rows))
+            # Any Content-Type: the protocol names none, and tritonclient sends none.
+            checked = await read_checked(request, settings, service.parsers, (), lambda body, _: read_infer(
+                body, header_length, settings.model_name, settings.max_batch_rows))
         except HTTPException as refused:
             return v2_error(refused.status_code, refused.detail)
-        except ValueError as unreadable:
-            return v2_error(400, f"malformed JSON: {unreadable}")
         except InvalidInput as invalid:
             count_problems(invalid.problems)
-            shown = "; ".join(f"{p.path}: {p.message}" for p in invalid.reported())
+            shown = "; ".join(f"{problem['path']}: {problem['message']}" for problem in reported(invalid))
             return v2_error(400, f"{len(invalid.problems)} problem(s) in the request: {shown}")
-        identity = request_id(request)
-        values = await service.score(request, identity, model, records, numeric, codes)
+        scored = await service.score(request, model, checked)
         answer: dict[str, Any] = {"model_name": model.name, "model_version": model.ref.version or "",
-                                  "outputs": [{"name": TARGET, "datatype": "FP64", "shape": [len(values)],
-                                               "data": values}]}
-        if isinstance(inference.get("id"), str):
-            answer["id"] = inference["id"]
-        return json_response(answer, headers={"X-Request-ID": identity})
+                                  "outputs": [{"name": TARGET, "datatype": "FP64", "shape": [len(scored.values)],
+                                               "data": scored.values}]}
+        if checked.client_id is not None:
+            answer["id"] = checked.client_id
+        return json_response(answer, headers={"X-Request-ID": scored.request_id})
 
 
 def tensor_metadata(column: Any) -> dict[str, Any]:

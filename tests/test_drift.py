@@ -64,7 +64,7 @@ def profile() -> dict:
 def filled(profile: dict, frame: pd.DataFrame, size: int = 1000, batch: int = 50) -> DriftWindow:
     """A window that was sent `frame` in requests of `batch` records, the target as their predictions."""
     window = DriftWindow(profile, size)
-    numeric, codes = to_arrays(json_records(frame), batch=True)
+    numeric, codes = to_arrays(json_records(frame))
     predictions = synthetic_housing(len(frame), seed=3)[TARGET].to_numpy(dtype=float)
     for start in range(0, len(frame), batch):
         rows = slice(start, start + batch)
@@ -90,7 +90,7 @@ def test_the_window_holds_only_the_newest_records(profile):
     window = filled(profile, incomes_doubled(districts(1000, seed=1)), size=500)
     assert window.scores()["median_income"] > HIGH
     calm = districts(700, seed=2)  # one batch larger than the window
-    window.add(*to_arrays(json_records(calm), batch=True), np.full(len(calm), 200_000.0))
+    window.add(*to_arrays(json_records(calm)), np.full(len(calm), 200_000.0))
     window.update()
     assert window.rows == 500
     assert window.scores()["median_income"] < LOW

@@ -192,7 +192,7 @@ def test_flattened_trees_predict_exactly_what_sklearn_predicts(spec):
     trees = flatten(pipeline)
     assert trees is not None
     frame = records_frame(records(300, seed=9))
-    numeric, codes = to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"), batch=True)
+    numeric, codes = to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"))
     features = pipeline.steps[0][1].transform_arrays(numeric, codes)
     assert np.array_equal(trees.predict(features), pipeline.predict(frame))
 
@@ -606,7 +606,8 @@ def test_health_and_openapi(server):
 LAYERS = [
     {"settings", "metrics", "background", "trees", "admin"},
     {"schema", "registry", "drift", "prediction_log"},
-    {"body", "model", "tabular"},
+    {"intake", "model", "openapi"},
+    {"tabular", "responses"},
     {"app", "docs"},
     {"mlflow_protocol", "v2_protocol"},
 ]
