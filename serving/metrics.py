@@ -49,12 +49,20 @@ RELOADS = Counter("housing_model_reloads", f"Registry checks by result: {', '.jo
                   ["result"], registry=METRICS)
 LAST_RELOAD = Gauge("housing_model_last_reload_timestamp_seconds", "Unix time the served model was loaded.",
                     multiprocess_mode="livemax", registry=METRICS)
-LOG_DROPPED = Counter("housing_prediction_log_dropped", "Prediction log entries lost (queue full or write error).",
-                      registry=METRICS)
+# Why a prediction log entry was not written: buffer_full, write_error, client_budget (serving/prediction_log.py).
+LogDropReason = Literal["buffer_full", "write_error", "client_budget"]
+LOG_DROPPED = Counter("housing_prediction_log_dropped", "Prediction log entries not written, by reason: "
+                      f"{', '.join(get_args(LogDropReason))}.", ["reason"], registry=METRICS)
+LOG_UPLOADS = Counter("housing_prediction_log_uploads", "Closed prediction log segments sent to PREDICTION_LOG_S3, "
+                      "by result: uploaded, failed.", ["result"], registry=METRICS)
 # The series the alerts watch exist at 0 from the start: rate() and increase() cannot count the value a series is
 # born with, so a first burst of failures would go unseen.
 for result in RELOAD_RESULTS:
     RELOADS.labels(result)
+for reason in get_args(LogDropReason):
+    LOG_DROPPED.labels(reason)
+for upload_result in ("uploaded", "failed"):
+    LOG_UPLOADS.labels(upload_result)
 for status in ("200", "400", "413", "415", "422", "500", "503"):  # what /predict answers
     REQUESTS.labels("/predict", "POST", status)
 for prediction_route in ("/invocations", "/v2/models/{name}/infer"):  # docs/protocols.md

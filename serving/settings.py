@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,6 +43,10 @@ class Settings:
     max_batch_rows: int = 10_000
     max_body_bytes: int = 0  # 0: body_bytes_for(max_batch_rows)
     prediction_log_dir: Path = Path("logs")
+    prediction_log_max_bytes: int = 4 * 1024**3  # the whole directory: every worker's segments, of every container
+    prediction_log_client_bytes_per_s: int = 32 * 1024  # per client address and worker; 0: no budget
+    prediction_log_segment_s: float = 3600.0  # a segment is closed (and shipped) at this age at the latest
+    prediction_log_s3: str = ""  # s3://bucket/prefix: ship closed segments there
     drift_window: int = 1000
     admin_port: int = 0  # 0: /reload and /metrics answer on PORT, like every endpoint
     admin_host: str = "127.0.0.1"
@@ -63,9 +68,17 @@ class Settings:
     def __post_init__(self) -> None:
         if self.max_body_bytes == 0:
             object.__setattr__(self, "max_body_bytes", body_bytes_for(self.max_batch_rows))
-        for name in ("workers", "max_batch_rows", "max_body_bytes", "drift_window"):
+        for name in ("workers", "max_batch_rows", "max_body_bytes", "drift_window", "prediction_log_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1")
+        if self.prediction_log_client_bytes_per_s < 0:
+            raise ValueError("PREDICTION_LOG_CLIENT_BYTES_PER_S must be 0 (no budget) or positive")
+        if not self.prediction_log_segment_s > 0:
+            raise ValueError("PREDICTION_LOG_SEGMENT_S must be positive")
+        if self.prediction_log_s3 and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?",
+                                                       self.prediction_log_s3):
+            raise ValueError(f"PREDICTION_LOG_S3 must be s3://bucket or s3://bucket/prefix, not "
+                             f"{self.prediction_log_s3!r}")
         if self.reload_interval_s < 0:
             raise ValueError("RELOAD_INTERVAL_S must be 0 (off) or positive")
         if not 0 <= self.admin_port < 65536:
