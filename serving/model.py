@@ -73,12 +73,18 @@ class ServedModel:
         return predictions
 
     def describe(self) -> dict[str, object]:
-        return {**self.label, **self.requested, "uri": self.ref.uri, "run_id": self.run_id,
+        return {**self.label, **self.requested, "uri": public_uri(self.ref.uri), "run_id": self.run_id,
                 "loaded_at": self.loaded_at.isoformat(), "metrics": self.metrics}
 
 
 class ModelRefused(Exception):
-    pass
+    """A check this server makes refused the model; the message says which, in terms fit for a public answer."""
+
+
+def public_uri(uri: str) -> str | None:
+    """The model's URI as public answers show it: a registry coordinate (models:/, runs:/) names no host; a path or
+    a bucket that MODEL_URI names is the server's own business, shown as None."""
+    return uri if uri.startswith(("models:/", "runs:/")) else None
 
 
 def load(ref: ModelRef, settings: Settings, registry: Registry) -> ServedModel:
@@ -163,7 +169,7 @@ class NotServing(TypedDict):
     """The version the registry points at, which this server refused or failed to load, and why (in /model)."""
 
     version: str | None
-    uri: str
+    uri: str | None  # public_uri
     result: ReloadResult
     reason: str
 
@@ -218,16 +224,18 @@ class ModelKeeper:
             model = load(ref, self.settings, self._registry)
         except Exception as error:  # whatever went wrong, keep serving the model we have
             log.exception("refused %s", ref.uri)
-            reason = f"{ref.uri}: {type(error).__name__}: {error}"
-            self._not_serving(ref, "failed", reason)
-            return Reload("failed", reason)
+            # /model is public: it says which check refused the model, never an exception's text, which names
+            # buckets, paths and hosts. Those go to the log, and to /reload's answer (behind the token).
+            public = str(error) if isinstance(error, ModelRefused) else "could not be loaded (the server log says why)"
+            self._not_serving(ref, "failed", f"{public_uri(ref.uri)}: {public}")
+            return Reload("failed", f"{ref.uri}: {type(error).__name__}: {error}")
         self.not_serving = None
         self._swap(model)
         log.info("serving %s version %s (%s)", model.name, model.ref.version, ref.uri)
         return Reload("loaded", ref.uri)
 
     def _not_serving(self, ref: ModelRef, result: ReloadResult, reason: str) -> None:
-        noted: NotServing = {"version": ref.version, "uri": ref.uri, "result": result, "reason": reason}
+        noted: NotServing = {"version": ref.version, "uri": public_uri(ref.uri), "result": result, "reason": reason}
         if noted != self.not_serving and result == "refused":  # once, not at every poll
             log.warning("not serving %s", reason)
         self.not_serving = noted
