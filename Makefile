@@ -24,7 +24,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy reload infra-deploy monitoring-up monitoring-down soak tune promote reference
+.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy reload infra-deploy monitoring-up monitoring-down soak hostile tune promote reference
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -128,6 +128,9 @@ serve: venv ## serve the champion with uvicorn on 127.0.0.1:8000 (HOST, PORT: se
 
 bench: venv ## serve.py vs `mlflow models serve` on the current champion: req/s, p50, p99
 	python -m scripts.bench
+
+hostile: venv ## every prediction door under hostile bodies on the current champion: slowest refusal, /health, memory
+	python -m scripts.hostile
 
 soak: venv ## 60 s at concurrency 32 on two workers with three champion changes: failures, p50/p99, worker RSS
 	python -m scripts.soak

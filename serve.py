@@ -19,7 +19,15 @@ Settings come from the environment (serving/settings.py reads and checks them, o
     MAX_BATCH_ROWS       records per request (10000)
     MAX_BODY_BYTES       request body size (unset or 0: what MAX_BATCH_ROWS records need, 360 bytes each + 64 KiB:
                          3665536 for 10000; serving/settings.py says why)
-    PREDICTION_LOG_DIR   JSON lines of every prediction, one size-rotated file per worker (logs/)
+    PREDICTION_LOG_DIR   JSON lines of every prediction, in segments shared by every worker (logs/); see
+                         serving/prediction_log.py and docs/serving.md
+    PREDICTION_LOG_MAX_BYTES           the directory's size over all workers: oldest segments go first (4294967296)
+    PREDICTION_LOG_CLIENT_BYTES_PER_S  log bytes per client address and worker, after a 5-minute burst (32768);
+                                       past it, predictions are answered but not logged; 0: no budget
+    PREDICTION_LOG_SEGMENT_S           a segment is closed (and shipped) at this age at the latest (3600)
+    PREDICTION_LOG_S3                  s3://bucket/prefix: upload closed segments there (unset: off)
+    FORWARDED_ALLOW_IPS  uvicorn's: peers whose X-Forwarded-For names the client (127.0.0.1,::1); the client's
+                         address is what the prediction log's budget counts
     DRIFT_WINDOW         records per worker whose inputs and predictions are compared with the served model's training
                          data (1000); see serving/drift.py. The drift alert needs 500 of them (prometheus/rules)
 
@@ -27,10 +35,9 @@ With WORKERS>1, `python serve.py` runs prometheus-client in multiprocess mode in
 temporary directory unless set; its *.db files are deleted at start). Plain `uvicorn --workers N serve:app` does not.
 prometheus-client switches to multiprocess mode whenever that variable exists, even empty: set it, or leave it out.
 
-The parts live in serving/: settings, schema (records → arrays, the OpenAPI document), body (reading a /predict
-request), registry, model (load, check, keep, reload), trees (the fast path), drift, prediction_log, metrics, and
-app (the endpoints), admin (which endpoints answer on which port), docs (the /docs page); tabular, mlflow_protocol and
-v2_protocol speak MLflow's scoring protocol and the Open Inference Protocol v2 on the same model (docs/protocols.md).
+The parts live in serving/ (its __init__ lists them in layers): intake reads every prediction door's body through one
+bounded path into schema's checked input; app holds the endpoints; mlflow_protocol and v2_protocol speak MLflow's
+scoring protocol and the Open Inference Protocol v2 on the same model (docs/protocols.md).
 
 Every registry call is bounded (3 attempts of at most 3 s: MLFLOW_HTTP_REQUEST_TIMEOUT, _MAX_RETRIES,
 _BACKOFF_FACTOR, _BACKOFF_JITTER; serving/registry.py), and POST /reload answers within 8 s: 503 naming the

@@ -4,9 +4,10 @@ One concept per module, in layers; a module imports only from the layers before 
 
     settings, metrics, background, trees,     the settings object; every metric; the thread base; the fast path;
     admin                                     which endpoints answer on which port
-    schema, registry, drift, prediction_log   records → arrays and OpenAPI; every MLflow call; PSI; the JSON lines
-    body, model, tabular                      reading a /predict request; load, check, keep and reload the model;
-                                              records in other protocols' shapes
-    app, docs                                 the endpoints and their error answers; the /docs page
+    schema, registry, drift, prediction_log   records checked into arrays; every MLflow call; PSI; the JSON lines
+    intake, model, openapi                    every door's one bounded path from bytes to checked input; load,
+                                              check, keep and reload the model; the OpenAPI document
+    tabular, responses                        records in other protocols' shapes; the shared answers and errors
+    app, docs                                 the endpoints; the /docs page
     mlflow_protocol, v2_protocol              MLflow's scoring protocol and the Open Inference Protocol v2 on app
 """

@@ -2,7 +2,7 @@
 
 Everything the page loads comes from this server (no CDN), and its Content-Security-Policy allows nothing else: no
 inline script, no inline style element, no other origin, no frames, no forms. "Try it out" on POST /predict starts
-from the example record that /openapi.json carries (serving/schema.py).
+from the example record that /openapi.json carries (serving/openapi.py).
 """
 
 from __future__ import annotations

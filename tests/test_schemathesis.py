@@ -39,15 +39,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         yield server
 
 
-# The Open Inference Protocol's infer operations need equally long tensors (one value per record in each column), which
-# JSON Schema cannot state: schemathesis's positive_data_acceptance would call their 400s for columns of different
-# lengths a failure. They get every other check, in a run of their own; everything else gets every check.
-V2_INFER = r"^/v2/models/\{name\}(/versions/\{version\})?/infer$"
-RUNS = {
-    "every operation but v2 infer, every check": ["--checks", "all", "--exclude-path-regex", V2_INFER],
-    "v2 infer, every check but positive_data_acceptance": [
-        "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--include-path-regex", V2_INFER],
-}
+# Every operation, every check: positive_data_acceptance (what the document allows is accepted) and
+# negative_data_rejection (what it forbids is refused) hold the document to exactly what each operation takes.
+RUNS = {"every operation, every check": ["--checks", "all"]}
 
 
 def test_every_schemathesis_check_passes_on_over_a_thousand_cases(server, tmp_path, report_figure):
