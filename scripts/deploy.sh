@@ -24,6 +24,11 @@
 # host's interfaces; the security group opens it to AdminIngressCidr only. After the switch, port $ADMIN_PORT must
 # answer GET /metrics from the new container and port $HTTP_PORT must answer it 404, or the release fails as above.
 #
+# Every colour mounts $PREDICTION_LOG_HOST_DIR at its PREDICTION_LOG_DIR, so the prediction log of every release, a
+# rolled-back one too, is in one directory on the host (serving/prediction_log.py shares and prunes it). nginx sends
+# the client's address as X-Forwarded-For, replacing whatever the client sent, and the app takes the client from it
+# (uvicorn's FORWARDED_ALLOW_IPS=*; its port is published on 127.0.0.1 only): the log's byte budget is per client.
+#
 # The live container is the one nginx serves now: the X-Served-By header of its answer on port $HTTP_PORT (set by
 # the configuration nginx has loaded), not the configuration file, which a failed reload leaves out of step.
 #
@@ -40,6 +45,9 @@
 #   SWITCH_TIMEOUT_S=15      time for port $HTTP_PORT to answer from the new container after the switch
 #   POLL_INTERVAL_S=2  STOP_TIMEOUT_S=30  LOG_LINES=40
 #   STATE_DIR=/var/lib/housing-deploy   nginx's conf.d, the lock, and `state`: the CURRENT and PREVIOUS image
+#   PREDICTION_LOG_HOST_DIR=/var/lib/housing-mlops/predictions   the prediction log, mounted at the container's
+#                            PREDICTION_LOG_DIR for every colour: it outlives containers, deploys and rollbacks (made
+#                            and given to the image's user, $APP_UID, when this runs as root)
 #   GIT_REF                  a full commit SHA: fetch it from origin and check it out in this script's checkout
 #                            (under the lock), then run that commit's deploy.sh
 set -euo pipefail
@@ -65,10 +73,13 @@ POLL_INTERVAL_S=${POLL_INTERVAL_S:-2}
 STOP_TIMEOUT_S=${STOP_TIMEOUT_S:-30}
 LOG_LINES=${LOG_LINES:-40}
 STATE_DIR=${STATE_DIR:-/var/lib/housing-deploy}
+PREDICTION_LOG_HOST_DIR=${PREDICTION_LOG_HOST_DIR:-/var/lib/housing-mlops/predictions}
 
 APP=housing-serve
 CHECKOUT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 APP_PORT=8000 # inside the container
+APP_UID=10001 # the image's user (the Dockerfile's USER): the prediction log directory must be its
+APP_LOG_DIR=/app/logs # the container's PREDICTION_LOG_DIR
 CONF=$STATE_DIR/nginx/default.conf
 STATE=$STATE_DIR/state
 # A known district (the first row of the California housing data): every model must price it.
@@ -171,7 +182,7 @@ server {
   location / {
     proxy_pass http://$1;
     proxy_set_header Host \$host;
-    proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-For \$remote_addr;
     add_header X-Served-By $2 always;
   }
 }
@@ -271,12 +282,17 @@ release() { # $1 image reference
   fi
   if [[ $live == "$APP-blue" ]]; then colour=green port=$GREEN_PORT; else colour=blue port=$BLUE_PORT; fi
   docker network inspect "$NETWORK" >/dev/null 2>&1 || docker network create "$NETWORK" >/dev/null
+  mkdir -p "$PREDICTION_LOG_HOST_DIR" || fail "cannot make $PREDICTION_LOG_HOST_DIR (PREDICTION_LOG_HOST_DIR)"
+  if [[ $(id -u) == 0 ]]; then
+    chown "$APP_UID:$APP_UID" "$PREDICTION_LOG_HOST_DIR" || fail "cannot give $PREDICTION_LOG_HOST_DIR to uid $APP_UID"
+  fi
   ! exists "$APP-$colour" || docker rm -f "$APP-$colour" >/dev/null # left by an interrupted release; not live
 
   log "starting $image as $APP-$colour on 127.0.0.1:$port"
   candidate=$APP-$colour
   docker run -d --name "$candidate" --restart unless-stopped --network "$NETWORK" -p "127.0.0.1:$port:$APP_PORT" \
     --env-file "$ENV_FILE" "${token_args[@]}" -e PORT=$APP_PORT "${admin_args[@]}" \
+    -v "$PREDICTION_LOG_HOST_DIR:$APP_LOG_DIR" -e PREDICTION_LOG_DIR=$APP_LOG_DIR -e 'FORWARDED_ALLOW_IPS=*' \
     --log-opt max-size=10m --log-opt max-file=3 \
     "$image" >/dev/null || fail "could not start $candidate"
   wait_until_ready "$candidate" "$port"

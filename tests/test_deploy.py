@@ -49,6 +49,7 @@ class Host:
             "MLFLOW_TRACKING_URI=http://mlflow.internal:5000\nMODEL_NAME=California_Housing_Regression\n"
             "MODEL_ALIAS=champion\n"
         )
+        self.prediction_log = root / "predictions"  # the host directory every colour mounts
         self.http_port = free_port()
         self.admin_port = free_port()  # used once deploy.env sets ADMIN_PORT (`admin_host`)
         self.settings = {
@@ -57,6 +58,7 @@ class Host:
             "FAKE_DOCKER_STATE": str(self.docker_state),
             "DEPLOY_CONFIG": str(root / "deploy.env"),
             "STATE_DIR": str(self.state_dir),
+            "PREDICTION_LOG_HOST_DIR": str(self.prediction_log),
             "ENV_FILE": str(self.env_file),
             "IMAGE": IMAGE,
             "HTTP_PORT": str(self.http_port),
@@ -107,16 +109,21 @@ class Host:
     def state(self) -> str:
         return (self.state_dir / "state").read_text()
 
-    def served_image(self) -> str:
+    def served_image(self, request_id: str = "") -> str:
         """POST /predict to port 80 of the host, as a client would: which image answered, through which container."""
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}/predict",
             data=json.dumps(EXAMPLE_RECORD).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **({"X-Request-ID": request_id} if request_id else {})},
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert isinstance(json.loads(response.read())["prediction"], float)
             return f"{response.headers['X-Fake-Image']} by {response.headers['X-Served-By']}"
+
+    def logged(self) -> dict[str, str]:
+        """The prediction log on the host: request id -> the image that answered it."""
+        lines = [line for path in self.prediction_log.glob("*.jsonl") for line in path.read_text().splitlines()]
+        return {entry["request_id"]: entry["image"] for entry in map(json.loads, lines)}
 
     def get(self, port: int, path: str) -> tuple[int, dict[str, str]]:
         """GET a path on a host port: the status and the headers (an error status is an answer too)."""
@@ -207,7 +214,10 @@ def test_first_release_starts_the_app_and_the_proxy_on_port_80(host: Host):
         "PORT": "8000",
         "MODEL_NAME": "California_Housing_Regression",
         "MODEL_ALIAS": "champion",
+        "PREDICTION_LOG_DIR": "/app/logs",
+        "FORWARDED_ALLOW_IPS": "*",
     }
+    assert app["mounts"] == [{"source": str(host.prediction_log), "target": "/app/logs", "read_only": False}]
     assert [(p["host_ip"], p["container_port"]) for p in app["ports"]] == [("127.0.0.1", 8000)]
     assert app["restart"] == containers[PROXY]["restart"] == "unless-stopped"
     assert app["network"] == containers[PROXY]["network"] == "housing"
@@ -283,6 +293,26 @@ def test_switch_refused_by_nginx_restores_its_configuration(serving: Host):
     assert set(serving.containers()) == {BLUE, PROXY}
     assert_port_kept_serving(serving, serving.calls(), from_the_start=True)
     assert serving.served_image() == f"{IMAGE}:v1 by {BLUE}"
+
+
+def test_predictions_logged_before_a_deploy_and_a_rollback_are_on_the_host_after_them(serving: Host):
+    assert serving.served_image("before the deploy") == f"{IMAGE}:v1 by {BLUE}"
+    assert serving.deploy("v2").returncode == 0  # removes the blue container, and its writable layer
+    assert serving.served_image("after the deploy") == f"{IMAGE}:v2 by {GREEN}"
+    assert serving.run("rollback").returncode == 0  # removes the green one
+    assert serving.served_image("after the rollback") == f"{IMAGE}:v1 by {BLUE}"
+
+    assert serving.logged().items() >= {
+        "before the deploy": f"{IMAGE}:v1", "after the deploy": f"{IMAGE}:v2", "after the rollback": f"{IMAGE}:v1",
+    }.items()
+    owner = 10001 if os.geteuid() == 0 else os.geteuid()  # the image's user, when deploy.sh runs as root
+    assert serving.prediction_log.stat().st_uid == owner
+
+
+def test_the_log_directory_is_given_to_the_user_the_image_runs_as():
+    user = re.search(r"^USER (\d+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    uid = re.search(r"^APP_UID=(\d+) ", DEPLOY.read_text(), re.MULTILINE)
+    assert user and uid and user[1] == uid[1] == "10001"
 
 
 def test_live_container_is_the_one_nginx_serves_not_the_one_its_conf_file_names(serving: Host):

@@ -6,6 +6,7 @@
     calls.jsonl    one line per call: its argv, exit status, and the host ports that served /predict after it
                    ("serving") and those that served the admin endpoint /metrics ("admin")
     logs/ID.log    what a container printed: what `docker logs` shows
+    layers/ID/     a container's writable layer: files it writes outside its bind mounts; `docker rm` deletes it
     registry-down  while this file exists, pulls fail as if Docker Hub were unreachable
     nginx-reload-fails    while it exists, `nginx -s reload` fails to signal the master (exit 1)
     nginx-reload-ignored  while it exists, `nginx -s reload` signals (exit 0) but the master keeps its old
@@ -28,6 +29,9 @@ at an internal port that stands for its address on a docker network. What it doe
                ADMIN_PORT set it moves to that port, which listens on ADMIN_HOST (127.0.0.1 unless set: the
                container's own loopback, out of reach of published ports and other containers), and both ports
                answer 404 for the other's endpoints. Tags containing "noadmin" predate ADMIN_PORT: it is ignored.
+               Each answered POST /predict appends a line (its X-Request-ID, the image) to a file in
+               PREDICTION_LOG_DIR (/app/logs, as the image sets it): on the host if a `-v` bind mount holds that
+               path, else in the container's writable layer.
 
 Tags containing "missing" are not in the registry. Errors use docker's messages and exit statuses (125 for
 `docker run` and for flag errors). A real command, option or template this fake does not simulate exits 2 with
@@ -43,6 +47,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import socketserver
@@ -53,7 +58,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for names.py
@@ -66,6 +71,7 @@ LOAD_ERROR = (
     "RESOURCE_DOES_NOT_EXIST: Registered model alias champion not found."
 )
 NGINX_CONF_DIR = "/etc/nginx/conf.d"
+IMAGE_LOG_DIR = "/app/logs"  # the image's PREDICTION_LOG_DIR (Dockerfile)
 # The app's input fields from names.py (standard library only): importing features.py (numpy, scipy,
 # scikit-learn) would cost every `docker` call a second.
 FEATURES = (*NUMERIC_FEATURES, CATEGORICAL_FEATURE)
@@ -550,6 +556,8 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
         "image": container["image"],
         "behaviour": container["behaviour"],
         "env": container["env"],
+        "mounts": container["mounts"],
+        "layer": str(store.root / "layers" / container["id"]),
         "listen": listening_ports(container),
         "started_at": time.time(),
         "sockets": [[sock.fileno(), port] for sock, port in sockets],
@@ -792,6 +800,7 @@ def remove(store: Store, args: list[str]) -> int:
                 status = 1
                 continue
             terminate(container, signal.SIGKILL, 10)
+            shutil.rmtree(store.root / "layers" / container["id"], ignore_errors=True)
             del data["containers"][name]
             print(name)
     return status
@@ -993,10 +1002,28 @@ class App(Handler):
             elif self.spec["behaviour"] == "badpredict":
                 self.reply(500, {"error": "Internal Server Error"})
             else:
+                self.log_prediction()
                 self.reply(200, {"prediction": 452600.0, "model": self.model()}, {"X-Fake-Image": self.spec["image"]})
+
+    def log_prediction(self) -> None:
+        directory = host_path(self.spec, self.spec["env"].get("PREDICTION_LOG_DIR") or IMAGE_LOG_DIR)
+        directory.mkdir(parents=True, exist_ok=True)
+        line = {"request_id": self.headers.get("X-Request-ID", ""), "image": self.spec["image"]}
+        with open(directory / f"predictions-{self.spec['id'][:12]}.jsonl", "a") as log:
+            log.write(json.dumps(line) + "\n")
 
     def model(self) -> dict[str, Any]:
         return {"name": self.spec["env"].get("MODEL_NAME", "California_Housing_Regression"), "version": "1"}
+
+
+def host_path(spec: dict[str, Any], path: str) -> Path:
+    """Where the container's absolute `path` is on the host: in the bind mount that holds it, else in its layer."""
+    inside = PurePosixPath(path)
+    for mount in spec["mounts"]:
+        target = PurePosixPath(mount["target"])
+        if inside == target or target in inside.parents:
+            return Path(mount["source"]) / inside.relative_to(target)
+    return Path(spec["layer"]) / inside.relative_to("/")
 
 
 class Proxy(Handler):
