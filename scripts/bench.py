@@ -1,12 +1,15 @@
-"""`make bench`: serve.py against `mlflow models serve`, on the current champion, same payloads, interleaved.
+"""`make bench`: serve.py against a bare Starlette app and `mlflow models serve`, on the current champion, interleaved.
 
-Starts both servers (one worker each) on free local ports and checks that they predict the same numbers. Then, for
-1 and 100 records per request at 1 and 16 concurrent connections, it alternates rounds of closed-loop load between
-serve.py's /predict ("predict"), serve.py's /invocations ("invocations", MLflow's scoring protocol: see
-docs/protocols.md) and MLflow's own /invocations ("mlflow"), and prints req/s, p50, p99, errors and each of ours
-against mlflow; invocations/mlflow is the like-for-like ratio. Last, the latency of 1,000-record batches. All get the
-same bytes: `{"instances": [...]}`. The load comes from a minimal keep-alive HTTP/1.1 client on asyncio, so that the
-client costs far less CPU than the servers it measures.
+Starts the servers (one worker each) on free local ports and checks that serve.py and mlflow predict the same numbers.
+Then, for 1 and 100 records per request at 1 and 16 concurrent connections, it alternates rounds of closed-loop load
+between serve.py's /predict ("predict"), serve.py's /invocations ("invocations", MLflow's scoring protocol: see
+docs/protocols.md), a Starlette app that reads the body and answers a constant ("bare": the framework's ceiling, on
+the same uvicorn) and MLflow's own /invocations ("mlflow"). It prints req/s, p50, p99 and errors, and for each of ours
+its req/s as a share of bare's, its p50 as a multiple of bare's, and its req/s against mlflow's (invocations/mlflow is
+the like-for-like ratio). Then the latency of 1,000- and 10,000-record batches, and last the model's own time per
+record in this process (the serving path of scripts/tune.py's budget: features and trees, no HTTP). All servers get
+the same bytes: `{"instances": [...]}`. The load comes from a minimal keep-alive HTTP/1.1 client on asyncio, so that
+the client costs far less CPU than the servers it measures.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from features import FEATURES
 from names import CHAMPION, model_name
@@ -39,6 +46,17 @@ from names import CHAMPION, model_name
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ((1, 1), (1, 16), (100, 1), (100, 16))  # (records per request, concurrent connections)
 WARM_UP_S = 0.5
+BATCHES = (1000, 10_000)  # records per request of the batch latencies (10,000: the default MAX_BATCH_ROWS)
+
+
+async def constant(request: Request) -> Response:
+    """The bare app's one endpoint: it reads the body, as any predictor must, and answers a fixed prediction."""
+    await request.body()
+    return Response(b'{"predictions":[0.0]}', media_type="application/json")
+
+
+# What serve.py costs beyond this is the model and the app's own work: run by uvicorn like serve.py (one worker).
+bare_app = Starlette(routes=[Route("/predict", constant, methods=["POST"]), Route("/health", constant)])
 
 
 @dataclass
@@ -189,13 +207,17 @@ def payload(records: pd.DataFrame) -> bytes:
 
 
 def print_row(size: int | str, connections: int, name: str, summary: dict[str, Any],
-              ratio: float | None = None) -> None:
+              bare: dict[str, Any] | None = None, mlflow: dict[str, Any] | None = None) -> None:
+    ratios = ""
+    if bare is not None and mlflow is not None:
+        ratios = (f" {summary['req/s'] / bare['req/s']:>9.1%} {summary['p50'] / bare['p50']:>8.2f}x"
+                  f" {summary['req/s'] / mlflow['req/s']:>10.1f}x")
     print(f"{size:>7} {connections:>4} {name:>11} {summary['req/s']:>8.1f} {summary['p50']:>8.2f} "
-          f"{summary['p99']:>8.2f} {summary['errors']:>6}" + (f" {ratio:>10.1f}x" if ratio else ""))
+          f"{summary['p99']:>8.2f} {summary['errors']:>6}" + ratios)
 
 
 def run(servers: list[BenchedServer], records: pd.DataFrame, args: argparse.Namespace) -> None:
-    *ours, mlflow = servers
+    *ours, bare, mlflow = servers
     theirs = predictions(mlflow, payload(records.head(100)))
     for server in ours:
         worst = float(np.max(np.abs(predictions(server, payload(records.head(100))) - theirs) / np.abs(theirs)))
@@ -203,25 +225,40 @@ def run(servers: list[BenchedServer], records: pd.DataFrame, args: argparse.Name
         if worst > 1e-6:
             raise SystemExit("the servers disagree")
     print(f"{'records':>7} {'conc':>4} {'server':>11} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
-          f"{'ours/mlflow':>11}")
+          f"{'of bare/s':>9} {'p50/bare':>9} {'ours/mlflow':>11}")
     for size, connections in CASES:
         tallies = compare(servers, payload(records.head(size)), connections, args.seconds, args.rounds)
-        theirs_per_s = tallies["mlflow"].summary()["req/s"]
+        summaries = {name: tally.summary() for name, tally in tallies.items()}
         for server in ours:
-            summary = tallies[server.name].summary()
-            print_row(size, connections, server.name, summary, summary["req/s"] / theirs_per_s)
-        print_row(size, connections, "mlflow", tallies["mlflow"].summary())
-    batch = payload(records.head(1000))
-    for server, count in ((*((one, args.requests) for one in ours), (mlflow, max(3, args.requests // 5)))):
-        closed_loop(server, batch, 1, for_requests(2))  # warm-up
-        print_row(1000, 1, server.name, closed_loop(server, batch, 1, for_requests(count)).summary())
+            print_row(size, connections, server.name, summaries[server.name], summaries["bare"], summaries["mlflow"])
+        for other in (bare, mlflow):
+            print_row(size, connections, other.name, summaries[other.name])
+    for size in BATCHES:
+        # Rows drawn again as needed: the holdout has fewer than 10,000.
+        batch = payload(records.sample(size, replace=len(records) < size, random_state=0))
+        # mlflow needs over a second for 10,000 records: fewer requests, as many as its spread needs.
+        for server, count in ((*((one, args.requests) for one in ours), (mlflow, max(3, args.requests // 5)))):
+            closed_loop(server, batch, 1, for_requests(2))  # warm-up
+            print_row(size, 1, server.name, closed_loop(server, batch, 1, for_requests(count)).summary())
+    in_process(records)
+
+
+def in_process(records: pd.DataFrame) -> None:
+    """The champion's time per record in this process, as serving predicts it: features and trees, no HTTP."""
+    import mlflow.sklearn  # only here: while the servers are measured, this process stays a light client
+
+    from scripts.tune import serving_cost
+
+    cost = serving_cost(mlflow.sklearn.load_model(f"models:/{model_name()}@{CHAMPION}"), records)
+    print(f"in process ({cost['latency_path']}): 1 record {cost['latency_ms_1_row'] * 1e3:.1f} us, "
+          f"1,000 records {cost['latency_ms_per_row_1000'] * 1e3:.1f} us per record")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=6.0, help="load per server and case (default 6)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations per case (default 3)")
-    parser.add_argument("--requests", type=int, default=40, help="1,000-record batches sent to serve.py (default 40)")
+    parser.add_argument("--requests", type=int, default=40, help="batches of each size sent to serve.py (default 40)")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "holdout.csv", help="CSV of records to send")
     args = parser.parse_args()
 
@@ -233,18 +270,19 @@ def main() -> int:
     ours = start("predict", [sys.executable, "serve.py"], "/predict",
                  {**env, "WORKERS": "1", "RELOAD_INTERVAL_S": "0", "PREDICTION_LOG_DIR": str(scratch / "predictions")},
                  scratch)
-    servers = [
-        ours,
-        replace(ours, name="invocations", path="/invocations"),  # the same process, in MLflow's protocol
-        start("mlflow", [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
-                         "-h", "127.0.0.1", "-p", "{port}", "-w", "1"], "/invocations", env, scratch),
-    ]
+    bare = start("bare", [sys.executable, "-m", "uvicorn", "scripts.bench:bare_app", "--host", "127.0.0.1",
+                          "--port", "{port}", "--workers", "1"], "/predict", env, scratch)
+    mlflow = start("mlflow", [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
+                              "-h", "127.0.0.1", "-p", "{port}", "-w", "1"], "/invocations", env, scratch)
+    # "invocations" is the same process as "predict", in MLflow's protocol.
+    servers = [ours, replace(ours, name="invocations", path="/invocations"), bare, mlflow]
     try:
-        wait_ready(servers[0], "/ready")
-        wait_ready(servers[2], "/ping")
+        wait_ready(ours, "/ready")
+        wait_ready(bare, "/health")
+        wait_ready(mlflow, "/ping")
         run(servers, records, args)
     finally:
-        for server in (ours, servers[2]):
+        for server in (ours, bare, mlflow):
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
