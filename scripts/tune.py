@@ -60,7 +60,7 @@ from threadpoolctl import threadpool_limits
 
 from features import FEATURES, TARGET, category_codes
 from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
-from serving.trees import FLAT_TREES_MAX_ROWS, flatten
+from serving.trees import compile_pipeline
 from train import build_pipeline
 
 log = logging.getLogger("tune")
@@ -189,22 +189,14 @@ def study_name(config: TuneConfig, training_rows: bytes) -> str:
 # --- one trial ---------------------------------------------------------------------------------------------------
 
 def serving_predictor(pipeline: Pipeline) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], str]:
-    """The serving app's prediction path for this pipeline, and which path it is.
-
-    Mirrors ServedModel.predict (serving/model.py): the features step's array fast path, then the flattened trees
-    (serving/trees.py) for small batches, sklearn's predict() for large ones or when the trees cannot be flattened.
-    """
+    """The serving app's prediction path for this pipeline, and which path it is: as ServedModel.predict
+    (serving/model.py), the compiled model of serving/trees.py, or the features step's array path then scikit-learn
+    when the pipeline cannot be compiled."""
+    compiled = compile_pipeline(pipeline)
+    if compiled is not None:
+        return compiled.predict, "serving.trees.compile_pipeline"
     features, model = pipeline.steps[0][1], pipeline[1:]
-    trees = flatten(pipeline)
-    path = "serving.trees.flatten" if trees is not None else "sklearn"
-
-    def predict(numeric: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        matrix = features.transform_arrays(numeric, codes)
-        if trees is not None and len(matrix) <= FLAT_TREES_MAX_ROWS and not np.isnan(matrix).any():
-            return np.asarray(trees.predict(matrix))
-        return np.asarray(model.predict(matrix))
-
-    return predict, path
+    return (lambda numeric, codes: np.asarray(model.predict(features.transform_arrays(numeric, codes)))), "sklearn"
 
 
 def serving_cost(pipeline: Pipeline, X: pd.DataFrame) -> dict[str, Any]:

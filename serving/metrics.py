@@ -77,6 +77,10 @@ DRIFT_PSI = Gauge("housing_drift_psi", "Population Stability Index of the drift 
                   multiprocess_mode="liveall", registry=METRICS)
 DRIFT_ROWS = Gauge("housing_drift_window_rows", "Records in the drift window (DRIFT_WINDOW at most).",
                    multiprocess_mode="liveall", registry=METRICS)
+# A loaded model whose compiled path (serving/trees.py) could not reproduce its predictions: it serves through
+# scikit-learn, correct but many times slower; the serve log says why.
+COMPILE_FALLBACKS = Counter("housing_model_compile_fallbacks", "Models loaded that serve through scikit-learn "
+                            "because their compiled predictor was refused or could not be built.", registry=METRICS)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

@@ -22,11 +22,11 @@ from features import FEATURES, OPTIONAL_FEATURES, PROFILE_FILE, FloatArray
 from names import PROMOTION_TAG, REJECTED, TRUSTED_PROMOTIONS
 from serving.background import BackgroundThread
 from serving.drift import DriftWindow
-from serving.metrics import LAST_RELOAD, MODEL_INFO, MODEL_LOADED, RELOADS, ReloadResult
+from serving.metrics import COMPILE_FALLBACKS, LAST_RELOAD, MODEL_INFO, MODEL_LOADED, RELOADS, ReloadResult
 from serving.registry import ModelRef, Registry, RegistryUnavailable
 from serving.schema import SMOKE_RECORDS, to_arrays
 from serving.settings import Settings
-from serving.trees import FLAT_TREES_MAX_ROWS, FlatTrees, flatten
+from serving.trees import CompiledModel, compile_pipeline
 
 log = logging.getLogger("housing.serve")
 
@@ -53,7 +53,7 @@ class ServedModel:
     name: str
     requested: dict[str, str]  # {"alias": ...} or {"stage": ...}; empty for MODEL_URI
     pipeline: Pipeline
-    trees: FlatTrees | None
+    compiled: CompiledModel | None  # None: scikit-learn predicts (serving/trees.py could not reproduce it)
     drift: DriftWindow | None  # None: the model came without a reference profile
     run_id: str | None
     metrics: dict[str, float]
@@ -65,10 +65,11 @@ class ServedModel:
         return {"name": self.name, "version": self.ref.version}
 
     def predict(self, numeric: FloatArray, codes: FloatArray) -> FloatArray:
-        """The pipeline's predictions, minus its pandas input handling: the first step's array fast path."""
+        """The pipeline's predictions, compiled (serving/trees.py); else the first step's array path, then
+        scikit-learn, without the pipeline's pandas input handling."""
+        if self.compiled is not None:
+            return self.compiled.predict(numeric, codes)
         features: FloatArray = self.pipeline.steps[0][1].transform_arrays(numeric, codes)
-        if self.trees is not None and len(features) <= FLAT_TREES_MAX_ROWS and not np.isnan(features).any():
-            return self.trees.predict(features)
         predictions: FloatArray = self.pipeline[1:].predict(features)
         return predictions
 
@@ -97,8 +98,11 @@ def load(ref: ModelRef, settings: Settings, registry: Registry) -> ServedModel:
         drift = drift_window(ref, Path(local) / REFERENCE_PROFILE, settings.drift_window)
     if not hasattr(pipeline.steps[0][1], "transform_arrays"):
         raise ModelRefused("the first pipeline step is not features.HousingFeatures")
+    compiled = compile_pipeline(pipeline)  # checked against the pipeline on probe rows; None, logged, if it differs
+    if compiled is None:
+        COMPILE_FALLBACKS.inc()
     model = ServedModel(ref=ref, name=settings.model_name, requested=requested_model(settings), pipeline=pipeline,
-                        trees=flatten(pipeline), drift=drift, run_id=metadata.run_id,
+                        compiled=compiled, drift=drift, run_id=metadata.run_id,
                         metrics=registry.training_metrics(metadata.run_id), loaded_at=datetime.now(UTC),
                         signature=metadata.signature)
     smoke_test(model)

@@ -19,15 +19,11 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
-from threadpoolctl import threadpool_limits
 
-import train
-from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
+from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES
 from names import PROMOTION_TAG
 from serving.metrics import METRICS
 from serving.prediction_log import PredictionLog
-from serving.schema import to_arrays
-from serving.trees import flatten
 from tests.conftest import GBDT, RIDGE, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
 from tests.servers import (
@@ -133,7 +129,7 @@ def value(samples: dict, metric: str, /, **labels: str) -> float:
 # --- predictions ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [1, 128, 129, 600], ids=["flat trees", "flat trees, largest", "sklearn predict",
+@pytest.mark.parametrize("size", [1, 128, 255, 600], ids=["one", "a batch", "the largest inline",
                                                          "parallel chunks"])
 def test_batch_predictions_equal_the_models_own(server, registry, models, size):
     batch = records(size)
@@ -178,24 +174,6 @@ def test_every_prediction_is_logged(server, prediction_log_dir):
     assert entry["outputs"] == [response.json()["prediction"]]
     assert entry["model"] == response.json()["model"]
     assert datetime.fromisoformat(entry["time"]).tzinfo is not None
-
-
-@pytest.mark.parametrize("spec", [
-    GBDT,
-    {**GBDT, "features": {"neighbours": [4], "encoding": "onehot"}},  # no categorical split
-    {**GBDT, "params": {"max_iter": 30, "max_leaf_nodes": 127, "min_samples_leaf": 2}},  # deep trees
-], ids=["ordinal, as served", "one-hot", "deep"])
-def test_flattened_trees_predict_exactly_what_sklearn_predicts(spec):
-    data = synthetic_housing(seed=5)
-    data = data[data["ocean_proximity"] != "ISLAND"]  # a category the model never saw
-    with threadpool_limits(1, "openmp"):
-        pipeline = train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
-    trees = flatten(pipeline)
-    assert trees is not None
-    frame = records_frame(records(300, seed=9))
-    numeric, codes = to_arrays(frame.astype(object).where(frame.notna(), None).to_dict("records"))
-    features = pipeline.steps[0][1].transform_arrays(numeric, codes)
-    assert np.array_equal(trees.predict(features), pipeline.predict(frame))
 
 
 # --- bad input -----------------------------------------------------------------------------------------------

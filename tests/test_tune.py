@@ -105,7 +105,7 @@ def test_a_study_records_every_trial_in_mlflow_under_one_parent_run_and_resumes(
     assert sorted(children["tags.trial"].astype(int)) == [0, 1, 2, 3]
     assert set(children["status"]) == {"FINISHED"}
     cost = study.trials[0].user_attrs["cost"]
-    assert cost["latency_path"] == "serving.trees.flatten"  # the serving app's own tree walker
+    assert cost["latency_path"] == "serving.trees.compile_pipeline"  # the serving app's own compiled model
     assert cost["latency_ms_1_row"] > 0 and cost["latency_ms_per_row_1000"] > 0
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parents["run_id"].iloc[0], "plots")}
     assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/rmse_vs_latency.png"} <= artifacts
