@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from features import FEATURES, FloatArray
 from serving.drift import DriftMonitor
 from serving.intake import parse_json, read_checked, refuse_more_than
-from serving.metrics import BATCH_SIZE, PREDICTED_VALUE, PREDICTIONS, metrics_text, worker_stopped
+from serving.metrics import BATCH_SIZE, PREDICTED_VALUE, PREDICTIONS, metrics_text, observe_all, worker_stopped
 from serving.model import RETRY_S, ModelKeeper, Poller, Reload, ServedModel
 from serving.openapi import openapi_document
 from serving.prediction_log import PredictionLog
@@ -134,8 +134,7 @@ class Service:
     def _record(self, request: Request, model: ServedModel, checked: CheckedInput, scored: Scored) -> None:
         PREDICTIONS.inc(len(scored.values))
         BATCH_SIZE.observe(len(scored.values))
-        for value in scored.values:
-            PREDICTED_VALUE.observe(value)
+        observe_all(PREDICTED_VALUE, np.asarray(scored.values))
         self.prediction_log.append({"request_id": scored.request_id, "time": time.time(), "model": model.label,
                                     "route": route_of(request), "inputs": checked.records, "outputs": scored.values},
                                    client=request.client.host if request.client else "")

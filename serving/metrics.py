@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Literal, get_args
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from features import FEATURES
+from features import FEATURES, FloatArray
 
 # What one registry check came to: loaded (a new model serves), unchanged, failed (the model was refused),
 # unavailable (a registry error, or no such model), refused (the registry does not record the version as promoted by
@@ -83,6 +84,18 @@ COMPILE_FALLBACKS = Counter("housing_model_compile_fallbacks", "Models loaded th
                             "because their compiled predictor was refused or could not be built.", registry=METRICS)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def observe_all(histogram: Histogram, values: FloatArray) -> None:
+    """Histogram.observe of every value, at the cost of one per bucket: a bucket count and the sum for the whole
+    batch, instead of a lock and a bucket search per value (~1 us a value; 10 ms for a batch of 10,000). Fills the
+    histogram's own value holders, so single- and multi-process modes export it unchanged."""
+    upper_bounds = histogram._upper_bounds  # ends with +Inf; observe() counts a value in the first bound >= it
+    counts = np.bincount(np.searchsorted(upper_bounds, values, side="left"), minlength=len(upper_bounds))
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(np.sum(values)))
 
 
 class MetricsMiddleware:
