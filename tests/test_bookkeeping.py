@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from serving.metrics import observe_all
 
 
-def test_a_batch_observed_at_once_exports_what_observing_each_value_exports():
-    values = np.concatenate([np.random.default_rng(0).uniform(0, 600_000, 997), [50_000.0, 550_000.0, 1e9]])
+@pytest.mark.parametrize("size", [1, 7, 1000])
+def test_a_batch_observed_at_once_exports_what_observing_each_value_exports(size):
+    values = np.concatenate([[50_000.0, 550_000.0, 1e9], np.random.default_rng(0).uniform(0, 600_000, size)])[-size:]
+    values[0] = 50_000.0
     exported = []
     for observe in (lambda h: [h.observe(v) for v in values.tolist()], lambda h: observe_all(h, values)):
         registry = CollectorRegistry()
