@@ -1,13 +1,11 @@
 """The served model compiled with Numba: features.HousingFeatures' arithmetic and a HistGradientBoostingRegressor's
 trees, one walk for every batch size, checked against the pipeline before it serves.
 
-Why Numba (measured 2026-12-07 on the 1,400-tree champion, one thread, CPU time, best of 7; one row varies between
-calls, so the branch predictor cannot learn it): Numba 15.4 us per row in 1,000-row batches and 26 us for one row;
-the same walk in C through ctypes 12.5 / 28.8 us; ONNX Runtime's TreeEnsemble 16.2 / 36.3 us, off by up to 1.9e-9
-(it sums in its own order); treelite's GTIL 133 / 179 us, off by 1.9e-9; the numpy level-by-level walk it replaces
-331 us per row / 201 us, and scikit-learn's predict() 97 us per row / 23 ms. Numba and C are alike in speed and both
-reproduce predict() bit for bit; Numba needs no compiler where the image is built and no second build of the code,
-at the price of ~190 MB of llvmlite in the image (docs/serving.md). ONNX Runtime is slower, inexact and ~75 MB.
+Why Numba: measured against the same walk in C, ONNX Runtime's TreeEnsemble, treelite's GTIL and scikit-learn on the
+champion (docs/results.md, "The compiled predictor"), Numba and C are the fastest and alike, and both reproduce
+predict() bit for bit; Numba needs no compiler where the image is built and no second build of the code, at the
+price of llvmlite in the image. ONNX Runtime is slower and off in the last bits (it sums in its own order); GTIL is
+several times slower.
 
 Exactness. The walk adds the trees' values onto the baseline in scikit-learn's order, so predictions come out
 bit-identical; features are computed with numpy's own operations in numpy's order (sums pairwise, as numpy sums
