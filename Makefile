@@ -18,13 +18,16 @@ ifeq ($(MODEL_NAME),)
 MODEL_NAME := $(shell $(PYTHON) names.py MODEL_NAME)
 endif
 export MODEL_NAME
+# MODEL_VERIFY_KEYS: the public keys serving (and the gate, for the champion) trust; by default the public half of
+# the local promotion key that `make retrain` creates on first use (names.py VERIFY_KEY; docs/security.md).
+export MODEL_VERIFY_KEYS ?= $(wildcard $(abspath $(shell $(PYTHON) names.py VERIFY_KEY)))
 # DVC remote for data versions: `local` (./dvcstore) or `s3remote` (s3://$(S3_DVC_BUCKET)/dvc,
 # at $(AWS_ENDPOINT_URL) when set, for S3-compatible servers).
 export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy reload infra-deploy monitoring-up monitoring-down soak hostile tune promote reference
+.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy reload infra-deploy monitoring-up monitoring-down soak hostile tune promote revoke reference
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -90,6 +93,9 @@ promote: venv ## a person approves a version the gate refused: make promote VERS
 
 reference: venv ## seed/refresh the gate's trusted reference set from a CSV you vouch for: make reference SOURCE=x.csv
 	@python -m scripts.reference "$(SOURCE)"
+
+revoke: venv ## take a version out of service, recording who and why: make revoke VERSION=n REASON="why"
+	@python -m scripts.revoke "$(VERSION)" "$(REASON)"
 
 rollback: venv ## point alias champion back to the previous champion
 	@python -m scripts.rollback

@@ -17,10 +17,19 @@ MODEL_NAME = "California_Housing_Regression"
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 
-# The version tag that says how a version reached production, and its values. Serving loads only TRUSTED_PROMOTIONS.
+# The version tag that says how a version reached production, and its values. Serving loads only TRUSTED_PROMOTIONS,
+# and only once their signature verifies; REVOKED (`make revoke`) takes a version out of service.
 PROMOTION_TAG = "promotion"
-BY_GATE, BY_PERSON, REJECTED = "gate", "human", "rejected"
+BY_GATE, BY_PERSON, REJECTED, REVOKED = "gate", "human", "rejected", "revoked"
 TRUSTED_PROMOTIONS = (BY_GATE, BY_PERSON)
+
+# Beside a promoted version's files: the evidence its promotion signed, and the signature (serving/signature.py).
+EVIDENCE_FILE = "promotion.json"
+SIGNATURE_FILE = "model.sig"
+# Where `make retrain` keeps the promotion's private key locally (created on first use, mode 600), and its public
+# half, which serving trusts by default (MODEL_SIGNING_KEY, MODEL_VERIFY_KEYS).
+SIGNING_KEY = Path(".services/model-signing.key")
+VERIFY_KEY = Path(".services/model-signing.pub")
 
 # The model's input fields, in the CSV's order (features.py builds the model's inputs from them), and the
 # endpoints that answer only on ADMIN_PORT when it is set (serving/admin.py).

@@ -15,6 +15,8 @@
 #   SERVING_TRACKING_URI        the MLflow server (http:// or https://) the serving host reads the registry from
 #                               (not MLFLOW_TRACKING_URI: the Makefile sets that to the local sqlite store)
 #   VPC_ID, SUBNET_ID           where the serving host runs (a public subnet)
+#   MODEL_VERIFY_KEYS           the public keys the serving host trusts (docs/security.md): PEM files or one-line
+#                               base64, comma-separated; the Makefile's default is the local promotion key's public half
 #   STACK_NAME=housing-mlops
 #   CODE_BUCKET                 default <stack>-code-<account>-<region>, created when missing
 #   EXTRA_PARAMETERS            more Key=Value template parameters, e.g. "HttpIngressCidr=10.0.0.0/16" or
@@ -29,7 +31,7 @@ TEMPLATE=infra/housing-mlops.yml
 
 missing=() parameters=()
 for pair in GitHubOwner=GITHUB_OWNER GitHubRepo=GITHUB_REPO GitHubRef=GITHUB_BRANCH ServingImage=SERVING_IMAGE \
-  MlflowTrackingUri=SERVING_TRACKING_URI VpcId=VPC_ID SubnetId=SUBNET_ID; do
+  MlflowTrackingUri=SERVING_TRACKING_URI VpcId=VPC_ID SubnetId=SUBNET_ID ModelVerifyKeys=MODEL_VERIFY_KEYS; do
   variable=${pair#*=}
   [[ -n ${!variable:-} ]] || missing+=("$variable")
   parameters+=("${pair%=*}=${!variable:-}")
@@ -43,6 +45,13 @@ if [[ ! $SERVING_TRACKING_URI =~ ^https?:// ]]; then
   echo "infra-deploy: SERVING_TRACKING_URI must be an MLflow server's http(s):// URL, not $SERVING_TRACKING_URI" >&2
   exit 2
 fi
+# The stack takes the keys on one line: a PEM file's body without its armour, as `python -m scripts.sign public-key`.
+one_line=()
+IFS=, read -ra keys <<<"$MODEL_VERIFY_KEYS"
+for key in "${keys[@]}"; do
+  if [[ -f $key ]]; then one_line+=("$(grep -v -- '-----' "$key" | tr -d '\n')"); else one_line+=("$key"); fi
+done
+parameters=("${parameters[@]/#ModelVerifyKeys=*/ModelVerifyKeys=$(IFS=,; echo "${one_line[*]}")}")
 export AWS_DEFAULT_REGION=${AWS_REGION:-$AWS_DEFAULT_REGION}
 command -v aws >/dev/null || { echo "infra-deploy: needs the aws CLI (https://aws.amazon.com/cli/)" >&2; exit 2; }
 

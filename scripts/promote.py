@@ -6,9 +6,10 @@
   record_lock                                     `make retrain`, after `dvc repro`: keep the run's dvc.lock with
                                                   its model version, so an approval can restore its data version
 
-Every promotion tags the version `promotion=gate` or `promotion=human` (with approved_by, approval_reason,
-approved_at) before the alias moves, so the registry records how each champion got there; serving can refuse
-anything else. The gate's own refusals carry `promotion=rejected` (scripts/register.py).
+Every promotion signs the version's files with the evidence (scripts/sign.py), then tags it `promotion=gate` or
+`promotion=human` (with approved_by, approval_reason, approved_at), and only then moves the alias: serving loads
+only what a trusted key signed for that name and version (serving/signature.py). The gate's own refusals carry
+`promotion=rejected` (scripts/register.py); `make revoke` takes a version out of service (scripts/revoke.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from names import BY_GATE, BY_PERSON, CHAMPION, DVC_LOCK, PREVIOUS_CHAMPION, PROMOTION_TAG, model_name
+from scripts import sign
 from scripts.champion import point_champion, version_by_alias, write_decision
 
 LOCK_ARTIFACT = "dvc.lock"
@@ -40,11 +42,20 @@ def now() -> str:
 
 
 def promote(client: MlflowClient, name: str, version: str, how: str, tags: dict[str, str]) -> str | None:
-    """Tag `version` with how it was promoted, then move the alias; return the replaced champion's version."""
+    """Sign `version` with the evidence, tag it with how it was promoted, then move the alias; return the replaced
+    champion's version (None: none, or `version` itself, signed again)."""
     current = version_by_alias(client, name, CHAMPION)
-    previous = current.version if current else None
+    previous = current.version if current and current.version != version else None
+    registered = client.get_model_version(name, version)
+    evidence = {"decision": how, "run_id": registered.run_id, "data_md5": registered.tags.get("data_md5"), **tags}
+    try:
+        sign.sign_version(client, name, version, evidence)
+    except sign.SigningRefused as refusal:
+        raise PromotionRefused(str(refusal)) from None
     for key, value in {PROMOTION_TAG: how, "promoted_at": now(), **tags}.items():
         client.set_model_version_tag(name, version, key, value)
+    if current and current.version == version:  # the champion signed again: the aliases stay as they are
+        return None
     if previous:
         client.set_model_version_tag(name, version, PREVIOUS_CHAMPION, previous)
     point_champion(client, name, version, previous)
@@ -89,8 +100,8 @@ def by_human(client: MlflowClient, name: str, version: str, reason: str) -> str:
         raise PromotionRefused(f"version {version} was never scored by the gate (no gate_decision tag): a person "
                                f"approves a judged version, not an arbitrary model; register it through `make retrain`")
     current = version_by_alias(client, name, CHAMPION)
-    if current and current.version == version:
-        raise PromotionRefused(f"version {version} is already the champion")
+    if current and current.version == version and sign.verifies(name, version):
+        raise PromotionRefused(f"version {version} is already the champion, and signed")
     lock = lock_of(client, name, version)
     approver = os.environ.get("PROMOTED_BY") or git_identity() or getpass.getuser()
     approval: dict[str, Any] = {"version": version, "approved_by": approver, "reason": reason, "approved_at": now(),
@@ -109,8 +120,9 @@ def by_human(client: MlflowClient, name: str, version: str, reason: str) -> str:
         else:
             DVC_LOCK.write_text(old_lock)
         raise
-    return (f"promote: {name} alias {CHAMPION} -> version {version} (was {approval['champion_before'] or 'none'}), "
-            f"promotion=human, approved by {approver}: {reason}\n"
+    moved = (f"version {version}, the {CHAMPION}, signed again" if approval["champion_before"] == version else
+             f"alias {CHAMPION} -> version {version} (was {approval['champion_before'] or 'none'})")
+    return (f"promote: {name} {moved}, promotion=human, approved by {approver}: {reason}\n"
             f"promote: dvc.lock now describes version {version}'s data: `dvc checkout`, then commit dvc.lock "
             f"(scripts/publish_lock.sh publish does it in CI)")
 

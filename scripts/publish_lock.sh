@@ -12,6 +12,9 @@
 #       conflict: the commit replaces dvc.lock and keeps every other file of the tip.
 #
 # Settings: PUBLISH_REMOTE=origin PUBLISH_ATTEMPTS=3. Git identity from the environment or git config.
+# GIT_PUSH_TOKEN: the workflow's token, given to this script's steps only (the checkout persists none). It goes to the
+# fetch and the push as the header actions/checkout would write into .git/config, through git's environment
+# (GIT_CONFIG_*): never written to disk, never on a command line.
 set -euo pipefail
 
 remote=${PUBLISH_REMOTE:-origin}
@@ -23,6 +26,17 @@ die() { say "$*"; exit 1; }
 # The dvc.lock blob `sync` started from; inside .git, so `git status` stays clean.
 base_path() { echo "$(git rev-parse --git-dir)/publish-lock-base"; }
 
+with_token() {  # run "$@" with GIT_PUSH_TOKEN's authorization header for the server's https remotes, when it is set
+  if [ -z "${GIT_PUSH_TOKEN:-}" ]; then
+    "$@"
+    return
+  fi
+  local basic
+  basic=$(printf 'x-access-token:%s' "$GIT_PUSH_TOKEN" | base64 -w0)
+  GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0="http.${GITHUB_SERVER_URL:-https://github.com}/.extraheader" \
+    GIT_CONFIG_VALUE_0="AUTHORIZATION: basic $basic" "$@"
+}
+
 lock_blob() {  # the blob id of dvc.lock in commit $1, or "none"
   git rev-parse --verify --quiet "$1:dvc.lock" || echo none
 }
@@ -30,7 +44,7 @@ lock_blob() {  # the blob id of dvc.lock in commit $1, or "none"
 sync() {
   local branch=$1 dispatched
   dispatched=$(git rev-parse HEAD)
-  timeout 120 git fetch --quiet "$remote" "$branch" ||
+  with_token timeout 120 git fetch --quiet "$remote" "$branch" ||
     die "cannot fetch $remote/$branch: check the remote and the token's contents:read permission"
   git checkout --quiet --force -B "$branch" "$remote/$branch"
   lock_blob HEAD >"$(base_path)"
@@ -55,7 +69,7 @@ publish() {
   index=$(mktemp)
   trap 'rm -f "$index"' RETURN
   for attempt in $(seq 1 "$attempts"); do
-    timeout 120 git fetch --quiet "$remote" "$branch" || die "cannot fetch $remote/$branch"
+    with_token timeout 120 git fetch --quiet "$remote" "$branch" || die "cannot fetch $remote/$branch"
     if [ "$(lock_blob "$remote/$branch")" != "$base" ]; then
       say "warning: dvc.lock on $remote/$branch changed during this run (a \`make promote\`?); this run moved the" \
         "alias last, so its dvc.lock is the one that describes the champion"
@@ -64,7 +78,7 @@ publish() {
     GIT_INDEX_FILE=$index git update-index --add --cacheinfo "100644,$ours,dvc.lock"
     tree=$(GIT_INDEX_FILE=$index git write-tree)
     commit=$(git commit-tree "$tree" -p "$remote/$branch" -m "$message")
-    if timeout 120 git push --quiet "$remote" "$commit:refs/heads/$branch"; then
+    if with_token timeout 120 git push --quiet "$remote" "$commit:refs/heads/$branch"; then
       git checkout --quiet --force -B "$branch" "$commit"
       echo "$ours" >"$(base_path)"
       say "pushed $(git rev-parse --short "$commit") to $remote/$branch: $message"

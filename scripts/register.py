@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,9 @@ from mlflow.tracking import MlflowClient
 
 from features import FEATURES, TARGET
 from names import CHAMPION, PROMOTION_TAG, REJECTED, model_name
-from scripts import reference
+from scripts import reference, sign
 from scripts.champion import decision_table, version_by_alias, write_decision
+from serving.signature import SignatureRefused
 from train import regression_metrics
 
 log = logging.getLogger("register")
@@ -141,7 +143,16 @@ def main() -> int:
         log.info("scoring the champion (version %s) on %d holdout and %d reference rows",
                  champion_version.version, len(holdout), len(trusted))
         try:
-            champion_scores = score(champion_uri, holdout, trusted)
+            with tempfile.TemporaryDirectory(prefix="housing-champion-") as scratch:
+                # Verified before it is unpickled: a champion someone replaced in the registry runs no code here.
+                champion_scores = score(sign.verified_download(name, champion_version.version, scratch), holdout,
+                                        trusted)
+        except SignatureRefused as refusal:
+            print(f"register: the champion {champion_uri} is not what a trusted key signed: {refusal}\n"
+                  f"register: nothing promoted; point {CHAMPION} back (`make rollback`), or, for a champion from "
+                  f"before signing, sign it: make promote VERSION={champion_version.version} REASON=\"...\"",
+                  file=sys.stderr)
+            return 1
         except Exception as error:  # noqa: BLE001 - whatever broke, the champion stays and we stop
             print(f"register: cannot score the champion {champion_uri}: {error}\n"
                   f"register: nothing promoted; fix or `make rollback` the champion, then retry", file=sys.stderr)

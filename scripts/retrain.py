@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from names import CHAMPION, DECISION, DECISION_TABLE, DVC_LOCK, REJECTED, model_name
-from scripts import lineage, promote
+from scripts import lineage, promote, sign
 from scripts.champion import registry_failure, version_by_alias
 
 # Bounded retries for every call to the registry (MLflow's client would otherwise retry a dead server for minutes).
@@ -70,6 +70,11 @@ def restore(good_lock: str | None, why: str, stages: tuple[str, ...] = DATA_STAG
 def main() -> int:
     for setting, value in REGISTRY_CALL_BOUNDS.items():
         os.environ.setdefault(setting, value)
+    try:  # the promotion key first: a CI job without its secret stops before it trains anything
+        sign.signing_key()
+    except sign.SigningRefused as refusal:
+        say(str(refusal))
+        return 1
     remote = os.environ.get("DVC_REMOTE", "local")
     registry, name = mlflow.get_tracking_uri(), model_name()  # the registry MlflowClient() talks to
     client = MlflowClient()

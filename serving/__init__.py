@@ -2,8 +2,9 @@
 
 One concept per module, in layers; a module imports only from the layers before its own (tests/test_serve.py checks):
 
-    settings, metrics, background, trees,     the settings object; every metric; the thread base; the fast path;
-    admin                                     which endpoints answer on which port
+    signature, metrics, background, trees,    what the gate signed, checked; every metric; the thread base; the fast
+    admin                                     path; which endpoints answer on which port
+    settings                                  the settings object
     schema, registry, drift, prediction_log   records checked into arrays; every MLflow call; PSI; the JSON lines
     intake, model, openapi                    every door's one bounded path from bytes to checked input; load,
                                               check, keep and reload the model; the OpenAPI document

@@ -20,9 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from features import FEATURES, FloatArray
 
-# What one registry check came to: loaded (a new model serves), unchanged, failed (the model was refused),
-# unavailable (a registry error, or no such model), refused (the registry does not record the version as promoted by
-# the gate or approved by a person: serving/model.py, PROMOTION_TAG).
+# What one registry check came to: loaded (a new model serves), unchanged, failed (the model could not be loaded or
+# failed a check), unavailable (a registry error, or no such model), refused (the version is not what a trusted key
+# signed, not recorded as promoted by the gate or a person, or revoked: serving/model.py).
 ReloadResult = Literal["loaded", "unchanged", "failed", "unavailable", "refused"]
 RELOAD_RESULTS: tuple[ReloadResult, ...] = get_args(ReloadResult)
 
@@ -48,6 +48,9 @@ MODEL_LOADED = Gauge("housing_model_loaded", "1 when a model is loaded (in every
                      multiprocess_mode="livemin", registry=METRICS)
 RELOADS = Counter("housing_model_reloads", f"Registry checks by result: {', '.join(RELOAD_RESULTS)}.",
                   ["result"], registry=METRICS)
+REVOKED_SERVING = Gauge("housing_model_revoked_serving", "1 while the version the registry points at is revoked and "
+                        "no unrevoked version it replaced can take over: the model in hand keeps serving.",
+                        multiprocess_mode="livemax", registry=METRICS)
 LAST_RELOAD = Gauge("housing_model_last_reload_timestamp_seconds", "Unix time the served model was loaded.",
                     multiprocess_mode="livemax", registry=METRICS)
 # Why a prediction log entry was not written: buffer_full, write_error, client_budget (serving/prediction_log.py).

@@ -19,13 +19,22 @@ from mlflow.models import Model, ModelSignature
 from sklearn.pipeline import Pipeline
 
 from features import FEATURES, OPTIONAL_FEATURES, PROFILE_FILE, FloatArray
-from names import PROMOTION_TAG, REJECTED, TRUSTED_PROMOTIONS
+from names import PREVIOUS_CHAMPION, PROMOTION_TAG, REJECTED, REVOKED, TRUSTED_PROMOTIONS
 from serving.background import BackgroundThread
 from serving.drift import DriftWindow
-from serving.metrics import COMPILE_FALLBACKS, LAST_RELOAD, MODEL_INFO, MODEL_LOADED, RELOADS, ReloadResult
+from serving.metrics import (
+    COMPILE_FALLBACKS,
+    LAST_RELOAD,
+    MODEL_INFO,
+    MODEL_LOADED,
+    RELOADS,
+    REVOKED_SERVING,
+    ReloadResult,
+)
 from serving.registry import ModelRef, Registry, RegistryUnavailable
 from serving.schema import SMOKE_RECORDS, to_arrays
 from serving.settings import Settings
+from serving.signature import SignatureRefused, verify
 from serving.trees import CompiledModel, compile_pipeline
 
 log = logging.getLogger("housing.serve")
@@ -92,6 +101,8 @@ def load(ref: ModelRef, settings: Settings, registry: Registry) -> ServedModel:
     """Download, check and load the model; raise unless it is fit to serve."""
     with tempfile.TemporaryDirectory(prefix="housing-model-") as scratch:
         local = registry.download(ref, scratch)
+        if not settings.model_uri:  # MODEL_URI is an explicit choice; a registry version must be what the gate signed
+            verify(Path(local), settings.verify_keys, settings.model_name, ref.version)
         metadata = Model.load(local)
         check_schema(metadata)
         pipeline = mlflow.sklearn.load_model(local)
@@ -154,6 +165,12 @@ def promotion_refusal(ref: ModelRef, tags: Mapping[str, str]) -> str | None:
             f"`make promote VERSION={ref.version} REASON=\"...\"`")
 
 
+def revocation(ref: ModelRef, tags: Mapping[str, str]) -> str:
+    """Why `ref` is out of service, as `make revoke` recorded it."""
+    return (f"{ref.uri} was revoked by {tags.get('revoked_by', 'someone')} at {tags.get('revoked_at', '?')}: "
+            f"{tags.get('revoked_reason', 'no reason given')}")
+
+
 def smoke_test(model: ServedModel) -> None:
     fast = model.predict(*to_arrays(list(SMOKE_RECORDS)))
     reference = model.pipeline.predict(pd.DataFrame(list(SMOKE_RECORDS), columns=list(FEATURES)))
@@ -208,24 +225,43 @@ class ModelKeeper:
 
     def _refresh(self) -> Reload:
         try:
-            ref = self._registry.locate()
+            located = self._registry.locate()
         except RegistryUnavailable as error:  # logged by the registry, once per change of its state
             return Reload("unavailable", str(error))
-        if self.current is not None and self.current.ref == ref:
-            self.not_serving = None
-            return Reload("unchanged")
-        # Before anything is downloaded or unpickled; asked again at every look, so a later approval takes effect.
+        target: ModelRef | None = located
+        revoked = ""  # why the version the registry points at is revoked ("" while it is not)
+        # The record is read at every look, before anything is downloaded or unpickled: a later approval, or a
+        # revocation of the version being served, takes effect within one poll.
         if not self.settings.model_uri:  # MODEL_URI is an explicit choice
             try:
-                refusal = promotion_refusal(ref, self._registry.version_tags(ref))
+                tags = self._registry.version_tags(located)
+                if tags.get(PROMOTION_TAG) == REVOKED:
+                    revoked = revocation(located, tags)
+                    target, tags = self._rollback_target(tags)
             except (mlflow.MlflowException, OSError) as error:
-                log.warning("cannot read the promotion record of %s: %s", ref.uri, error)
+                log.warning("cannot read the promotion record of %s: %s", located.uri, error)
                 return Reload("unavailable", str(error))
+            if target is None:  # revoked, and nothing to go back to: the model in hand keeps serving
+                REVOKED_SERVING.set(1)
+                return Reload("refused", f"{revoked}; no unrevoked version to go back to: the served model stays")
+            refusal = promotion_refusal(target, tags)
             if refusal:
-                self._not_serving(ref, "refused", refusal)
+                self._not_serving(target, "refused", refusal)
                 return Reload("refused", refusal)
+        ref = target if target is not None else located  # None only for a revocation, which returned above
+        REVOKED_SERVING.set(0)
+        if self.current is not None and self.current.ref == ref:
+            self.not_serving = None
+            return Reload("refused", f"{revoked}; serving version {ref.version}") if revoked else Reload(
+                "unchanged")
         try:
             model = load(ref, self.settings, self._registry)
+        except SignatureRefused as error:
+            log.warning("refused %s: %s", ref.uri, error)
+            # Which key or file failed is for the log and /reload's answer (behind the token), not for /model.
+            self._not_serving(ref, "refused", f"{public_uri(ref.uri)}: not what a key this server trusts signed "
+                                              "for it (the server log and /reload say why)")
+            return Reload("refused", f"{ref.uri}: {error}")
         except Exception as error:  # whatever went wrong, keep serving the model we have
             log.exception("refused %s", ref.uri)
             # /model is public: it says which check refused the model, never an exception's text, which names
@@ -236,7 +272,18 @@ class ModelKeeper:
         self.not_serving = None
         self._swap(model)
         log.info("serving %s version %s (%s)", model.name, model.ref.version, ref.uri)
-        return Reload("loaded", ref.uri)
+        return Reload("refused", f"{revoked}; went back to version {ref.version}") if revoked else Reload(
+            "loaded", ref.uri)
+
+    def _rollback_target(self, tags: Mapping[str, str]) -> tuple[ModelRef | None, dict[str, str]]:
+        """The version the revoked one replaced (its PREVIOUS_CHAMPION tag) and its record, unless it is revoked too
+        or missing; (None, {}) then."""
+        previous = tags.get(PREVIOUS_CHAMPION)
+        if not previous:
+            return None, {}
+        ref = ModelRef(f"models:/{self.settings.model_name}/{previous}", previous)
+        previous_tags = self._registry.version_tags(ref)
+        return (None, {}) if previous_tags.get(PROMOTION_TAG) == REVOKED else (ref, previous_tags)
 
     def _not_serving(self, ref: ModelRef, result: ReloadResult, reason: str) -> None:
         noted: NotServing = {"version": ref.version, "uri": public_uri(ref.uri), "result": result, "reason": reason}

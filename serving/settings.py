@@ -12,6 +12,7 @@ from typing import Any
 import names
 from features import CATEGORIES
 from names import NUMERIC_FEATURES
+from serving.signature import VerifyKey, load_keys
 
 # The longest JSON a client can reasonably write for one record: every number at full float64 precision with an
 # exponent (-1.2345678901234567e-05: 23 characters), the longest category, Python's default separators (", " and
@@ -50,6 +51,11 @@ class Settings:
     drift_window: int = 1000
     admin_port: int = 0  # 0: /reload and /metrics answer on PORT, like every endpoint
     admin_host: str = "127.0.0.1"
+    model_verify_keys: str = ""  # public keys a version's signature must verify under; none: no version serves
+
+    @property
+    def verify_keys(self) -> tuple[VerifyKey, ...]:
+        return load_keys(self.model_verify_keys)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -66,6 +72,7 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        load_keys(self.model_verify_keys)  # a key that cannot be read stops the start, naming it
         if self.max_body_bytes == 0:
             object.__setattr__(self, "max_body_bytes", body_bytes_for(self.max_batch_rows))
         for name in ("workers", "max_batch_rows", "max_body_bytes", "drift_window", "prediction_log_max_bytes"):

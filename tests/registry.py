@@ -1,12 +1,15 @@
 """A model in a registry, as the gate leaves it: small pipelines fitted on synthetic data, logged to an MLflow store
-only the test uses, registered with the gate's promotion tag and, unless a test says otherwise, made the champion.
+only the test uses, registered with the gate's promotion tag, signed with this process's promotion key and, unless a
+test says otherwise, made the champion.
 
-Serving refuses a version without the tag (names.PROMOTION_TAG), so every test that serves a registered
-model makes it here.
+Serving refuses a version without the tag (names.PROMOTION_TAG) or the signature (serving/signature.py), so every
+test that serves a registered model makes it here; tests/servers.py gives every server the key's public half.
 """
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,14 +19,33 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from mlflow.tracking import MlflowClient
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
 import train
 from features import FEATURES, TARGET, reference_profile
-from names import BY_GATE, CHAMPION, PROMOTION_TAG
+from names import BY_GATE, BY_PERSON, CHAMPION, PROMOTION_TAG, TRUSTED_PROMOTIONS
+from scripts.sign import sign_version
 from tests.conftest import RIDGE, synthetic_housing
+
+
+@functools.cache
+def promotion_keys() -> tuple[Path, str]:
+    """This test process's promotion key (its PEM file) and MODEL_VERIFY_KEYS for its public half. Made here, at
+    first use: no key lives in the repository."""
+    folder = Path(tempfile.mkdtemp(prefix="housing-test-keys-"))
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = folder / "promotion.key"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public = folder / "promotion.pub"
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, str(public)
 
 
 def fitted(spec: dict, seed: int = 0) -> Pipeline:
@@ -66,9 +88,16 @@ class TemporaryRegistry:
                                       profile)
         tags = {PROMOTION_TAG: promotion} if promotion else {}
         version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+        if promotion in TRUSTED_PROMOTIONS:  # signed as a promotion signs it, with this process's key
+            sign_version(self.client, name, version, {"decision": promotion}, key=promotion_keys()[0])
         if alias:
             self.client.set_registered_model_alias(name, alias, version)
         return version
+
+    def approve(self, name: str, version: str, promotion: str = BY_PERSON) -> None:
+        """What a promotion records, without moving the alias: the version signed as it is now, then tagged."""
+        sign_version(self.client, name, version, {"decision": promotion}, key=promotion_keys()[0])
+        self.client.set_model_version_tag(name, version, PROMOTION_TAG, promotion)
 
     def predictions(self, name: str, version: str, frame: pd.DataFrame) -> np.ndarray:
         """What the registered model itself predicts, through MLflow's pyfunc interface."""

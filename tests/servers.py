@@ -27,6 +27,7 @@ from starlette.testclient import TestClient
 from serve import create_app
 from serving.settings import Settings
 from tests.conftest import ROOT, clean_environment
+from tests.registry import promotion_keys
 
 T = TypeVar("T")
 # What serve.py reads (serving/settings.py, and the metrics folder its workers share): a test's server sees only
@@ -89,8 +90,10 @@ def free_port() -> int:
 
 
 def serve_environment(**settings: str) -> dict[str, str]:
-    """This process's environment without any AWS, MLflow or serve.py setting, then `settings`."""
-    return {name: value for name, value in clean_environment().items() if name not in SERVE_SETTINGS} | settings
+    """This process's environment without any AWS, MLflow or serve.py setting, then `settings`; MODEL_VERIFY_KEYS is
+    this test process's promotion key unless `settings` say otherwise."""
+    return ({name: value for name, value in clean_environment().items() if name not in SERVE_SETTINGS}
+            | {"MODEL_VERIFY_KEYS": promotion_keys()[1]} | settings)
 
 
 def start_serve(env: Mapping[str, str], log: Path) -> ServerProcess:
@@ -145,7 +148,7 @@ def app_in_process(ready: bool = True, **settings: Any) -> Iterator[TestClient]:
     The registry is MLflow's from the environment (MLFLOW_TRACKING_URI), as in a server. Metrics are this process's
     own (prometheus-client's default single-process mode): compare before and after, not absolute counts.
     """
-    with TestClient(create_app(Settings(**settings))) as client:
+    with TestClient(create_app(Settings(**{"model_verify_keys": promotion_keys()[1], **settings}))) as client:
         if ready:
             wait_for(lambda: client.get("/ready").status_code == 200, 90, "the in-process app's /ready")
         yield client

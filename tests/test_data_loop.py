@@ -44,6 +44,7 @@ from serving.schema import EXAMPLE_RECORD
 from tests.actions_runner import RETRAIN_TIMEOUT_S, WORKFLOW, ActionsRunner, Job
 from tests.conftest import STORY_CANDIDATES, clean_environment, seeded_origin, synthetic_housing
 from tests.fake_github import FakeGitHub
+from tests.registry import promotion_keys
 from tests.servers import ROOT, ServerProcess, running_app, serve_environment, wait_for
 from tests.services import LocalServices
 
@@ -245,7 +246,7 @@ def loop(
             "MODEL_NAME": MODEL,
             "SERVE_URL": app.url,
         },
-        secrets={"RELOAD_TOKEN": RELOAD_TOKEN, **{
+        secrets={"RELOAD_TOKEN": RELOAD_TOKEN, "MODEL_SIGNING_KEY": promotion_keys()[0].read_text(), **{
             name: value for name, value in services.account("writer").items() if name != "MLFLOW_TRACKING_URI"}},
     )
     secret_arn = services.client("secretsmanager").put_secret_value(

@@ -24,7 +24,7 @@ HOST_PATHS = ("/etc/", "/var/", "/opt/", "/app/")
 # Variables the code reads that are not settings of ours: set by the platform, or passed from one of our steps to the
 # next (the workflow's inputs to pin_upload, pin_upload to the fetch stage, deploy.sh to itself after a checkout).
 NOT_SETTINGS = {
-    "PATH", "GITHUB_ENV",
+    "PATH", "GITHUB_ENV", "GITHUB_ACTIONS", "GITHUB_SERVER_URL",  # the runner's, set by GitHub Actions
     "S3_BUCKET", "S3_KEY", "S3_ETAG", "S3_VERSION_ID", "DATA_S3_ETAG", "DATA_S3_VERSION_ID",
     "DEPLOY_LOCK_FD",
 }

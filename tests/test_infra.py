@@ -24,6 +24,7 @@ import pytest
 from cfnlint.decode import cfn_yaml
 
 from tests.conftest import ROOT
+from tests.registry import promotion_keys
 
 # Expected, and described above: moto warns about each resource type its CloudFormation does not implement.
 pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS.* but it's not supported:UserWarning")
@@ -35,6 +36,7 @@ SETTINGS = {
     "GITHUB_REPO": "housing-mlops",
     "SERVING_IMAGE": "acme/housing-serve",
     "SERVING_TRACKING_URI": "http://mlflow.internal:5000",
+    "MODEL_VERIFY_KEYS": promotion_keys()[1],  # a PEM file: infra_deploy.sh puts it on one line
 }
 
 
@@ -96,7 +98,7 @@ def statements(aws, role: str, policy: str) -> list[dict[str, Any]]:
 def test_infra_deploy_needs_its_settings(moto_endpoint: str, network: dict[str, str]):
     result = infra_deploy(moto_endpoint, GITHUB_OWNER="acme")
     assert result.returncode == 2
-    assert "set GITHUB_REPO SERVING_IMAGE SERVING_TRACKING_URI VPC_ID SUBNET_ID" in result.stderr
+    assert "set GITHUB_REPO SERVING_IMAGE SERVING_TRACKING_URI VPC_ID SUBNET_ID MODEL_VERIFY_KEYS" in result.stderr
     result = infra_deploy(moto_endpoint, **{**SETTINGS, **network, "SERVING_TRACKING_URI": "sqlite:///mlflow.db"})
     assert result.returncode == 2
     assert "SERVING_TRACKING_URI must be an MLflow server's http(s):// URL" in result.stderr
@@ -315,13 +317,15 @@ def test_outputs_name_every_repository_variable_the_workflows_read(aws, stack: d
     provided = {m for o in declared.values() for m in re.findall(r"Repository variable (\w+)", o["Description"])}
     workflows = "".join(p.read_text() for p in (ROOT / ".github" / "workflows").glob("*.yml"))
     read = set(re.findall(r"vars\.(\w+)", workflows))
-    assert read - provided == {"MLFLOW_TRACKING_URI", "MODEL_NAME"}  # the MLflow server is not part of the stack
+    # The MLflow server is not part of the stack, nor is the promotion key (docs/security.md).
+    assert read - provided == {"MLFLOW_TRACKING_URI", "MODEL_NAME", "MODEL_VERIFY_KEYS"}
 
     parameters = {
         "GitHubOwner": "acme",
         "GitHubRepo": "housing-mlops",
         "ServingImage": "acme/housing-serve",
         "MlflowTrackingUri": "http://mlflow.internal:5000",
+        "ModelVerifyKeys": "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE",
         "VpcId": network["VPC_ID"],
         "SubnetId": network["SUBNET_ID"],
         "LambdaCodeBucket": f"{STACK}-code-{ACCOUNT}-{REGION}",

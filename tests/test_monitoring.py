@@ -41,7 +41,7 @@ DATASOURCES = sorted((ROOT / "grafana" / "provisioning" / "datasources").glob("*
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
 EVERY_ALERT = {"HousingServeTargetDown", "HousingNoModelLoaded", "HousingHighErrorRatio", "HousingHighLatency",
                "HousingModelReloadFailed", "HousingFeatureDrift", "HousingPredictionDrift", "HousingNoPredictions",
-               "HousingModelReloadRefused"}
+               "HousingModelReloadRefused", "HousingRevokedModelServing"}
 
 
 def rules() -> list[dict]:

@@ -35,6 +35,7 @@ from names import MODEL_NAME
 from tests.actions_runner import ActionsRunner, Job
 from tests.conftest import STORY_CANDIDATES, clean_environment, run_make, seeded_origin, synthetic_housing
 from tests.fake_github import Dispatch
+from tests.registry import promotion_keys
 from tests.servers import ROOT
 from tests.services import LocalServices
 
@@ -87,8 +88,9 @@ class Pipeline:
             machine_env={**clean_environment(), **self.services.aws_env(), "VENV": str(ROOT / ".venv")},
             variables={"AWS_REGION": "us-east-1", "S3_DVC_BUCKET": self.services.dvc_bucket,
                        "MLFLOW_TRACKING_URI": self.services.mlflow_url, "MODEL_NAME": MODEL, **variables},
-            secrets={name: value for name, value in self.services.account("writer").items()
-                     if name != "MLFLOW_TRACKING_URI"},
+            secrets={"MODEL_SIGNING_KEY": promotion_keys()[0].read_text(),
+                     **{name: value for name, value in self.services.account("writer").items()
+                        if name != "MLFLOW_TRACKING_URI"}},
         )
         head = self.s3.head_object(Bucket=self.services.data_bucket, Key=key)
         inputs = {"s3_bucket": self.services.data_bucket, "s3_key": key, "s3_etag": head["ETag"].strip('"')}
@@ -269,7 +271,8 @@ def approved(push_fails: PromotionStep, halved: PromotionStep, pipeline: Pipelin
     """Step 7: a person approves the version the gate refused in step 4, with a reason."""
     refused = halved.challenger.version
     workspace = pipeline.clone("approve")
-    env = {**pipeline.services.account("writer"), "PROMOTED_BY": "analyst@example.com"}
+    env = {**pipeline.services.account("writer"), "PROMOTED_BY": "analyst@example.com",
+           "MODEL_SIGNING_KEY": str(promotion_keys()[0])}
     result = run_make(workspace, "promote", f"VERSION={refused}", "REASON=prices really halved", **env)
     return observe(pipeline, None, result, refused=refused, workspace=workspace,
                    checkout_data_md5=locked_data_md5(workspace))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import clean_environment
 from tests.servers import ROOT
@@ -96,3 +100,52 @@ def test_publish_without_sync_refuses_and_names_the_fix(origin):
     result = publish_lock(job, "publish", "main", "retrain")
     assert result.returncode == 1
     assert "publish_lock: run `" in result.stderr and "sync main` before the retrain" in result.stderr
+
+
+# A git in front of the real one that notes, for each call, its arguments and the extra configuration git's
+# environment gives it: what `with_token` hands over.
+RECORDING_GIT = """#!/bin/bash
+printf '%s | %s=%s\\n' "$*" "${GIT_CONFIG_KEY_0:-}" "${GIT_CONFIG_VALUE_0:-}" >> "$GIT_CALLS"
+exec "$REAL_GIT" "$@"
+"""
+
+
+def test_the_token_reaches_fetch_and_push_as_a_header_in_gits_environment_and_nowhere_else(origin, tmp_path):
+    token = "ghs_publish-lock-test-token"
+    header = "AUTHORIZATION: basic " + base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    workspace = clone(origin, "job")
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "git").write_text(RECORDING_GIT)
+    (wrapper / "git").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**clean_environment(), **IDENTITY, "GIT_PUSH_TOKEN": token, "GIT_CALLS": str(calls),
+           "REAL_GIT": shutil.which("git"), "PATH": f"{wrapper}:{os.environ['PATH']}"}
+
+    for args in (("sync", "main"), ("publish", "main", "retrain: dvc.lock")):
+        if args[0] == "publish":
+            (workspace / "dvc.lock").write_text("data: v2\n")
+        run = subprocess.run([str(SCRIPT), *args], cwd=workspace, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+
+    lines = calls.read_text().splitlines()
+    remote = [line for line in lines if line.startswith(("fetch", "push"))]
+    assert [line.split()[0] for line in remote] == ["fetch", "fetch", "push"]
+    assert all(line.endswith(f"http.https://github.com/.extraheader={header}") for line in remote)
+    assert all(token not in line.split(" | ")[0] for line in lines)  # never an argument
+    assert all(line.endswith(" | =") for line in lines if line not in remote)  # only the remote calls get it
+    assert token not in (workspace / ".git" / "config").read_text() and header not in (
+        workspace / ".git" / "config").read_text()
+    assert lock_on(origin) == "data: v2"
+
+
+def test_the_retrain_job_persists_no_token_and_hands_it_to_the_two_remote_steps_only():
+    job = yaml.safe_load((ROOT / ".github" / "workflows" / "retrain.yml").read_text())["jobs"]["retrain"]
+    checkout = next(step for step in job["steps"] if step.get("uses", "").startswith("actions/checkout@"))
+    assert checkout["with"]["persist-credentials"] is False
+    given = [step["name"] for step in job["steps"] if "github.token" in yaml.safe_dump(step)]
+    assert given == ["Newest branch tip", "Commit dvc.lock"]
+    steps = [step.get("name") for step in job["steps"]]
+    assert steps.index("Newest branch tip") < steps.index("Pin the upload") < steps.index("Retrain") < steps.index(
+        "Commit dvc.lock")  # before anything is installed, after every model is loaded

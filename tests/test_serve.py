@@ -21,9 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES
-from names import PROMOTION_TAG
-from serving.metrics import METRICS
-from serving.prediction_log import PredictionLog
+from names import BY_GATE
 from tests.conftest import GBDT, RIDGE, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
 from tests.servers import (
@@ -251,32 +249,6 @@ def test_wrong_method_and_unknown_path_are_json_errors(server):
 # --- prediction log ------------------------------------------------------------------------------------------
 
 
-def test_prediction_log_rotates_by_size(tmp_path):
-    log = PredictionLog(tmp_path, max_bytes=2_000)
-    log.start()
-    for number in range(20):
-        log.append({"request_id": f"r{number}", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
-    log.stop()
-    files = sorted(tmp_path.glob("predictions-*.jsonl*"))
-    assert len(files) > 1
-    assert all(path.stat().st_size <= 2_000 for path in files)
-    logged = {orjson.loads(line)["request_id"] for path in files for line in path.read_bytes().splitlines()}
-    assert logged == {f"r{number}" for number in range(20)}
-
-
-def test_prediction_log_that_cannot_write_drops_and_counts(tmp_path):
-    (tmp_path / "file").write_text("not a directory")
-    log = PredictionLog(tmp_path / "file" / "logs")
-    dropped = METRICS.get_sample_value("housing_prediction_log_dropped_total")
-    log.start()
-    log.append({"request_id": "r", "time": 1.8e9, "inputs": [GOOD], "outputs": [1.0]})
-    log.stop()
-    assert METRICS.get_sample_value("housing_prediction_log_dropped_total") == dropped + 1
-
-
-# --- metrics -------------------------------------------------------------------------------------------------
-
-
 def test_metrics_move_with_traffic(server, models):
     before = metrics(server)
     assert predict(server, {"instances": records(7)}).status_code == 200
@@ -378,9 +350,11 @@ def register_nan_predicting(registry: TemporaryRegistry) -> str:
 
 
 def register_without_pickle(registry: TemporaryRegistry) -> str:
-    version = registry.register("served", fitted(RIDGE))
+    """A version promoted (signed) without its model.pkl: it verifies, and cannot be loaded."""
+    version = registry.register("served", fitted(RIDGE), promotion=None)
     model_id = registry.client.get_model_version("served", version).source.removeprefix("models:/")
     Path(mlflow.get_logged_model(model_id).artifact_location.removeprefix("file://"), "model.pkl").unlink()
+    registry.approve("served", version, BY_GATE)
     return version
 
 
@@ -451,7 +425,7 @@ def test_refused_version_is_served_once_a_person_approves_it(server, registry, c
     version = registry.register("served", fitted(RIDGE, seed=4), promotion="rejected")
     assert reload(server).json()["result"] == "refused"
 
-    registry.client.set_model_version_tag("served", version, PROMOTION_TAG, "human")  # what `make promote` records
+    registry.approve("served", version)  # what `make promote` records
     assert reload(server).json()["result"] == "loaded"
     assert served_version(server) == version
 
@@ -483,7 +457,7 @@ def test_unpromoted_champion_is_not_served_at_start_unless_model_uri_names_it(re
         assert unloaded.json()["not_serving"]["uri"] == uri
         assert "has no promotion tag" in unloaded.json()["not_serving"]["reason"]
 
-        registry.client.set_model_version_tag("unpromoted", version, PROMOTION_TAG, "human")
+        registry.approve("unpromoted", version)
         wait_for(lambda: following.get("/ready").status_code == 200, 60, "the approved version to load")
         assert following.get("/model").json()["not_serving"] is None
         assert predict(following, GOOD).json()["model"] == {"name": "unpromoted", "version": version}
@@ -591,7 +565,8 @@ def test_health_and_openapi(server):
 
 # serving/'s modules in layers: each imports only from layers before its own, so app → model → trees, never back.
 LAYERS = [
-    {"settings", "metrics", "background", "trees", "admin"},
+    {"signature", "metrics", "background", "trees", "admin"},
+    {"settings"},
     {"schema", "registry", "drift", "prediction_log"},
     {"intake", "model", "openapi"},
     {"tabular", "responses"},
