@@ -66,6 +66,15 @@ def predict_input(body: bytes, media_type: str, max_rows: int) -> CheckedInput:
 class Scored(NamedTuple):
     values: list[float]  # one prediction per record
     request_id: str  # the client's X-Request-ID, or a new one: in the answer's header and the prediction log
+    batch: bool  # several records (or a protocol that always answers a list): each prediction's id is numbered
+
+    @property
+    def ids(self) -> list[str]:
+        """Each prediction's id, what its true price is joined on later (`make realized`): the request's id for
+        one /predict record, `<request id>/<index>` for each record of a batch."""
+        if not self.batch:
+            return [self.request_id]
+        return [f"{self.request_id}/{index}" for index in range(len(self.values))]
 
 
 class Service:
@@ -109,7 +118,8 @@ class Service:
         if model is None:
             return not_loaded()
         scored = await self.score(request, model, checked)
-        content = {"predictions": scored.values} if checked.batch else {"prediction": scored.values[0]}
+        content = ({"predictions": scored.values, "ids": scored.ids} if checked.batch else
+                   {"prediction": scored.values[0], "id": scored.request_id})
         return json_response({**content, "model": model.label}, headers={"X-Request-ID": scored.request_id})
 
     async def score(self, request: Request, model: ServedModel, checked: CheckedInput) -> Scored:
@@ -117,7 +127,7 @@ class Service:
         predictions = await self._predict(model, checked.numeric, checked.codes)
         if model.drift is not None:
             model.drift.add(checked.numeric, checked.codes, predictions)
-        scored = Scored(predictions.tolist(), request_id(request))
+        scored = Scored(predictions.tolist(), request_id(request), checked.batch)
         self._record(request, model, checked, scored)
         return scored
 
@@ -136,7 +146,8 @@ class Service:
         BATCH_SIZE.observe(len(scored.values))
         observe_all(PREDICTED_VALUE, np.asarray(scored.values))
         self.prediction_log.append({"request_id": scored.request_id, "time": time.time(), "model": model.label,
-                                    "route": route_of(request), "inputs": checked.records, "outputs": scored.values},
+                                    "route": route_of(request), "ids": scored.ids, "inputs": checked.records,
+                                    "outputs": scored.values},
                                    client=request.client.host if request.client else "")
 
     async def health(self, request: Request) -> Response:

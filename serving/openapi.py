@@ -37,7 +37,11 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                                           "items": {"$ref": "#/components/schemas/Record"}}}}
     prediction = {"type": "object", "required": ["model"], "properties": {
         "prediction": {"type": "number"},
+        "id": {"type": "string", "description": "the prediction's id: X-Request-ID if sent; give it with the true "
+                                                "price later (`make realized`)"},
         "predictions": {"type": "array", "items": {"type": "number"}},
+        "ids": {"type": "array", "items": {"type": "string"},
+                "description": "each prediction's id, in order: <X-Request-ID or a new id>/<index>"},
         "model": {"type": "object", "properties": {"name": {"type": "string"},
                                                    "version": {"type": ["string", "null"]}}}}}
     problem = {"type": "object", "properties": {"path": {"type": "string"}, "message": {"type": "string"}}}

@@ -68,6 +68,7 @@ class PredictionEntry(TypedDict):
     time: float  # Unix time; written as ISO 8601 in UTC
     model: Mapping[str, object]  # model.ModelLabel
     route: str  # the endpoint that answered, e.g. /predict, /invocations, /v2/models/{name}/infer
+    ids: list[str]  # each prediction's id, in the records' order (app.Scored.ids)
     inputs: list[Any]  # the records as sent
     outputs: list[float]
 

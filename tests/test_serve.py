@@ -168,10 +168,21 @@ def test_every_prediction_is_logged(server, prediction_log_dir):
         return None
 
     entry = wait_for(logged, 10, "the prediction log entry")
+    assert response.json()["id"] == "logged-request-1"
+    assert entry["ids"] == ["logged-request-1"]
     assert entry["inputs"] == [record]
     assert entry["outputs"] == [response.json()["prediction"]]
     assert entry["model"] == response.json()["model"]
     assert datetime.fromisoformat(entry["time"]).tzinfo is not None
+
+
+def test_each_prediction_of_a_batch_has_an_id_numbered_under_the_request_id(server):
+    given = predict(server, {"instances": records(3, seed=12)}, headers={"X-Request-ID": "batch-7"}).json()
+    made_up = predict(server, {"instances": records(2, seed=13)})
+
+    assert given["ids"] == ["batch-7/0", "batch-7/1", "batch-7/2"]
+    request = made_up.headers["X-Request-ID"]
+    assert made_up.json()["ids"] == [f"{request}/0", f"{request}/1"]
 
 
 # --- bad input -----------------------------------------------------------------------------------------------
