@@ -27,7 +27,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy reload infra-deploy monitoring-up monitoring-down soak hostile tune promote revoke reference
+.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy reload infra-deploy monitoring-up monitoring-down soak hostile tune promote bake revoke reference
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -93,6 +93,9 @@ promote: venv ## a person approves a version the gate refused: make promote VERS
 
 reference: venv ## seed/refresh the gate's trusted reference set from a CSV you vouch for: make reference SOURCE=x.csv
 	@python -m scripts.reference "$(SOURCE)"
+
+bake: venv ## decide on the candidate in shadow: promote it to champion after a clean bake, or refuse it (BAKE_S)
+	@python -m scripts.bake
 
 revoke: venv ## take a version out of service, recording who and why: make revoke VERSION=n REASON="why"
 	@python -m scripts.revoke "$(VERSION)" "$(REASON)"

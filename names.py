@@ -13,9 +13,12 @@ from pathlib import Path
 # The registered model, unless MODEL_NAME says otherwise.
 MODEL_NAME = "California_Housing_Regression"
 
-# Aliases: what serving loads, and the version a promotion replaced (what `make rollback` goes back to).
+# Aliases: what serving loads, the version a promotion replaced (what `make rollback` goes back to), and the version
+# that serves in shadow beside the champion until `make bake` decides (promotions move it while BAKE_S > 0).
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
+CANDIDATE = "candidate"
+CANDIDATE_SINCE = "candidate_since"  # the version tag: when the candidate alias moved to it (UTC), where a bake starts
 
 # The version tag that says how a version reached production, and its values. Serving loads only TRUSTED_PROMOTIONS,
 # and only once their signature verifies; REVOKED (`make revoke`) takes a version out of service.

@@ -26,7 +26,17 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from names import BY_GATE, BY_PERSON, CHAMPION, DVC_LOCK, PREVIOUS_CHAMPION, PROMOTION_TAG, model_name
+from names import (
+    BY_GATE,
+    BY_PERSON,
+    CANDIDATE,
+    CANDIDATE_SINCE,
+    CHAMPION,
+    DVC_LOCK,
+    PREVIOUS_CHAMPION,
+    PROMOTION_TAG,
+    model_name,
+)
 from scripts import sign
 from scripts.champion import point_champion, version_by_alias, write_decision
 
@@ -41,11 +51,23 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def promote(client: MlflowClient, name: str, version: str, how: str, tags: dict[str, str]) -> str | None:
-    """Sign `version` with the evidence, tag it with how it was promoted, then move the alias; return the replaced
-    champion's version (None: none, or `version` itself, signed again)."""
+def bake_seconds() -> float:
+    """BAKE_S: how long a promoted version serves in shadow, as CANDIDATE, before `make bake` may make it the champion
+    (docs/promotion.md); 0, the default, promotes to champion at once."""
+    value = os.environ.get("BAKE_S") or "0"
+    try:
+        return float(value)
+    except ValueError:
+        raise PromotionRefused(f"BAKE_S={value!r} is not a number of seconds (0: no bake)") from None
+
+
+def promote(client: MlflowClient, name: str, version: str, how: str, tags: dict[str, str]) -> tuple[str | None, str]:
+    """Sign `version` with the evidence, tag it with how it was promoted, then move the alias: CANDIDATE while
+    BAKE_S > 0 and there is a champion to compare with, else CHAMPION. Returns the champion it replaces (None: none,
+    or `version` itself, signed again) and the alias moved."""
     current = version_by_alias(client, name, CHAMPION)
     previous = current.version if current and current.version != version else None
+    baking = current is not None and previous is not None and bake_seconds() > 0
     registered = client.get_model_version(name, version)
     evidence = {"decision": how, "run_id": registered.run_id, "data_md5": registered.tags.get("data_md5"), **tags}
     try:
@@ -55,11 +77,15 @@ def promote(client: MlflowClient, name: str, version: str, how: str, tags: dict[
     for key, value in {PROMOTION_TAG: how, "promoted_at": now(), **tags}.items():
         client.set_model_version_tag(name, version, key, value)
     if current and current.version == version:  # the champion signed again: the aliases stay as they are
-        return None
+        return None, CHAMPION
+    if baking:  # the first champion of an empty registry has nothing to be compared with: it is promoted directly
+        client.set_model_version_tag(name, version, CANDIDATE_SINCE, now())
+        client.set_registered_model_alias(name, CANDIDATE, version)
+        return previous, CANDIDATE
     if previous:
         client.set_model_version_tag(name, version, PREVIOUS_CHAMPION, previous)
     point_champion(client, name, version, previous)
-    return previous
+    return previous, CHAMPION
 
 
 def by_gate(client: MlflowClient, name: str, record: dict[str, Any]) -> str:
@@ -71,9 +97,13 @@ def by_gate(client: MlflowClient, name: str, record: dict[str, Any]) -> str:
         raise PromotionRefused(f"the champion moved from {decided_against} to {current and current.version} while "
                                f"version {challenger} was being judged; nothing promoted: run `make retrain` again to "
                                f"judge it against the new champion")
-    previous = promote(client, name, challenger, BY_GATE, {"gate_check": record["check"]})
-    record.update(decision="promoted", champion_before=previous, promoted_at=now())
+    previous, alias = promote(client, name, challenger, BY_GATE, {"gate_check": record["check"]})
+    record.update(decision="promoted" if alias == CHAMPION else CANDIDATE, champion_before=previous,
+                  promoted_at=now())
     write_decision(record)
+    if alias == CANDIDATE:
+        return (f"promote: {name} alias {CANDIDATE} -> version {challenger}, promotion=gate: it serves in shadow "
+                f"beside champion {previous} until `make bake` decides (BAKE_S={bake_seconds():g})")
     return f"promote: {name} alias {CHAMPION} -> version {challenger} (was {previous or 'none'}), promotion=gate"
 
 
@@ -112,19 +142,27 @@ def by_human(client: MlflowClient, name: str, version: str, reason: str) -> str:
     old_lock = DVC_LOCK.read_text() if DVC_LOCK.is_file() else None
     DVC_LOCK.write_text(lock)
     try:
-        promote(client, name, version, BY_PERSON, {"approved_by": approver, "approval_reason": reason,
-                                                 "approved_at": approval["approved_at"]})
+        _, alias = promote(client, name, version, BY_PERSON, {"approved_by": approver, "approval_reason": reason,
+                                                            "approved_at": approval["approved_at"]})
     except BaseException:
-        if old_lock is None:
-            DVC_LOCK.unlink()
-        else:
-            DVC_LOCK.write_text(old_lock)
+        restore_lock(old_lock)
         raise
+    if alias == CANDIDATE:  # dvc.lock stays the champion's until `make bake` promotes the candidate
+        restore_lock(old_lock)
+        return (f"promote: {name} alias {CANDIDATE} -> version {version}, promotion=human, approved by {approver}: "
+                f"{reason}\npromote: it serves in shadow until `make bake` decides (BAKE_S={bake_seconds():g})")
     moved = (f"version {version}, the {CHAMPION}, signed again" if approval["champion_before"] == version else
              f"alias {CHAMPION} -> version {version} (was {approval['champion_before'] or 'none'})")
     return (f"promote: {name} {moved}, promotion=human, approved by {approver}: {reason}\n"
             f"promote: dvc.lock now describes version {version}'s data: `dvc checkout`, then commit dvc.lock "
             f"(scripts/publish_lock.sh publish does it in CI)")
+
+
+def restore_lock(old_lock: str | None) -> None:
+    if old_lock is None:
+        DVC_LOCK.unlink(missing_ok=True)
+    else:
+        DVC_LOCK.write_text(old_lock)
 
 
 def git_identity() -> str:

@@ -24,7 +24,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from names import CHAMPION, DECISION, DECISION_TABLE, DVC_LOCK, REJECTED, model_name
+from names import CANDIDATE, CHAMPION, DECISION, DECISION_TABLE, DVC_LOCK, REJECTED, model_name
 from scripts import lineage, promote, sign
 from scripts.champion import registry_failure, version_by_alias
 
@@ -114,6 +114,8 @@ def main() -> int:
         say(f"4/5 promotion (gate decision: {decision})")
         if record and decision == "passed":
             print(promote.by_gate(client, name, record))
+            if record["decision"] == CANDIDATE:  # baking: dvc.lock stays the champion's until `make bake` decides
+                restore(good_lock, "the challenger bakes as the candidate", ("fetch", "split", "train"))
         elif decision == REJECTED:
             restore(good_lock, "the gate rejected the challenger (reports/decision.md), champion unchanged",
                     ("fetch", "split", "train"))

@@ -32,6 +32,7 @@ from serving.prediction_log import PredictionLog
 from serving.responses import error, json_response, not_loaded, request_id
 from serving.schema import CheckedInput, in_body, in_instances, records_in, to_arrays
 from serving.settings import Settings
+from serving.shadow import ShadowScorer
 
 PARALLEL_MIN_ROWS = 256  # from this batch size, chunks are predicted in parallel threads
 # /reload answers within this, whatever the registry does. One registry call is bounded (registry.py), but /reload
@@ -86,6 +87,7 @@ class Service:
         self.poller = Poller(self.keeper, 0 if settings.model_uri else settings.reload_interval_s)
         self.prediction_log = PredictionLog(settings)
         self.drift = DriftMonitor(self.keeper.drift_window)
+        self.shadow = ShadowScorer(self.keeper, self.prediction_log)
         self.openapi = openapi_document(settings)
         # The cores this worker may use; with WORKERS>1 they are shared out.
         self.parallelism = max(1, len(os.sched_getaffinity(0)) // settings.workers)
@@ -101,9 +103,11 @@ class Service:
         self.prediction_log.start()
         self.poller.start()
         self.drift.start()
+        self.shadow.start()
         try:
             yield
         finally:
+            self.shadow.stop()
             self.drift.stop()
             self.poller.stop()
             self._pool.shutdown()
@@ -123,12 +127,14 @@ class Service:
         return json_response({**content, "model": model.label}, headers={"X-Request-ID": scored.request_id})
 
     async def score(self, request: Request, model: ServedModel, checked: CheckedInput) -> Scored:
-        """Every protocol's one path from checked input to predictions: drift, metrics and the prediction log."""
+        """Every protocol's one path from checked input to predictions: drift, metrics, the prediction log, and the
+        candidate in shadow (after the answer is made, off the request path)."""
         predictions = await self._predict(model, checked.numeric, checked.codes)
         if model.drift is not None:
             model.drift.add(checked.numeric, checked.codes, predictions)
         scored = Scored(predictions.tolist(), request_id(request), checked.batch)
         self._record(request, model, checked, scored)
+        self.shadow.offer(checked.numeric, checked.codes, predictions, scored.ids, route_of(request))
         return scored
 
     async def _predict(self, model: ServedModel, numeric: FloatArray, codes: FloatArray) -> FloatArray:

@@ -83,6 +83,22 @@ DRIFT_ROWS = Gauge("housing_drift_window_rows", "Records in the drift window (DR
                    multiprocess_mode="liveall", registry=METRICS)
 # A loaded model whose compiled path (serving/trees.py) could not reproduce its predictions: it serves through
 # scikit-learn, correct but many times slower; the serve log says why.
+# The candidate in shadow (serving/shadow.py), by its version: what `make bake` decides on.
+SHADOW_PREDICTIONS = Counter("housing_shadow_predictions", "Records the candidate scored in shadow, paired with the "
+                             "champion's answer.", ["version"], registry=METRICS)
+SHADOW_DROPPED = Counter("housing_shadow_dropped", "Records not scored in shadow: the queue was full.", ["version"],
+                         registry=METRICS)
+SHADOW_ERRORS = Counter("housing_shadow_errors", "Records the candidate failed to score (raised, or not finite).",
+                        ["version"], registry=METRICS)
+SHADOW_LATENCY = Histogram("housing_shadow_latency_seconds", "The candidate's time to score one request's records.",
+                           ["version"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                                                 2.5), registry=METRICS)
+SHADOW_DIFFERENCE = Histogram("housing_shadow_relative_difference", "|candidate - champion| / champion per record "
+                              "(the gate's prediction shift, on live traffic).", ["version"],
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
+                              registry=METRICS)
+CANDIDATE_INFO = Gauge("housing_candidate_info", "1 for the candidate version loaded in shadow.", ["version"],
+                       multiprocess_mode="livemax", registry=METRICS)
 COMPILE_FALLBACKS = Counter("housing_model_compile_fallbacks", "Models loaded that serve through scikit-learn "
                             "because their compiled predictor was refused or could not be built.", registry=METRICS)
 

@@ -6,7 +6,7 @@ import logging
 import tempfile
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypedDict
@@ -19,10 +19,11 @@ from mlflow.models import Model, ModelSignature
 from sklearn.pipeline import Pipeline
 
 from features import FEATURES, OPTIONAL_FEATURES, PROFILE_FILE, FloatArray
-from names import PREVIOUS_CHAMPION, PROMOTION_TAG, REJECTED, REVOKED, TRUSTED_PROMOTIONS
+from names import CANDIDATE, CHAMPION, PREVIOUS_CHAMPION, PROMOTION_TAG, REJECTED, REVOKED, TRUSTED_PROMOTIONS
 from serving.background import BackgroundThread
 from serving.drift import DriftWindow
 from serving.metrics import (
+    CANDIDATE_INFO,
     COMPILE_FALLBACKS,
     LAST_RELOAD,
     MODEL_INFO,
@@ -206,14 +207,50 @@ class ModelKeeper:
         self.settings = settings
         self.current: ServedModel | None = None
         self.not_serving: NotServing | None = None  # None while the registry points at the served model
+        self.shadow: ServedModel | None = None  # the CANDIDATE alias's version, scored in shadow (serving/shadow.py)
+        self._shadow_refused: ModelRef | None = None  # a candidate that failed its checks: not tried again
         self._registry = Registry(settings)
         self._lock = threading.Lock()
 
     def refresh(self) -> Reload:
         with self._lock:
             outcome = self._refresh()
+            if self.settings.model_alias == CHAMPION and not self.settings.model_uri:
+                self._refresh_shadow()
         RELOADS.labels(outcome.result).inc()
         return outcome
+
+    def _refresh_shadow(self) -> None:
+        """Load the version alias CANDIDATE points at, on the champion's path: promoted, signed, checked. A candidate
+        never serves a client; it only scores in shadow, so any failure here leaves the champion untouched."""
+        ref: ModelRef | None = None
+        try:
+            ref = self._registry.candidate()
+            if ref is None or ref in (self._shadow_refused, self.shadow and self.shadow.ref):
+                if ref is None:
+                    self._set_shadow(None)
+                return
+            refusal = promotion_refusal(ref, self._registry.version_tags(ref))
+            if refusal:
+                raise ModelRefused(refusal)
+            model = load(ref, self.settings, self._registry)
+        except (mlflow.MlflowException, OSError) as error:  # the registry: keep what is in shadow, ask again later
+            log.warning("cannot check the candidate: %s", error)
+            return
+        except Exception as error:  # refused or failed: counted once, not retried until the alias moves
+            log.warning("not scoring candidate %s in shadow: %s", ref, error, exc_info=True)
+            self._shadow_refused = ref
+            self._set_shadow(None)
+            return
+        self._set_shadow(replace(model, requested={"alias": CANDIDATE}, drift=None))
+        log.info("scoring candidate version %s in shadow", model.ref.version)
+
+    def _set_shadow(self, model: ServedModel | None) -> None:
+        if self.shadow is not None:
+            CANDIDATE_INFO.labels(self.shadow.ref.version or "").set(0)
+        if model is not None:
+            CANDIDATE_INFO.labels(model.ref.version or "").set(1)
+        self.shadow = model
 
     @property
     def registry_address(self) -> str:

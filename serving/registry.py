@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from names import CANDIDATE
 from serving.settings import Settings
 
 log = logging.getLogger("housing.serve")
@@ -95,6 +96,16 @@ class Registry:
             log.info("%s", message)
         else:
             log.warning("%s; the served model stays; logged again only when this changes", message)
+
+    def candidate(self) -> ModelRef | None:
+        """The version alias CANDIDATE points at (None: none), to serve in shadow; raises MlflowException."""
+        try:
+            version = self._registry().get_model_version_by_alias(self.settings.model_name, CANDIDATE).version
+        except mlflow.MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "alias" in str(error).lower():
+                return None
+            raise
+        return ModelRef(f"models:/{self.settings.model_name}/{version}", str(version))
 
     def _locate(self) -> ModelRef:
         settings = self.settings

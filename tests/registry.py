@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -22,6 +23,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from mlflow.tracking import MlflowClient
+from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
@@ -53,6 +55,27 @@ def fitted(spec: dict, seed: int = 0) -> Pipeline:
     data = synthetic_housing(seed=seed)
     with threadpool_limits(1, "openmp"):  # OpenMP on a busy 2-core machine is slower than one thread
         return train.build_pipeline(spec).fit(data[list(FEATURES)], data[TARGET].to_numpy())
+
+
+class RaisesAbove(RegressorMixin, BaseEstimator):
+    """A fitted regressor that raises for any batch in which it would predict more than `limit`: a model that fails
+    on some records and passes the smoke test. Importable, so a server can unpickle it."""
+
+    def __init__(self, inner: Any = None, limit: float = 0.0) -> None:
+        self.inner = inner
+        self.limit = limit
+
+    def fit(self, features: Any, target: Any) -> RaisesAbove:
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return True  # `inner` is
+
+    def predict(self, features: Any) -> np.ndarray:
+        predicted = np.asarray(self.inner.predict(features))
+        if np.any(predicted > self.limit):
+            raise ValueError(f"a prediction above {self.limit:.0f}")
+        return predicted
 
 
 def predicting_nan() -> Pipeline:

@@ -317,8 +317,8 @@ def test_outputs_name_every_repository_variable_the_workflows_read(aws, stack: d
     provided = {m for o in declared.values() for m in re.findall(r"Repository variable (\w+)", o["Description"])}
     workflows = "".join(p.read_text() for p in (ROOT / ".github" / "workflows").glob("*.yml"))
     read = set(re.findall(r"vars\.(\w+)", workflows))
-    # The MLflow server is not part of the stack, nor is the promotion key (docs/security.md).
-    assert read - provided == {"MLFLOW_TRACKING_URI", "MODEL_NAME", "MODEL_VERIFY_KEYS"}
+    # The MLflow server is not part of the stack, nor is the promotion key (docs/security.md), nor a Prometheus.
+    assert read - provided == {"MLFLOW_TRACKING_URI", "MODEL_NAME", "MODEL_VERIFY_KEYS", "PROMETHEUS_URL"}
 
     parameters = {
         "GitHubOwner": "acme",

@@ -580,7 +580,7 @@ LAYERS = [
     {"settings"},
     {"schema", "registry", "drift", "prediction_log"},
     {"intake", "model", "openapi"},
-    {"tabular", "responses"},
+    {"tabular", "responses", "shadow"},
     {"app", "docs"},
     {"mlflow_protocol", "v2_protocol"},
 ]
