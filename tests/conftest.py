@@ -169,3 +169,14 @@ def moto_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory):
+    """moto + an MLflow server with basic auth (tests/services.py), once per test process, shared by the modules
+    whose models have names of their own (test_signing, test_bake). The pipeline stories (test_promotion,
+    test_data_loop) override it with their own: they use the default model name and the buckets."""
+    from tests.services import LocalServices  # tests/services.py imports this module
+
+    with LocalServices.on_free_ports(tmp_path_factory.mktemp("services")) as running:
+        yield running

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import boto3
+import pytest
 
 from tests.conftest import clean_environment
+from tests.registry import TemporaryRegistry, promotion_keys, temporary_registry
 from tests.servers import ROOT, free_port
 
 SERVICES_SCRIPT = ROOT / "scripts" / "services.sh"
@@ -101,3 +105,14 @@ class LocalServices:
             raise RuntimeError(f"scripts/services.sh {command} failed:\n{result.stdout}{result.stderr}")
         log.info("services.sh %s:\n%s", command, result.stderr.strip())
 
+
+@contextmanager
+def as_writer(services: LocalServices, root: Path, **env: str) -> Iterator[TemporaryRegistry]:
+    """A registry on `services` as the retraining writer sees it (its account, S3, this process's promotion key),
+    with `env` too, until the block ends."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**services.account("writer"), **services.aws_env(),
+                            "MODEL_SIGNING_KEY": str(promotion_keys()[0]), **env}.items():
+            patch.setenv(name, value)
+        with temporary_registry(root, services.mlflow_url) as writer:
+            yield writer

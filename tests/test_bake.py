@@ -21,9 +21,9 @@ from names import BY_GATE, BY_PERSON, CANDIDATE, CHAMPION
 from scripts import bake, promote
 from serving.schema import EXAMPLE_RECORD, SMOKE_RECORDS
 from tests.conftest import RIDGE
-from tests.registry import RaisesAbove, TemporaryRegistry, fitted, promotion_keys, temporary_registry
+from tests.registry import RaisesAbove, TemporaryRegistry, fitted
 from tests.servers import ServerProcess, SteadyClient, running_app, serve_environment, wait_for
-from tests.services import LocalServices
+from tests.services import LocalServices, as_writer
 
 pytestmark = [pytest.mark.integration, pytest.mark.long,  # an MLflow server with basic auth, moto, serve.py
               pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # inside MLflow, logging
@@ -34,21 +34,11 @@ RICH = {**EXAMPLE_RECORD, "median_income": 15.0}  # a district the failing candi
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
-    with LocalServices.on_free_ports(tmp_path_factory.mktemp("services")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def registry(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporaryRegistry]:
     """The writer's registry, with bake on; version 1 the champion."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {**services.account("writer"), **services.aws_env(), "BAKE_S": "1",
-                            "MODEL_SIGNING_KEY": str(promotion_keys()[0])}.items():
-            patch.setenv(name, value)
-        with temporary_registry(tmp_path_factory.mktemp("registry"), services.mlflow_url) as writer:
-            writer.register(MODEL, fitted(RIDGE, seed=0))
-            yield writer
+    with as_writer(services, tmp_path_factory.mktemp("registry"), BAKE_S="1") as writer:
+        writer.register(MODEL, fitted(RIDGE, seed=0))
+        yield writer
 
 
 @pytest.fixture(scope="module")

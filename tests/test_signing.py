@@ -22,9 +22,9 @@ from names import BY_GATE, CHAMPION, PREVIOUS_CHAMPION, PROMOTION_TAG, REVOKED, 
 from scripts import promote, revoke, sign
 from serving.signature import UNSIGNED_FILES, SignatureRefused, load_keys, verify
 from tests.conftest import RIDGE
-from tests.registry import TemporaryRegistry, fitted, promotion_keys, temporary_registry
+from tests.registry import TemporaryRegistry, fitted, promotion_keys
 from tests.servers import ServerProcess, running_app, serve_environment, wait_for
-from tests.services import LocalServices
+from tests.services import LocalServices, as_writer
 
 pytestmark = [pytest.mark.integration, pytest.mark.long,  # an MLflow server with basic auth, moto, serve.py
               pytest.mark.filterwarnings("ignore:Operation with range is deprecated")]  # inside MLflow, logging
@@ -35,20 +35,10 @@ POLL_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServices]:
-    with LocalServices.on_free_ports(tmp_path_factory.mktemp("services")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def registry(services: LocalServices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporaryRegistry]:
     """The registry as the writer sees it: what retraining, `make promote` and `make revoke` use."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {**services.account("writer"), **services.aws_env(),
-                            "MODEL_SIGNING_KEY": str(promotion_keys()[0])}.items():
-            patch.setenv(name, value)
-        with temporary_registry(tmp_path_factory.mktemp("registry"), services.mlflow_url) as writer:
-            yield writer
+    with as_writer(services, tmp_path_factory.mktemp("registry")) as writer:
+        yield writer
 
 
 def serving(services: LocalServices, log: Path, ready: bool = True, **settings: str) -> Iterator[ServerProcess]:
