@@ -144,6 +144,17 @@ hostile: venv ## every prediction door under hostile bodies on the current champ
 soak: venv ## 60 s at concurrency 32 on two workers with three champion changes: failures, p50/p99, worker RSS
 	python -m scripts.soak
 
+# `make realized`: LABELS is a CSV (id,median_house_value[,observed_at]), a directory of them, or an s3:// prefix. The
+# prediction log is PREDICTION_LOG_DIR's (and PREDICTION_LOG_S3's shipped segments); figures go to PUSHGATEWAY_URL.
+LABELS ?=
+.PHONY: realized realized-bench
+
+realized: venv ## join true prices with the prediction log (LABELS=path or s3://...): RMSE, MAE, bias per version and day
+	@python -m scripts.realized "$(LABELS)"
+
+realized-bench: venv ## how long `make realized` takes to join 1 million logged predictions with 100,000 labels
+	python -m scripts.realized_bench
+
 services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server with basic auth on 127.0.0.1; print what to export
 	@scripts/services.sh up
 
