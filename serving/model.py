@@ -30,6 +30,9 @@ from serving.metrics import (
     MODEL_LOADED,
     RELOADS,
     REVOKED_SERVING,
+    SHADOW_DROPPED,
+    SHADOW_ERRORS,
+    SHADOW_PREDICTIONS,
     ReloadResult,
 )
 from serving.registry import ModelRef, Registry, RegistryUnavailable
@@ -249,7 +252,12 @@ class ModelKeeper:
         if self.shadow is not None:
             CANDIDATE_INFO.labels(self.shadow.ref.version or "").set(0)
         if model is not None:
-            CANDIDATE_INFO.labels(model.ref.version or "").set(1)
+            version = model.ref.version or ""
+            CANDIDATE_INFO.labels(version).set(1)
+            # Its series exist at 0 from the start: rate() and increase() cannot count the value a series is born
+            # with, so a first burst of errors would go unseen.
+            for counter in (SHADOW_PREDICTIONS, SHADOW_ERRORS, SHADOW_DROPPED):
+                counter.labels(version)
         self.shadow = model
 
     @property
