@@ -161,7 +161,7 @@ services-up: venv ## start moto (S3 + Secrets Manager) and an MLflow server with
 services-down: ## stop what services-up started
 	@scripts/services.sh down
 
-monitoring-up: venv ## Prometheus (Debian package) on 127.0.0.1:9090 scraping `make serve`, with the alert rules
+monitoring-up: venv ## Prometheus (Debian package) on 127.0.0.1:9090 scraping `make serve`, with the alert rules; a Pushgateway on :9091
 	@scripts/monitoring.sh up
 
 monitoring-down: ## stop what monitoring-up started

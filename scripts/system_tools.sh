@@ -2,6 +2,7 @@
 # `make tools`: install the tools that only the distribution ships, when one is missing (`make test` and `make lint`
 # call it; with everything present it does nothing). pip cannot install these; requirements-dev.txt has the rest.
 #   prometheus   promtool for `make lint`, a real Prometheus for the monitoring tests and `make monitoring-up`
+#   prometheus-pushgateway   where `make realized` pushes its figures, for the tests and `make monitoring-up`
 #   jq           the deploy workflow's JSON step, which a deploy test runs as written
 #   buildah, debootstrap, debian-archive-keyring   the daemonless image build of `make image` and its test
 #   chromium, chromium-driver   the headless browser of the page tests, and the driver Selenium talks to
@@ -14,6 +15,7 @@ set -euo pipefail
 declare -A package_of=(
   [promtool]=prometheus
   [prometheus]=prometheus
+  [prometheus-pushgateway]=prometheus-pushgateway
   [jq]=jq
   [buildah]=buildah
   [debootstrap]=debootstrap
@@ -43,7 +45,9 @@ echo "tools: installing ${missing[*]} (apt-get)"
 apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq -o DPkg::Lock::Timeout=300)
 "${apt[@]}" update
 "${apt[@]}" install -y --no-install-recommends "${missing[@]}" >/dev/null
-# The package enables a Prometheus service on 0.0.0.0:9090; the tests and `make monitoring-up` run their own.
-if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
-  "${sudo[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
-fi
+# The packages enable services on 0.0.0.0 (9090, 9091); the tests and `make monitoring-up` run their own.
+for service in prometheus prometheus-pushgateway; do
+  if [[ " ${missing[*]} " == *" $service "* ]] && command -v systemctl >/dev/null; then
+    "${sudo[@]}" systemctl disable --now "$service" >/dev/null 2>&1 || true
+  fi
+done

@@ -1,10 +1,10 @@
 """Monitoring as code: the rules and dashboard, checked statically, then against a real Prometheus scraping the app.
 
 The live part starts `python serve.py` twice (a healthy app with WORKERS=2, one whose model never appears) and
-Prometheus through scripts/monitoring.sh (`make monitoring-up`) with a 1 s scrape and evaluation interval and a third
-target where nothing listens. It sends valid, invalid, batched and finally drifted traffic, switches the model
-version and offers a broken one, then evaluates every expression of every dashboard panel and rule through the
-Prometheus HTTP API.
+Prometheus with its Pushgateway through scripts/monitoring.sh (`make monitoring-up`) with a 1 s scrape and evaluation
+interval and a third target where nothing listens. It sends valid, invalid, batched and finally drifted traffic,
+switches the model version and offers a broken one, runs `make realized` on the true prices of the first version's
+predictions, then evaluates every expression of every dashboard panel and rule through the Prometheus HTTP API.
 """
 
 from __future__ import annotations
@@ -15,18 +15,21 @@ import json
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
+import orjson
 import pandas as pd
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from features import FEATURES
+from features import FEATURES, TARGET
 from names import NUMERIC_FEATURES
 from tests.conftest import GBDT, json_records, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
@@ -41,7 +44,7 @@ DATASOURCES = sorted((ROOT / "grafana" / "provisioning" / "datasources").glob("*
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
 EVERY_ALERT = {"HousingServeTargetDown", "HousingNoModelLoaded", "HousingHighErrorRatio", "HousingHighLatency",
                "HousingModelReloadFailed", "HousingFeatureDrift", "HousingPredictionDrift", "HousingNoPredictions",
-               "HousingModelReloadRefused", "HousingRevokedModelServing"}
+               "HousingModelReloadRefused", "HousingRevokedModelServing", "HousingRealizedAccuracyDegraded"}
 
 
 def rules() -> list[dict]:
@@ -142,20 +145,26 @@ def assert_grid_without_overlap(items: list[dict]) -> None:
 def test_compose_mounts_what_prometheus_and_grafana_load():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"serve", "mlflow", "prometheus", "grafana"}
+    assert set(services) == {"serve", "mlflow", "prometheus", "grafana", "pushgateway"}
     mounts = {name: dict(volume.split(":")[:2] for volume in service.get("volumes", []) if volume.startswith("./"))
               for name, service in services.items()}
     assert all((ROOT / source).exists() for by_service in mounts.values() for source in by_service)
-    # Prometheus: this prometheus.yml, its rules, and a target file where its file_sd looks, naming serve:8000.
+    # Prometheus: this prometheus.yml, its rules, and target files where its file_sd looks, naming serve:8000 and the
+    # Pushgateway, whose pushed labels it keeps.
     config = yaml.safe_load((ROOT / "prometheus.yml").read_text())
     config_dir = Path(mounts["prometheus"]["./prometheus.yml"]).parent
     for pattern in config["rule_files"]:
         assert str(config_dir / Path(pattern).parent) == mounts["prometheus"]["./" + str(Path(pattern).parent)]
-    (target,) = services["prometheus"]["configs"]
-    (job,) = config["scrape_configs"]
-    (sd_pattern,) = job["file_sd_configs"][0]["files"]
-    assert Path(target["target"]).match(str(config_dir / sd_pattern))
-    assert yaml.safe_load(compose["configs"][target["source"]]["content"]) == [{"targets": ["serve:8000"]}]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"housing-serve", "pushgateway"}
+    assert jobs["pushgateway"]["honor_labels"] is True
+    targets = {target["source"]: target["target"] for target in services["prometheus"]["configs"]}
+    for job, source, address in (("housing-serve", "serve-target", "serve:8000"),
+                                 ("pushgateway", "pushgateway-target", "pushgateway:9091")):
+        (sd_pattern,) = jobs[job]["file_sd_configs"][0]["files"]
+        assert Path(targets[source]).match(str(config_dir / sd_pattern))
+        assert yaml.safe_load(compose["configs"][source]["content"]) == [{"targets": [address]}]
+    assert services["pushgateway"]["ports"] == ["127.0.0.1:9091:9091"]
     # Grafana: the provisioning, the dashboards where the provider reads them, the datasource at the prometheus service.
     assert mounts["grafana"]["./grafana/provisioning"] == "/etc/grafana/provisioning"
     (provider,) = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/housing.yml").read_text())["providers"]
@@ -178,6 +187,8 @@ class Live:
     drifted: float  # ... and of drifted traffic
     predicted: int  # records the healthy app predicted
     answered: int  # its /predict requests answered 200
+    labelled: dict[str, float]  # the true price of each of the first version's predictions, by id
+    versions: tuple[str, str]
 
     def instance(self, server: ServerProcess) -> str:
         return f"127.0.0.1:{server.port}"
@@ -205,23 +216,29 @@ def app_value(server: ServerProcess, name: str, **labels: str) -> float:
 
 
 class Traffic:
-    """Requests to one app on new connections (so that both workers answer), counting what was predicted."""
+    """Requests to one app on new connections (so that both workers answer), counting what was predicted and keeping
+    the true price of each prediction whose price it was given, by the prediction's id."""
 
     def __init__(self, server: ServerProcess) -> None:
         self.url = server.url + "/predict"
         self.predicted = self.answered = 0
+        self.labelled: dict[str, float] = {}
 
-    def send(self, body: object, status: int = 200, **kwargs) -> None:
+    def send(self, body: object, status: int = 200, truths: list[float] | None = None, **kwargs) -> None:
         response = httpx.post(self.url, json=body, headers={"Connection": "close"}, timeout=30, **kwargs)
         assert response.status_code == status, response.text
         if status == 200:
             self.answered += 1
             self.predicted += len(body["instances"]) if "instances" in body else 1
+            if truths is not None:
+                answer = response.json()
+                self.labelled.update(zip(answer.get("ids", [answer.get("id")]), truths, strict=True))
 
-    def batches(self, frame: pd.DataFrame, size: int = 100) -> None:
+    def batches(self, frame: pd.DataFrame, size: int = 100, truths: np.ndarray | None = None) -> None:
         rows = json_records(frame)
         for start in range(0, len(rows), size):
-            self.send({"instances": rows[start:start + size]})
+            self.send({"instances": rows[start:start + size]},
+                      truths=None if truths is None else truths[start:start + size].tolist())
 
 
 def monitoring(command: str, env: dict[str, str]) -> None:
@@ -243,16 +260,19 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         unloaded = start_serve({**env, "MODEL_NAME": "never-registered"}, tmp / "unloaded.log")
         refusing = socket.socket()  # bound and never listening: connections are refused, and the port stays taken
         refusing.bind(("127.0.0.1", 0))
-        dead, port = f"127.0.0.1:{refusing.getsockname()[1]}", free_port()
+        dead, port, pushgateway = f"127.0.0.1:{refusing.getsockname()[1]}", free_port(), free_port()
         monitoring_env = {**env, "MONITORING_DIR": str(tmp / "prometheus"), "PROMETHEUS_PORT": str(port),
-                          "SCRAPE_INTERVAL": "1s",
+                          "PUSHGATEWAY_PORT": str(pushgateway), "SCRAPE_INTERVAL": "1s",
                           "MONITORING_TARGETS": f"127.0.0.1:{healthy.port} 127.0.0.1:{unloaded.port} {dead}"}
         try:
             started = time.time()
             monitoring("up", monitoring_env)
             wait_until_answering(healthy, "/ready")
             wait_until_answering(unloaded, "/health")
-            yield drive(f"http://127.0.0.1:{port}", healthy, unloaded, dead, started, registry, (first, second))
+            found = drive(f"http://127.0.0.1:{port}", healthy, unloaded, dead, started, registry, (first, second))
+            realized({**env, "PUSHGATEWAY_URL": f"http://127.0.0.1:{pushgateway}", "MODEL_NAME": "housing",
+                      "REALIZED_REPORT_DIR": str(tmp / "realized")}, tmp, registry, found)
+            yield found
         finally:
             monitoring("down", monitoring_env)
             healthy.stop()
@@ -265,14 +285,15 @@ def drive(prometheus: str, healthy: ServerProcess, unloaded: ServerProcess, dead
     """The traffic and model changes the live tests look at, in order."""
     first, second = versions
     wait_for(lambda: app_value(healthy, "housing_model_loaded") == 1, 60, "both workers to load the model")
-    traffic, calm_frame = Traffic(healthy), synthetic_housing(3500, seed=2)[list(FEATURES)]
+    calm = synthetic_housing(3500, seed=2)
+    traffic, calm_frame, truths = Traffic(healthy), calm[list(FEATURES)], calm[TARGET].to_numpy()
     rows = json_records(calm_frame)
-    for record in rows[:60]:
-        traffic.send(record)
+    for record, truth in zip(rows[:60], truths, strict=False):
+        traffic.send(record, truths=[truth])
     sizes = (1, 2, 5, 10, 20, 50, 100, 200, 500)
     for size, start in zip(sizes, itertools.accumulate(sizes, initial=60), strict=False):
-        traffic.send({"instances": rows[start:start + size]})
-    traffic.batches(calm_frame.iloc[1000:])
+        traffic.send({"instances": rows[start:start + size]}, truths=truths[start:start + size].tolist())
+    traffic.batches(calm_frame.iloc[1000:], truths=truths[1000:])
     good = rows[0]
     for body in ({**good, "median_income": "8.3"}, {**good, "ocean_proximity": "MOON"},
                  {"instances": [good, {**good, "latitude": None, "households": True}]}, {**good, "rooms": 3}):
@@ -304,7 +325,35 @@ def drive(prometheus: str, healthy: ServerProcess, unloaded: ServerProcess, dead
     drifted = wait_for(lambda: (result := query(prometheus, 'job_field:housing_drift_psi:max{field="median_income"}'
                                                             " > 0.25")) and result[0]["value"][0],
                        60, "Prometheus to record the drift")
-    return Live(prometheus, healthy, unloaded, dead, started, calm, drifted, traffic.predicted, traffic.answered)
+    return Live(prometheus, healthy, unloaded, dead, started, calm, drifted, traffic.predicted, traffic.answered,
+                traffic.labelled, versions)
+
+
+def logged_ids(directory: Path) -> set[str]:
+    return {one for path in directory.glob("predictions-*.jsonl") for line in path.read_bytes().splitlines()
+            for one in orjson.loads(line)["ids"]}
+
+
+def realized(env: dict[str, str], tmp: Path, registry: TemporaryRegistry, live: Live) -> None:
+    """`make realized` on the true prices of the first version's predictions (and two labels it cannot use), once
+    the prediction log holds them, with each version tagged with a reference RMSE as the gate tags it; then until
+    Prometheus has scraped the figures from the Pushgateway."""
+    trusted = synthetic_housing(2000, seed=9)
+    for version in live.versions:
+        errors = registry.predictions("housing", version, trusted[list(FEATURES)]) - trusted[TARGET].to_numpy()
+        rmse = np.sqrt(np.mean(errors**2))
+        registry.client.set_model_version_tag("housing", version, "reference_rmse", f"{rmse:.2f}")
+    labels = tmp / "labels.csv"
+    again = next(iter(live.labelled.items()))  # a duplicate
+    pd.DataFrame({"id": [*live.labelled, "never-predicted", again[0]],
+                  TARGET: [*live.labelled.values(), 1.0, again[1]]}).to_csv(labels, index=False)
+    wait_for(lambda: set(live.labelled) <= logged_ids(Path(env["PREDICTION_LOG_DIR"])), 30,
+             "the prediction log to hold every labelled prediction")
+    result = subprocess.run([sys.executable, "-m", "scripts.realized", str(labels)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_for(lambda: query(live.prometheus, "housing_realized_rmse_dollars"), 30,
+             "Prometheus to scrape the realized figures from the Pushgateway")
 
 
 @pytest.mark.integration
@@ -319,6 +368,18 @@ def test_counters_add_up_across_two_workers(live):
     # Each worker answered, and reports its own window (labelled pid).
     wait_for(lambda: len(query(live.prometheus, f'housing_drift_window_rows{{instance="{instance}"}} > 0')) == 2, 30,
              "a drift window with records from each worker in Prometheus")
+
+
+@pytest.mark.integration
+def test_realized_figures_reach_prometheus_for_the_labelled_version_beside_its_reference(live):
+    first, second = live.versions
+    labelled = by_label(query(live.prometheus, 'housing_realized_labelled_predictions{role="served"}'), "version")
+    assert labelled == {first: len(live.labelled), second: 0}
+    ratio = by_label(query(live.prometheus, "housing_realized_rmse_dollars / on (job, name, version) "
+                                            "housing_reference_rmse_dollars"), "version")
+    assert set(ratio) == {first} and 0.8 < ratio[first] < 1.2, ratio  # the same kind of data as the reference set
+    outcomes = by_label(query(live.prometheus, "housing_realized_labels"), "outcome")
+    assert outcomes == {"joined": len(live.labelled), "duplicate": 1, "unknown": 1, "late": 0, "invalid": 0}
 
 
 @pytest.mark.integration
