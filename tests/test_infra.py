@@ -224,7 +224,9 @@ def test_roles_grant_only_what_each_part_needs(aws, stack: dict[str, str]):
         "s3:ListBucket",
         artifacts,
     )
-    assert set(serve) == {"ReadReloadToken", "ReadModelArtifacts", "ListModelArtifacts"}
+    ship = serve["ShipPredictionLog"]
+    assert (ship["Action"], ship["Resource"]) == ("s3:PutObject", f"arn:aws:s3:::{stack['DataBucket']}/predictions/*")
+    assert set(serve) == {"ReadReloadToken", "ReadModelArtifacts", "ListModelArtifacts", "ShipPredictionLog"}
 
 
 def actions(statement: dict[str, Any]) -> list[str]:
@@ -236,7 +238,8 @@ def resources(statement: dict[str, Any]) -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("role", "workflow"), [("RetrainRole", "retrain.yml"), ("DeployRole", "ci-cd.yml")])
+@pytest.mark.parametrize(("role", "workflow"), [("RetrainRole", "retrain.yml"), ("DeployRole", "ci-cd.yml"),
+                                              ("RealizedRole", "realized.yml")])
 def test_each_github_role_is_trusted_only_by_its_own_workflow_on_main(aws, stack: dict[str, str], role, workflow):
     trust = aws("iam").get_role(RoleName=stack[role])["Role"]["AssumeRolePolicyDocument"]
     [statement] = trust["Statement"]
@@ -260,6 +263,20 @@ def test_retrain_role_reaches_the_buckets_and_no_host(aws, stack: dict[str, str]
     for statement in retrain.values():
         assert {resource.removesuffix("/*") for resource in resources(statement)} <= buckets, statement
     assert resources(retrain["ReadNewData"]) == [f"arn:aws:s3:::{stack['DataBucket']}/*"]  # the data is read-only
+
+
+@pytest.mark.integration
+def test_realized_role_reads_only_the_labels_and_the_prediction_log_and_keeps_its_last_report(aws, stack):
+    realized = {s["Sid"]: s for s in statements(aws, stack["RealizedRole"], "realized")}
+    data = f"arn:aws:s3:::{stack['DataBucket']}"
+    assert realized["ReadLabelsAndPredictionLog"]["Action"] == "s3:GetObject"
+    assert resources(realized["ReadLabelsAndPredictionLog"]) == [f"{data}/labels/*", f"{data}/predictions/*"]
+    listing = realized["ListLabelsAndPredictionLog"]
+    assert (listing["Action"], listing["Resource"]) == ("s3:ListBucket", data)
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["labels/*", "predictions/*"]}}
+    assert (actions(realized["KeepLastReport"]), resources(realized["KeepLastReport"])) == (
+        ["s3:GetObject", "s3:PutObject"], [f"{data}/realized/*"])
+    assert set(realized) == {"ReadLabelsAndPredictionLog", "ListLabelsAndPredictionLog", "KeepLastReport"}
 
 
 @pytest.mark.integration
@@ -308,6 +325,7 @@ def test_serving_host_takes_http_on_port_80_and_nothing_else(aws, stack: dict[st
     script = base64.b64decode(user_data["UserData"]["Value"]).decode()
     assert "MLFLOW_TRACKING_URI=http://mlflow.internal:5000\n" in script
     assert "IMAGE=acme/housing-serve\n" in script
+    assert f"PREDICTION_LOG_S3=s3://{stack['DataBucket']}/predictions/{STACK}-serve\n" in script
     assert "git clone --branch main https://github.com/acme/housing-mlops.git /opt/housing-mlops" in script
 
 
@@ -317,8 +335,10 @@ def test_outputs_name_every_repository_variable_the_workflows_read(aws, stack: d
     provided = {m for o in declared.values() for m in re.findall(r"Repository variable (\w+)", o["Description"])}
     workflows = "".join(p.read_text() for p in (ROOT / ".github" / "workflows").glob("*.yml"))
     read = set(re.findall(r"vars\.(\w+)", workflows))
-    # The MLflow server is not part of the stack, nor is the promotion key (docs/security.md), nor a Prometheus.
-    assert read - provided == {"MLFLOW_TRACKING_URI", "MODEL_NAME", "MODEL_VERIFY_KEYS", "PROMETHEUS_URL"}
+    # The MLflow server is not part of the stack, nor is the promotion key (docs/security.md), nor a Prometheus or
+    # a Pushgateway.
+    assert read - provided == {"MLFLOW_TRACKING_URI", "MODEL_NAME", "MODEL_VERIFY_KEYS", "PROMETHEUS_URL",
+                               "PUSHGATEWAY_URL"}
 
     parameters = {
         "GitHubOwner": "acme",
@@ -344,7 +364,7 @@ def test_outputs_name_every_repository_variable_the_workflows_read(aws, stack: d
     assert set(outputs) == set(declared) - {"GitHubTokenSecretArn", "ReloadTokenSecretArn"}  # no secrets in moto
     aws("s3").head_bucket(Bucket=outputs["DvcBucketName"])
     aws("ec2").describe_instances(InstanceIds=[outputs["ServingInstanceId"]])
-    for output in ("RetrainRoleArn", "DeployRoleArn"):
+    for output in ("RetrainRoleArn", "DeployRoleArn", "RealizedRoleArn"):
         assert aws("iam").get_role(RoleName=outputs[output].split("/")[-1])["Role"]["Arn"] == outputs[output]
     assert outputs["PredictUrl"].startswith("http://") and outputs["AwsRegion"] == REGION
     admin = re.fullmatch(r"http://([\d.]+):9100", outputs["AdminUrl"])  # the private address and AdminPort
