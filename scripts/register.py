@@ -7,6 +7,11 @@ The gate (`decide`) promotes only on evidence the upload cannot forge:
    must not move further than gate.reference.max_prediction_shift from the champion's;
 3. against the champion, on the same holdout rows: strictly better (gate.min_improvement). Equal is rejected.
 
+Before judging, it measures the champion on every labelled row of the upload (data/housing.csv): the production
+model's error on new data, the first realized figure a user gets without any label pipeline (rows the champion was
+trained on, if the upload repeats earlier data, make it optimistic). It goes to the run (champion_upload_* metrics),
+the decision record and reports/decision.md.
+
 This stage changes no alias. It tags the new version with the verdict (gate_decision, gate_check, gate_reason,
 the scores; promotion=rejected when refused), logs the decision to the training run and writes
 reports/decision.json + .md. `make retrain` moves the alias afterwards (scripts/promote.py), and only once the
@@ -33,7 +38,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from features import FEATURES, TARGET
-from names import CHAMPION, PROMOTION_TAG, REJECTED, model_name
+from names import CHAMPION, DECISION_TABLE, PROMOTION_TAG, REJECTED, model_name
 from scripts import reference, sign
 from scripts.champion import decision_table, version_by_alias, write_decision
 from serving.signature import SignatureRefused
@@ -42,6 +47,8 @@ from train import regression_metrics
 log = logging.getLogger("register")
 
 HOLDOUT = Path("data/holdout.csv")
+# Read, not a declared dependency: any change to it changes data/holdout.csv or reports/candidates.json, which are.
+UPLOAD = Path("data/housing.csv")
 CANDIDATES = Path("reports/candidates.json")
 
 
@@ -52,12 +59,13 @@ class Scores:
     holdout: dict[str, float]
     reference: dict[str, float]
     reference_predictions: np.ndarray
+    upload: dict[str, float] | None = None  # on the whole upload, with bias and rows: the champion's only
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {"holdout": self.holdout, "reference": self.reference}
 
 
-def score(model_uri: str, holdout: pd.DataFrame, trusted: pd.DataFrame) -> Scores:
+def score(model_uri: str, holdout: pd.DataFrame, trusted: pd.DataFrame, upload: pd.DataFrame | None = None) -> Scores:
     model = mlflow.pyfunc.load_model(model_uri)
 
     def metrics(frame: pd.DataFrame) -> tuple[dict[str, float], np.ndarray]:
@@ -66,7 +74,11 @@ def score(model_uri: str, holdout: pd.DataFrame, trusted: pd.DataFrame) -> Score
 
     on_holdout, _ = metrics(holdout)
     on_reference, predictions = metrics(trusted)
-    return Scores(on_holdout, on_reference, predictions)
+    on_upload = None
+    if upload is not None:
+        on_upload, predicted = metrics(upload)
+        on_upload.update(bias=float(np.mean(predicted - upload[TARGET].to_numpy())), rows=float(len(upload)))
+    return Scores(on_holdout, on_reference, predictions, on_upload)
 
 
 def prediction_shift(challenger: np.ndarray, champion: np.ndarray) -> float:
@@ -123,6 +135,11 @@ def data_pin() -> dict[str, str]:
     return {key: value for key, value in pins.items() if value}
 
 
+def champion_on_upload(version: str, upload: dict[str, float]) -> str:
+    return (f"The champion (version {version}) on the upload's {upload['rows']:,.0f} labelled rows, before any "
+            f"retraining: RMSE {upload['rmse']:,.2f}, MAE {upload['mae']:,.2f}, bias {upload['bias']:,.2f}.")
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -146,7 +163,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix="housing-champion-") as scratch:
                 # Verified before it is unpickled: a champion someone replaced in the registry runs no code here.
                 champion_scores = score(sign.verified_download(name, champion_version.version, scratch), holdout,
-                                        trusted)
+                                        trusted, pd.read_csv(UPLOAD))
         except SignatureRefused as refusal:
             print(f"register: the champion {champion_uri} is not what a trusted key signed: {refusal}\n"
                   f"register: nothing promoted; point {CHAMPION} back (`make rollback`), or, for a champion from "
@@ -177,7 +194,8 @@ def main() -> int:
                        "metrics": challenger_scores.summary()},
         # champion_scores is only set when champion_version is.
         "champion": champion_scores and {"version": champion_version.version,  # type: ignore[union-attr]
-                                         "metrics": champion_scores.summary()},
+                                         "metrics": champion_scores.summary(),
+                                         "upload": champion_scores.upload},
         "prediction_shift": shift,
         "gate": params["gate"],
         "data_md5": candidates["lineage"]["data_md5"],
@@ -198,6 +216,13 @@ def main() -> int:
     client.log_dict(candidates["parent_run_id"], record, "decision.json")
     client.set_tag(candidates["parent_run_id"], "gate_decision", record["decision"])
     write_decision(record)
+    if champion_scores and champion_scores.upload:
+        upload_line = champion_on_upload(champion_version.version, champion_scores.upload)  # type: ignore[union-attr]
+        for key, value in champion_scores.upload.items():
+            client.log_metric(candidates["parent_run_id"], f"champion_upload_{key}", value)
+        with DECISION_TABLE.open("a") as table:
+            table.write(f"\n{upload_line}\n")
+        print(f"register: {upload_line}")
     print(decision_table(record))
     print(f"register: {name} version {registered.version} {record['decision']} by the gate ({verdict.check})"
           + ("; the alias moves once the data version is pushed" if verdict.passed else f"; {CHAMPION} unchanged"))

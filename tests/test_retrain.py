@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -369,6 +371,25 @@ def test_new_data_promotes_a_new_champion_and_rollback_restores_the_old(
     assert nothing_left.result.returncode != 0
     assert "version 1 has no 'previous_champion' tag" in nothing_left.result.stderr
     assert nothing_left.champion == "1"
+
+
+def test_new_data_first_measures_the_serving_champion_on_every_labelled_row_of_the_upload(
+    v2_rolled_back: list[RetrainStep], project: Project, datasets: dict[str, Path]
+):
+    promoted = v2_rolled_back[0]
+    upload = pd.read_csv(datasets["v2"])
+    with pytest.MonkeyPatch.context() as patch:  # what the champion of then (version 1) predicts on those rows
+        patch.setenv("MLFLOW_TRACKING_URI", project.tracking_uri)
+        predicted = mlflow.pyfunc.load_model(f"models:/{MODEL}/1").predict(upload[list(FEATURES)])
+    errors = np.asarray(predicted, dtype=float).ravel() - upload["median_house_value"].to_numpy()
+    figures = promoted.decision["champion"]["upload"]
+    assert figures["rows"] == len(upload) == 3000
+    assert figures["rmse"] == pytest.approx(np.sqrt(np.mean(errors**2)))
+    assert figures["bias"] == pytest.approx(np.mean(errors))
+    run = project.client.get_run(promoted.versions["4"].tags["parent_run_id"])
+    assert run.data.metrics["champion_upload_rmse"] == pytest.approx(figures["rmse"])
+    assert (f"The champion (version 1) on the upload's 3,000 labelled rows, before any retraining: RMSE "
+            f"{figures['rmse']:,.2f}") in promoted.result.stdout + promoted.result.stderr
 
 
 @pytest.fixture(scope="module")
