@@ -492,6 +492,8 @@ def main(argv: list[str]) -> int:
     except (LabelsUnreadable, OSError) as error:
         say(str(error))
         return 2
+    if not log_dir.is_dir() and not s3_log:
+        say(f"no prediction log in {log_dir} (PREDICTION_LOG_DIR) and no PREDICTION_LOG_S3: every label is unknown")
     started = time.perf_counter()
     log = read_log(log_dir, s3_log)
     previous_file = directory / "realized.json"
@@ -500,8 +502,9 @@ def main(argv: list[str]) -> int:
     say(f"joined {len(labels.frame):,} labels with {log.frame.shape[0]:,} logged predictions "
         f"in {time.perf_counter() - started:.1f} s")
     failures = []
-    if (problem := reference_rmses(result)) is not None:
-        failures.append(f"registry {os.environ.get('MLFLOW_TRACKING_URI', '')}: {problem}")
+    registry_problem = reference_rmses(result)
+    if registry_problem is not None:
+        failures.append(f"registry {os.environ.get('MLFLOW_TRACKING_URI', '')}: {registry_problem}")
     directory.mkdir(parents=True, exist_ok=True)
     previous_file.write_text(json.dumps(result.__dict__, indent=1) + "\n")
     (directory / "realized.md").write_text(markdown(result, model))
@@ -517,7 +520,7 @@ def main(argv: list[str]) -> int:
             failures.append(f"Pushgateway {pushgateway}: {error}")
     else:
         say("PUSHGATEWAY_URL unset: nothing sent to Prometheus")
-    if not failures and (problem := tag_versions(result)) is not None:
+    if registry_problem is None and (problem := tag_versions(result)) is not None:
         failures.append(f"registry {os.environ.get('MLFLOW_TRACKING_URI', '')}: {problem}")
     for failure in failures:
         say(failure)
