@@ -141,6 +141,7 @@ def test_try_it_out_with_the_example_record_answers_200_with_a_prediction(browse
 
     assert status.text == "200"
     expected = httpx.post(server.url + "/predict", json=EXAMPLE_RECORD, timeout=10).json()
+    assert answer.pop("id") != expected.pop("id")  # each request's own
     assert answer == expected  # the prediction, and the model that made it
     assert console_errors(browser) == []
     with capsys.disabled():  # shown without -s
