@@ -126,12 +126,18 @@ start_registry() { # sets $registry and $registry_uri
   registry_uri=http://127.0.0.1:$port
 }
 
-register_model() { # $1 registry URI: version 1 of $MODEL_NAME, alias champion
+register_model() { # $1 registry URI: version 1 of $MODEL_NAME, alias champion, signed with a key made for this check
   log "registering a small model trained on generated data as $MODEL_NAME@champion"
-  MLFLOW_TRACKING_URI=$1 PYTHONDONTWRITEBYTECODE=1 python - "$MODEL_NAME" <<'EOF'
+  MLFLOW_TRACKING_URI=$1 PYTHONDONTWRITEBYTECODE=1 python - "$MODEL_NAME" "$work" <<'EOF'
+import base64
 import sys
+from pathlib import Path
 
 import mlflow
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from scripts.sign import sign_version
 
 from tests.conftest import synthetic_housing
 from train import build_pipeline, log_pipeline
@@ -143,8 +149,16 @@ spec = {"model": "hist_gradient_boosting", "features": {"neighbours": [4], "fold
 mlflow.set_experiment("image-check")
 with mlflow.start_run():
     info = log_pipeline(build_pipeline(spec).fit(X, y), X.dropna().head(3))
-# serving loads only what the gate passed (serving/model.py): tagged as the gate tags a promoted version
+# serving loads only what the gate signed (serving/signature.py): signed and tagged as a promotion does it, with a
+# key that lives as long as this check
 version = mlflow.register_model(info.model_uri, sys.argv[1], tags={"promotion": "gate"}).version
+key = ec.generate_private_key(ec.SECP256R1())
+private = Path(sys.argv[2], "promotion.key")
+private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+sign_version(mlflow.MlflowClient(), sys.argv[1], str(version), {"decision": "gate"}, key=private)
+Path(sys.argv[2], "verify-key").write_text(base64.b64encode(key.public_key().public_bytes(
+    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode())
 mlflow.MlflowClient().set_registered_model_alias(sys.argv[1], "champion", version)
 EOF
 }
@@ -158,7 +172,8 @@ check_image() { # $1 registry URI. Run the image's command against it; /health, 
   container=$(buildah from --pull=never "$IMAGE")
   log "starting ${command[*]} on port $port, serving $MODEL_NAME@champion from $1"
   setsid buildah run --network host --env "PORT=$port" --env "MLFLOW_TRACKING_URI=$1" \
-    --env "MODEL_NAME=$MODEL_NAME" --env MODEL_ALIAS=champion "$container" -- "${command[@]}" >"$work/serve.log" 2>&1 &
+    --env "MODEL_NAME=$MODEL_NAME" --env MODEL_ALIAS=champion --env "MODEL_VERIFY_KEYS=$(<"$work/verify-key")" \
+    "$container" -- "${command[@]}" >"$work/serve.log" 2>&1 &
   server=$!
   wait_for "http://127.0.0.1:$port/ready" "$server" "$work/serve.log"
   curl -fsS "http://127.0.0.1:$port/health" >/dev/null || die "GET /health failed"
