@@ -157,8 +157,11 @@ def run_make(project: Path, *args: str, timeout_s: float = 600, **env: str) -> s
 
 
 def clean_environment() -> dict[str, str]:
-    """This process's environment without any AWS, MLflow, DVC or data settings."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "DVC_", "DATA_URL"))}
+    """This process's environment without any AWS, MLflow, DVC, data, signing or bake settings: `make test` exports
+    the Makefile's (MODEL_VERIFY_KEYS names the checkout's own key), which a project copy or a server must not see."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("MLFLOW_", "AWS_", "DVC_", "DATA_URL", "MODEL_SIGNING_KEY", "MODEL_VERIFY_KEYS",
+                                 "BAKE_"))}
 
 
 @pytest.fixture(scope="module")

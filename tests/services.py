@@ -112,7 +112,8 @@ def as_writer(services: LocalServices, root: Path, **env: str) -> Iterator[Tempo
     with `env` too, until the block ends."""
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {**services.account("writer"), **services.aws_env(),
-                            "MODEL_SIGNING_KEY": str(promotion_keys()[0]), **env}.items():
+                            "MODEL_SIGNING_KEY": str(promotion_keys()[0]), "MODEL_VERIFY_KEYS": promotion_keys()[1],
+                            **env}.items():
             patch.setenv(name, value)
         with temporary_registry(root, services.mlflow_url) as writer:
             yield writer

@@ -50,12 +50,15 @@ def traffic_window(live, tmp_path_factory) -> Rendered:
     scrape_s = prometheus.scrape_interval_s()
 
     def drift_in_range() -> float:
-        """Now, if range queries (what the panels run) end with a few points of the drift the traffic caused."""
+        """Now, if range queries (what the panels run) end with a few points of the drift the traffic caused, and
+        Prometheus has scraped the realized figures `make realized` pushed at the end of the traffic."""
         window = Window(live.started, time.time(), scrape_s)
         series = prometheus.range("job_field:housing_drift_psi:max", window)
-        return window.end if any((one.values[-3:] > 0.25).sum() == 3 for one in series) else 0.0
+        realized = prometheus.range("housing_realized_labels", window)
+        drifted = any((one.values[-3:] > 0.25).sum() == 3 for one in series)
+        return window.end if drifted and any(len(one.values) for one in realized) else 0.0
 
-    end = wait_for(drift_in_range, 30, "three points of drift at the end of a range query")
+    end = wait_for(drift_in_range, 30, "three points of drift, and the realized figures, in a range query")
     pictures = {path.name: out / f"dashboard-{path.stem}.png" for path in DASHBOARDS}
     drawn = {path.name: render_dashboard.render(path, prometheus, live.started, end, pictures[path.name])
              for path in DASHBOARDS}

@@ -13,7 +13,6 @@ import base64
 import io
 import ipaddress
 import json
-import os
 import re
 import subprocess
 import zipfile
@@ -23,7 +22,7 @@ import boto3
 import pytest
 from cfnlint.decode import cfn_yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_environment
 from tests.registry import promotion_keys
 
 # Expected, and described above: moto warns about each resource type its CloudFormation does not implement.
@@ -60,7 +59,7 @@ def network(aws) -> dict[str, str]:
 
 
 def infra_deploy(moto_endpoint: str, **settings: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env = {k: v for k, v in clean_environment().items() if not k.startswith("AWS_")}
     env.update(
         AWS_ENDPOINT_URL=moto_endpoint,
         AWS_ACCESS_KEY_ID="testing",

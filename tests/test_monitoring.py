@@ -44,7 +44,8 @@ DATASOURCES = sorted((ROOT / "grafana" / "provisioning" / "datasources").glob("*
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
 EVERY_ALERT = {"HousingServeTargetDown", "HousingNoModelLoaded", "HousingHighErrorRatio", "HousingHighLatency",
                "HousingModelReloadFailed", "HousingFeatureDrift", "HousingPredictionDrift", "HousingNoPredictions",
-               "HousingModelReloadRefused", "HousingRevokedModelServing", "HousingRealizedAccuracyDegraded"}
+               "HousingModelReloadRefused", "HousingRevokedModelServing", "HousingCandidateFailing",
+               "HousingRealizedAccuracyDegraded"}
 
 
 def rules() -> list[dict]:
@@ -253,6 +254,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     with temporary_registry(tmp) as registry:
         first = registry.register("housing", fitted(GBDT), profiled=True)
         second = registry.register("housing", fitted(GBDT), alias=None, profiled=True)
+        # The candidate in shadow from the start: the bake panels and alert have its series to show.
+        registry.client.set_registered_model_alias("housing", "candidate", second)
 
         env = serve_environment(MLFLOW_TRACKING_URI=registry.uri, PREDICTION_LOG_DIR=str(tmp / "predictions"))
         healthy = start_serve({**env, "MODEL_NAME": "housing", "WORKERS": "2", "RELOAD_INTERVAL_S": "1"},
@@ -375,9 +378,12 @@ def test_realized_figures_reach_prometheus_for_the_labelled_version_beside_its_r
     first, second = live.versions
     labelled = by_label(query(live.prometheus, 'housing_realized_labelled_predictions{role="served"}'), "version")
     assert labelled == {first: len(live.labelled), second: 0}
-    ratio = by_label(query(live.prometheus, "housing_realized_rmse_dollars / on (job, name, version) "
+    ratio = by_label(query(live.prometheus, 'housing_realized_rmse_dollars{role="served"} / on (job, name, version) '
                                             "housing_reference_rmse_dollars"), "version")
     assert set(ratio) == {first} and 0.8 < ratio[first] < 1.2, ratio  # the same kind of data as the reference set
+    # The candidate scored the same records in shadow (the live stack bakes `second`): its figures stand apart.
+    shadow = by_label(query(live.prometheus, 'housing_realized_labelled_predictions{role="shadow"}'), "version")
+    assert shadow == {second: len(live.labelled)}
     outcomes = by_label(query(live.prometheus, "housing_realized_labels"), "outcome")
     assert outcomes == {"joined": len(live.labelled), "duplicate": 1, "unknown": 1, "late": 0, "invalid": 0}
 
