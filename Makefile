@@ -27,7 +27,7 @@ export DVC_REMOTE ?= local
 export S3_DVC_BUCKET ?=
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy reload infra-deploy monitoring-up monitoring-down soak hostile tune promote bake revoke reference
+.PHONY: help venv lock scan-venv tools retrain rollback check lint test test-fast dvc-remote serve bench services-up services-down image deploy rollback-deploy reload infra-deploy monitoring-up monitoring-down soak hostile bench-shadow tune promote bake revoke reference
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -140,6 +140,9 @@ bench: venv ## serve.py vs `mlflow models serve` on the current champion: req/s,
 
 hostile: venv ## every prediction door under hostile bodies on the current champion: slowest refusal, /health, memory
 	python -m scripts.hostile
+
+bench-shadow: venv ## what a candidate in shadow costs clients: serve.py on two workers with and without one, p50/p99
+	python -m scripts.bench_shadow
 
 soak: venv ## 60 s at concurrency 32 on two workers with three champion changes: failures, p50/p99, worker RSS
 	python -m scripts.soak

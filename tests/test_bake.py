@@ -111,7 +111,8 @@ def test_a_half_price_candidate_a_person_approved_is_refused_and_the_champion_ne
     assert champion(registry) == served
     tags = registry.client.get_model_version(MODEL, candidate).tags
     assert (tags["bake_decision"], tags["bake_check"]) == ("refused", "shift")
-    assert 0.3 <= float(tags["bake_median_shift"]) <= 0.5  # 50%, in the histogram's (0.3, 0.5] bucket
+    # 50%, read from the histogram: its (0.3, 0.5] and (0.5, 1] buckets, as rounding puts each record
+    assert 0.3 <= float(tags["bake_median_shift"]) <= 1.0
     assert registry.client.get_registered_model(MODEL).aliases.get(CANDIDATE) is None
     wait_for(lambda: not in_shadow(server, candidate), 30, "the refused candidate out of shadow")
 
