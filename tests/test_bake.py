@@ -8,6 +8,7 @@ the writer, with BAKE_S set as the AWS stack sets it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -117,15 +118,23 @@ def test_a_half_price_candidate_a_person_approved_is_refused_and_the_champion_ne
     wait_for(lambda: not in_shadow(server, candidate), 30, "the refused candidate out of shadow")
 
 
-def test_a_healthy_candidate_is_promoted_and_served_within_one_poll(server, registry, tmp_path):
+def test_a_healthy_candidate_is_promoted_and_served_within_one_poll(server, registry, tmp_path, report_figure):
+    moved = time.monotonic()
     candidate = make_candidate(registry, server, fitted(RIDGE, seed=3))
+    in_shadow_s = time.monotonic() - moved
 
     with SteadyClient(server.http, EXAMPLE_RECORD) as client:
         outcome = decide(server, registry, tmp_path)
+        decided_s = time.monotonic() - moved
         assert outcome == 0
         assert champion(registry) == candidate
         wait_for(lambda: client.versions_seen() and client.versions_seen()[-1] == candidate, 10 * POLL_S + 10,
                  "the baked candidate serving")
+        served_s = time.monotonic() - moved
+    paired = registry.client.get_model_version(MODEL, candidate).tags["bake_paired"]
+    report_figure(f"bake timeline (BAKE_S=1, 50 paired predictions wanted, poll {POLL_S:g} s): candidate alias "
+                  f"moved at 0 s, scored in shadow from {in_shadow_s:.1f} s, promoted at {decided_s:.1f} s on "
+                  f"{paired} paired predictions, served from {served_s:.1f} s")
     assert client.failures == []
     assert registry.client.get_model_version(MODEL, candidate).tags["bake_decision"] == "passed"
     assert (tmp_path / "dvc.lock").read_text() == "stages: {}\n"  # the data behind the new champion
