@@ -27,8 +27,7 @@ def test_image_builds_and_serves_the_registry_champion():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     answered = re.search(r"image: GET /health, GET /ready and POST /predict answered: (\{.*\})", result.stdout)
     assert answered, result.stdout[-4000:]
-    assert re.fullmatch(
-        r'\{"prediction": ?[0-9.]+, ?"model": ?\{"name": ?"housing-image-check", ?"version": ?"1"\}\}', answered[1]
-    )
+    assert re.fullmatch(r'\{"prediction": ?[0-9.]+, ?"id": ?"[0-9a-f]{32}", '  # the request's id: made by the app
+                        r'?"model": ?\{"name": ?"housing-image-check", ?"version": ?"1"\}\}', answered[1])
     size = re.search(r"image: housing-serve:local: ([0-9.]+) (MB|GB)", result.stdout)
     assert size and size[2] == "MB" and float(size[1]) < MAX_IMAGE_MB, size and size[0]
