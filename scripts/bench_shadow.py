@@ -10,6 +10,7 @@ is at most +10% at p50 and p99. The alias is removed at the end, whatever happen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from features import FEATURES
@@ -75,10 +77,8 @@ def main() -> int:
                     tallies[(shadow, connections)].add(closed_loop(server, body, connections,
                                                                    for_seconds(args.seconds)))
     finally:
-        try:
+        with contextlib.suppress(MlflowException):  # already gone
             client.delete_registered_model_alias(name, CANDIDATE)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
