@@ -7,6 +7,8 @@
 #   buildah, debootstrap, debian-archive-keyring   the daemonless image build of `make image` and its test
 #   chromium, chromium-driver   the headless browser of the page tests, and the driver Selenium talks to
 #   graphviz     `dot`, which draws the architecture picture
+#   git, curl    the pipeline stories' origin repository and DVC, the image check and the reload step: a minimal
+#                Debian image (a CI container) has neither
 # As root (or with passwordless sudo): apt-get update once, then install with --no-install-recommends. Otherwise
 # print the one command that does it and fail.
 set -euo pipefail
@@ -22,6 +24,8 @@ declare -A package_of=(
   [chromium]=chromium
   [chromedriver]=chromium-driver
   [dot]=graphviz
+  [git]=git
+  [curl]=curl
 )
 missing=()
 for command in "${!package_of[@]}"; do

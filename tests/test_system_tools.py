@@ -1,6 +1,6 @@
 """`make tools` (scripts/system_tools.sh) installs every program the suite runs that pip cannot install.
 
-A fresh machine has Python, make and git; the virtualenv brings everything on PyPI. Any other program a test or a
+A fresh machine has Python and make; the virtualenv brings everything on PyPI. Any other program a test or a
 script under test runs must be in system_tools.sh's table, or `make test` passes only where someone installed it
 by hand. The programs are found where the code names them: the first word of a literal argv in tests/, the
 name given to debian_tool or shutil.which, and a `command -v` guard in scripts/ or the Makefile.
@@ -11,7 +11,7 @@ import re
 from tests.servers import ROOT
 
 # What a machine has before `make`: the README's prerequisites and the base system's own commands.
-BASE_SYSTEM = {"python", "make", "git", "bash", "curl", "sudo", "systemctl"}
+BASE_SYSTEM = {"python", "make", "bash", "sudo", "systemctl"}
 # Programs the repository itself provides (the Docker client the deploy tests run is tests/fake_docker/docker).
 OURS = {"docker"}
 
