@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from names import CHAMPION, DECISION, DECISION_TABLE, PREVIOUS_CHAMPION
+from serving.registry import NO_SUCH_ALIAS
 
 
 def registry_failure(registry: str, error: Exception) -> str:
@@ -28,7 +29,7 @@ def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersio
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"):
+        if error.error_code in NO_SUCH_ALIAS:
             return None
         raise
 

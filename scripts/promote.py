@@ -133,7 +133,7 @@ def by_human(client: MlflowClient, name: str, version: str, reason: str) -> str:
     if current and current.version == version and sign.verifies(name, version):
         raise PromotionRefused(f"version {version} is already the champion, and signed")
     lock = lock_of(client, name, version)
-    approver = os.environ.get("PROMOTED_BY") or git_identity() or getpass.getuser()
+    approver = who()
     approval: dict[str, Any] = {"version": version, "approved_by": approver, "reason": reason, "approved_at": now(),
                 "champion_before": current.version if current else None,
                 "gate_check": candidate.tags.get("gate_check"), "gate_reason": candidate.tags.get("gate_reason")}
@@ -163,6 +163,11 @@ def restore_lock(old_lock: str | None) -> None:
         DVC_LOCK.unlink(missing_ok=True)
     else:
         DVC_LOCK.write_text(old_lock)
+
+
+def who() -> str:
+    """Who a person's promotion or revocation is recorded as: PROMOTED_BY, else git's user.email, else the login."""
+    return os.environ.get("PROMOTED_BY") or git_identity() or getpass.getuser()
 
 
 def git_identity() -> str:

@@ -11,8 +11,6 @@ tag set back) can only bring back a version a trusted key signed.
 
 from __future__ import annotations
 
-import getpass
-import os
 import sys
 
 from mlflow.exceptions import MlflowException
@@ -20,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from names import CHAMPION, PREVIOUS_CHAMPION, PROMOTION_TAG, REVOKED, model_name
 from scripts.champion import version_by_alias
-from scripts.promote import git_identity, now
+from scripts.promote import now, who
 from scripts.rollback import rollback
 
 
@@ -34,12 +32,12 @@ def revoke(client: MlflowClient, name: str, version: str, reason: str) -> str:
         raise LookupError(f"{name} has no version {version!r}: pick one from the registry (mlflow ui)") from error
     if revoked.tags.get(PROMOTION_TAG) == REVOKED:
         raise LookupError(f"version {version} is already revoked ({revoked.tags.get('revoked_reason')})")
-    who = os.environ.get("PROMOTED_BY") or git_identity() or getpass.getuser()
-    record = {"promotion_before_revocation": revoked.tags.get(PROMOTION_TAG, ""), "revoked_by": who,
+    revoker = who()
+    record = {"promotion_before_revocation": revoked.tags.get(PROMOTION_TAG, ""), "revoked_by": revoker,
               "revoked_at": now(), "revoked_reason": reason}
     for key, value in {**record, PROMOTION_TAG: REVOKED}.items():  # the promotion tag last: the record is complete
         client.set_model_version_tag(name, version, key, value)
-    done = f"revoke: {name} version {version} revoked by {who}: {reason}"
+    done = f"revoke: {name} version {version} revoked by {revoker}: {reason}"
     current = version_by_alias(client, name, CHAMPION)
     if current is None or current.version != version:
         return done

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from features import FEATURES, FloatArray
 from serving.drift import DriftMonitor
-from serving.intake import parse_json, read_checked, refuse_more_than
+from serving.intake import parse_json, read_checked, refuse_json_beyond
 from serving.metrics import BATCH_SIZE, PREDICTED_VALUE, PREDICTIONS, metrics_text, observe_all, worker_stopped
 from serving.model import RETRY_S, ModelKeeper, Poller, Reload, ServedModel
 from serving.openapi import openapi_document
@@ -57,8 +57,7 @@ def predict_input(body: bytes, media_type: str, max_rows: int) -> CheckedInput:
 
     `{"instances": [record, ...]}` has max_rows + 1 objects, one array and fewer than len(FEATURES) commas per record.
     """
-    refuse_more_than(max_rows + 2, body.count(b"{") + body.count(b"["), "JSON objects and arrays", max_rows)
-    refuse_more_than(max_rows * len(FEATURES), body.count(b","), "JSON values", max_rows)
+    refuse_json_beyond(body, max_rows + 2, max_rows * len(FEATURES), max_rows)
     records, batch = records_in(parse_json(body), max_rows)
     numeric, codes = to_arrays(records, in_instances if batch else in_body)
     return CheckedInput(records, numeric, codes, batch=batch)
@@ -67,15 +66,13 @@ def predict_input(body: bytes, media_type: str, max_rows: int) -> CheckedInput:
 class Scored(NamedTuple):
     values: list[float]  # one prediction per record
     request_id: str  # the client's X-Request-ID, or a new one: in the answer's header and the prediction log
-    batch: bool  # several records (or a protocol that always answers a list): each prediction's id is numbered
+    ids: list[str]  # each prediction's id (prediction_ids)
 
-    @property
-    def ids(self) -> list[str]:
-        """Each prediction's id, what its true price is joined on later (`make realized`): the request's id for
-        one /predict record, `<request id>/<index>` for each record of a batch."""
-        if not self.batch:
-            return [self.request_id]
-        return [f"{self.request_id}/{index}" for index in range(len(self.values))]
+
+def prediction_ids(request: str, count: int, batch: bool) -> list[str]:
+    """Each prediction's id, what its true price is joined on later (`make realized`): the request's id for one
+    /predict record, `<request id>/<index>` for each record of a batch (or of a protocol that always answers a list)."""
+    return [f"{request}/{index}" for index in range(count)] if batch else [request]
 
 
 class Service:
@@ -132,9 +129,10 @@ class Service:
         predictions = await self._predict(model, checked.numeric, checked.codes)
         if model.drift is not None:
             model.drift.add(checked.numeric, checked.codes, predictions)
-        scored = Scored(predictions.tolist(), request_id(request), checked.batch)
-        self._record(request, model, checked, scored)
-        self.shadow.offer(checked.numeric, checked.codes, predictions, scored.ids, route_of(request))
+        identity, route = request_id(request), route_of(request)
+        scored = Scored(predictions.tolist(), identity, prediction_ids(identity, len(predictions), checked.batch))
+        self._record(request, route, model, checked, predictions, scored)
+        self.shadow.offer(checked.numeric, checked.codes, predictions, scored.ids, route)
         return scored
 
     async def _predict(self, model: ServedModel, numeric: FloatArray, codes: FloatArray) -> FloatArray:
@@ -147,12 +145,13 @@ class Service:
                                        for rows in chunks))
         return np.concatenate(parts)
 
-    def _record(self, request: Request, model: ServedModel, checked: CheckedInput, scored: Scored) -> None:
+    def _record(self, request: Request, route: str, model: ServedModel, checked: CheckedInput,
+                predictions: FloatArray, scored: Scored) -> None:
         PREDICTIONS.inc(len(scored.values))
         BATCH_SIZE.observe(len(scored.values))
-        observe_all(PREDICTED_VALUE, np.asarray(scored.values))
+        observe_all(PREDICTED_VALUE, predictions)
         self.prediction_log.append({"request_id": scored.request_id, "time": time.time(), "model": model.label,
-                                    "route": route_of(request), "ids": scored.ids, "inputs": checked.records,
+                                    "route": route, "ids": scored.ids, "inputs": checked.records,
                                     "outputs": scored.values},
                                    client=request.client.host if request.client else "")
 

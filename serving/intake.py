@@ -81,9 +81,11 @@ def refuse_more_than(limit: int, count: int, what: str, max_rows: int) -> None:
         raise HTTPException(413, f"{count} {what}: more than MAX_BATCH_ROWS={max_rows} records hold ({limit})")
 
 
-def refuse_rows(rows: int, max_rows: int) -> None:
-    if rows > max_rows:
-        raise HTTPException(413, f"{rows} records is more than MAX_BATCH_ROWS={max_rows}")
+def refuse_json_beyond(body: bytes, containers: int, values: int, max_rows: int) -> None:
+    """413 for a JSON body with more objects and arrays than `containers`, or more commas than `values`: what
+    MAX_BATCH_ROWS records of the door's shape hold, counted in the raw bytes before anything is parsed."""
+    refuse_more_than(containers, body.count(b"{") + body.count(b"["), "JSON objects and arrays", max_rows)
+    refuse_more_than(values, body.count(b","), "JSON values", max_rows)
 
 
 def parse_json(body: bytes, lenient: bool = False) -> Any:

@@ -19,10 +19,18 @@ from starlette.responses import Response
 
 from features import FEATURES
 from serving.app import Service
-from serving.intake import parse_json, read_checked, refuse_more_than, refuse_rows
+from serving.intake import parse_json, read_checked, refuse_json_beyond, refuse_more_than
 from serving.model import RETRY_S
 from serving.responses import count_problems, json_response, reported
-from serving.schema import MAX_PROBLEMS, CheckedInput, InputProblem, InvalidInput, to_arrays, unknown_fields
+from serving.schema import (
+    MAX_PROBLEMS,
+    CheckedInput,
+    InputProblem,
+    InvalidInput,
+    refuse_rows,
+    to_arrays,
+    unknown_fields,
+)
 from serving.tabular import column_records, csv_records
 
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
@@ -113,9 +121,7 @@ def parse(body: bytes, media_type: str, max_rows: int) -> CheckedInput:
         if not records:
             raise InvalidInput([InputProblem("body", "body", "holds no rows below the header")])
     else:
-        refuse_more_than(max_rows + JSON_SLACK, body.count(b"{") + body.count(b"["), "JSON objects and arrays",
-                         max_rows)
-        refuse_more_than(max_rows * (len(FEATURES) + 1) + JSON_SLACK, body.count(b","), "JSON values", max_rows)
+        refuse_json_beyond(body, max_rows + JSON_SLACK, max_rows * (len(FEATURES) + 1) + JSON_SLACK, max_rows)
         records, where = records_in(parse_json(body, lenient=True), max_rows)
     numeric, codes = to_arrays(records, lambda row, field: f"{where}[{row}]" + (f".{field}" if field else ""))
     return CheckedInput(records, numeric, codes)

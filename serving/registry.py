@@ -40,6 +40,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 RegistryState = Literal["answering", "no model", "unavailable"]
 
 
+# What MLflow answers for an alias that is not set (INVALID_PARAMETER_VALUE) or a model it does not know.
+NO_SUCH_ALIAS = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"})
+
+
 class RegistryUnavailable(Exception):
     """The registry could not tell which model to serve; the message names the registry and what went wrong."""
 
@@ -102,7 +106,7 @@ class Registry:
         try:
             version = self._registry().get_model_version_by_alias(self.settings.model_name, CANDIDATE).version
         except mlflow.MlflowException as error:
-            if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "alias" in str(error).lower():
+            if error.error_code in NO_SUCH_ALIAS:
                 return None
             raise
         return ModelRef(f"models:/{self.settings.model_name}/{version}", str(version))

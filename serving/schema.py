@@ -111,9 +111,14 @@ def records_in(payload: Any, max_rows: int) -> tuple[list[Any], bool]:
         problems.append(InputProblem("instances", "instances", "must be a non-empty list of records"))
     if problems:
         raise InvalidInput(problems)
-    if len(instances) > max_rows:
-        raise HTTPException(413, f"{len(instances)} records is more than MAX_BATCH_ROWS={max_rows}")
+    refuse_rows(len(instances), max_rows)
     return instances, True
+
+
+def refuse_rows(rows: int, max_rows: int) -> None:
+    """413 for more records than MAX_BATCH_ROWS, before they are built or checked."""
+    if rows > max_rows:
+        raise HTTPException(413, f"{rows} records is more than MAX_BATCH_ROWS={max_rows}")
 
 
 def to_arrays(records: list[Any], locate: Locate = in_instances) -> tuple[FloatArray, FloatArray]:

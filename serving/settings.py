@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -53,8 +54,9 @@ class Settings:
     admin_host: str = "127.0.0.1"
     model_verify_keys: str = ""  # public keys a version's signature must verify under; none: no version serves
 
-    @property
+    @functools.cached_property
     def verify_keys(self) -> tuple[VerifyKey, ...]:
+        """MODEL_VERIFY_KEYS read once (files included), when the settings are made."""
         return load_keys(self.model_verify_keys)
 
     @classmethod
@@ -72,7 +74,7 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        load_keys(self.model_verify_keys)  # a key that cannot be read stops the start, naming it
+        self.verify_keys  # noqa: B018 - read now: a key that cannot be read stops the start, naming it
         if self.max_body_bytes == 0:
             object.__setattr__(self, "max_body_bytes", body_bytes_for(self.max_batch_rows))
         for name in ("workers", "max_batch_rows", "max_body_bytes", "drift_window", "prediction_log_max_bytes"):

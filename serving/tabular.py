@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from names import CATEGORICAL_FEATURE
-from serving.intake import NOT_FINITE, refuse_rows
-from serving.schema import InputProblem, InvalidInput
+from serving.intake import NOT_FINITE
+from serving.schema import InputProblem, InvalidInput, refuse_rows
 
 _NUMERIC_MISSING = frozenset({"", "nan", "NaN", "NA", "null"})  # CSV cells pandas.read_csv would read as missing
 _NUMBER_STARTS = frozenset("0123456789+-. \t\n\r\f\viInN")  # what float() accepts at the start of a number

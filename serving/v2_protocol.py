@@ -19,10 +19,10 @@ from starlette.responses import Response
 from features import FEATURES, OPTIONAL_FEATURES, TARGET
 from names import CATEGORICAL_FEATURE
 from serving.app import Service
-from serving.intake import parse_json, read_checked, refuse_more_than, refuse_rows
+from serving.intake import parse_json, read_checked, refuse_json_beyond
 from serving.model import RETRY_S, ServedModel
 from serving.responses import count_problems, json_response, reported
-from serving.schema import CheckedInput, InputProblem, InvalidInput, to_arrays
+from serving.schema import CheckedInput, InputProblem, InvalidInput, refuse_rows, to_arrays
 from serving.tabular import column_records, finite_or_marked
 
 PLATFORM = "mlflow_sklearn"
@@ -155,8 +155,7 @@ def read_infer(body: bytes, header_length: str | None, model_name: str, max_rows
     """An infer request → its checked records (intake.py's steps)."""
     head, binary = split_body(body, header_length)
     limit = max_rows * len(FEATURES) + JSON_SLACK  # a value per column per record, each in a list of one at most
-    refuse_more_than(limit, head.count(b"{") + head.count(b"["), "JSON objects and arrays", max_rows)
-    refuse_more_than(limit, head.count(b","), "JSON values", max_rows)
+    refuse_json_beyond(head, limit, limit, max_rows)
     request = parse_json(head, lenient=True)
     columns = tensor_columns(request, binary, max_rows)
     if not isinstance(request.get("id", ""), str):
