@@ -95,3 +95,73 @@ def test_every_setting_the_code_reads_is_in_the_configuration_page():
                if name not in documented | NOT_SETTINGS}
     missing |= {name: "serving/settings.py" for name in serving - documented}
     assert missing == {}, "document these in docs/configuration.md (variable, default, meaning)"
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation but - and _ dropped, spaces as -, repeats -1."""
+    seen: dict[str, int] = {}
+    found = set()
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", text, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f"{slug}-{count}")
+    return found
+
+
+def relative_links(page: Path) -> list[str]:
+    """The targets of a page's Markdown links and images that are not URLs: `file`, `file#anchor` or `#anchor`."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL)
+    return [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", target)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_relative_link_reaches_a_file_and_heading(page: Path):
+    broken = []
+    for target in relative_links(page):
+        file, _, anchor = target.partition("#")
+        linked = (page.parent / file).resolve() if file else page
+        if not linked.exists():
+            broken.append(f"{target}: no file {file}")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no heading #{anchor} in {linked.name}")
+    assert broken == [], f"{page.name} links to what does not exist"
+
+
+def metric_names() -> set[str]:
+    """Every housing_* name the code or the Prometheus rules define or export (a metric, a recording rule)."""
+    files = [*(ROOT / "serving").glob("*.py"), *(ROOT / "scripts").glob("*.py"),
+             *(ROOT / "prometheus" / "rules").glob("*.yml")]
+    return {name for path in files for name in re.findall(r"\bhousing_[a-z0-9_]+", path.read_text())}
+
+
+def python_classes() -> set[str]:
+    files = [*ROOT.glob("*.py"), *(ROOT / "serving").glob("*.py"), *(ROOT / "scripts").glob("*.py")]
+    return {name for path in files for name in re.findall(r"^class (\w+)", path.read_text(), re.MULTILINE)}
+
+
+def alert_names() -> set[str]:
+    rules = (ROOT / "prometheus" / "rules").glob("*.yml")
+    return {name for path in rules for name in re.findall(r"^\s*- alert: *(\w+)", path.read_text(), re.MULTILINE)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_metric_and_alert_the_docs_name_exists(page: Path):
+    text = page.read_text()
+    # A histogram's series are its name with _bucket, _sum and _count; a counter's exposition adds _total/_created.
+    metrics = {re.sub(r"_(bucket|sum|count|total|created)$", "", name) for name in metric_names()} | metric_names()
+    named = {re.sub(r"_(bucket|sum|count|total|created)$", "", name)
+             for name in re.findall(r"\bhousing_[a-z0-9_]*[a-z0-9](?:_\*)?", text)}
+    unknown = {name for name in named - metrics  # housing_shadow_*: some metric of that prefix
+               if not (name.endswith("_*") and any(known.startswith(name[:-1]) for known in metrics))}
+    assert unknown == set(), f"{page.name} names metrics that neither serving/, scripts/ nor the rules define"
+    alerts = set(re.findall(r"\b(Housing[A-Z][A-Za-z0-9]+)\b", text)) - python_classes()
+    assert alerts - alert_names() == set(), f"{page.name} names alerts that are not in prometheus/rules"
+
+
+def test_the_link_and_name_scans_find_what_they_look_for():
+    assert {"signed-models", "the-admin-port"} <= anchors(ROOT / "docs" / "security.md")
+    assert "docs/configuration.md" in relative_links(ROOT / "README.md")
+    assert {"housing_http_requests", "housing_drift_psi"} <= metric_names()
+    assert alert_names() and all(name.startswith("Housing") for name in alert_names())
