@@ -103,6 +103,7 @@ def test_a_pipeline_of_another_shape_is_not_compiled_and_says_why(caplog):
 def test_a_compiled_model_that_differs_from_the_pipeline_is_refused_loudly(caplog, monkeypatch):
     caplog.set_level(logging.WARNING, "housing.serve")
     pipeline = fitted(GBDT, synthetic_housing(seed=3))
-    monkeypatch.setattr(CompiledModel, "trees", lambda self, rows: pipeline[-1].predict(rows) + 0.01)
+    monkeypatch.setattr(CompiledModel, "_walk",
+                        lambda self, walkable: pipeline[-1].predict(walkable[:, :self.width]) + 0.01)
     assert compile_pipeline(pipeline) is None
     assert "differs from the pipeline by up to 0.01 on 500 probe rows" in caplog.text
