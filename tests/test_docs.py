@@ -165,3 +165,37 @@ def test_the_link_and_name_scans_find_what_they_look_for():
     assert "docs/configuration.md" in relative_links(ROOT / "README.md")
     assert {"housing_http_requests", "housing_drift_psi"} <= metric_names()
     assert alert_names() and all(name.startswith("Housing") for name in alert_names())
+
+
+PROJECT_DIRS = ("scripts", "serving", "tests", "prometheus", "grafana", "infra", "reference", ".github", "docs", "data")
+# Files a page names as an example, not as a file of the repository.
+PLACEHOLDERS = {"test_x.py"}
+
+
+def project_files() -> set[str]:
+    """Paths (relative to ROOT) of the repository's own files: the top level and PROJECT_DIRS, recursively."""
+    found = {path.name for path in ROOT.iterdir() if path.is_file()}
+    for folder in PROJECT_DIRS:
+        found |= {str(path.relative_to(ROOT)) for path in (ROOT / folder).rglob("*") if path.is_file()}
+    return found
+
+
+def files_named(page: Path) -> set[str]:
+    """Backticked source and config files a page names: `scripts/fetch.py`, `serve.py`, `retrain.yml`."""
+    names = re.findall(r"`([A-Za-z0-9_./-]+\.(?:py|sh|yml|yaml|toml|in|txt))`", page.read_text())
+    return {name for name in names if "/" not in name or name.split("/")[0] in PROJECT_DIRS}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_file_the_docs_name_exists(page: Path):
+    files = project_files()
+    basenames = {Path(path).name for path in files}
+    missing = {name for name in files_named(page) - PLACEHOLDERS
+               if name not in (files if "/" in name else basenames)}
+    assert missing == set(), f"{page.name} names files the repository does not have"
+
+
+def test_the_file_scan_finds_what_it_looks_for():
+    assert "scripts/system_tools.sh" in files_named(ROOT / "README.md")
+    assert "dispatch_lambda.py" in files_named(CONFIGURATION)
+    assert "scripts/retrain.py" in project_files()
