@@ -34,14 +34,13 @@ at an internal port that stands for its address on a docker network. What it doe
                path, else in the container's writable layer.
 
 Tags containing "missing" are not in the registry. Errors use docker's messages and exit statuses (125 for
-`docker run` and for flag errors). A real command, option or template this fake does not simulate exits 2 with
-"fake docker: ...", so that a test cannot pass on a call nothing checked.
+`docker run`). Only the calls the scripts make are simulated (COMMANDS): any other command, option, option value,
+template or nginx configuration exits 2 with "fake docker: ...", so that a test cannot pass on a call nothing checked.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import http.client
 import json
 import os
@@ -55,7 +54,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
@@ -75,13 +74,13 @@ IMAGE_LOG_DIR = "/app/logs"  # the image's PREDICTION_LOG_DIR (Dockerfile)
 # The app's input fields from names.py (standard library only): importing features.py (numpy, scipy,
 # scikit-learn) would cost every `docker` call a second.
 FEATURES = (*NUMERIC_FEATURES, CATEGORICAL_FEATURE)
-RESTARTING_POLICIES = re.compile(r"always|unless-stopped|on-failure(:\d+)?")
-DOCKER_COMMANDS = frozenset(
-    "attach build builder buildx commit compose config container context cp create diff events exec export history "
-    "image images import info init inspect kill load login logout logs manifest network node pause plugin port ps "
-    "pull push rename restart rm rmi run save search secret service stack start stats stop swarm system tag top "
-    "trust unpause update version volume wait".split()
-)
+# The values the scripts pass, as patterns (COMMANDS): a value of another shape is not simulated.
+NAME = r"[a-zA-Z0-9][a-zA-Z0-9_.-]+"
+PUBLISH = r"(?:(\d+\.\d+\.\d+\.\d+):)?(\d+):(\d+)"  # [IP:]HOST_PORT:CONTAINER_PORT
+VOLUME = r"(/[^:]*):(/[^:]*)(:ro)?"  # a bind mount: /HOST_PATH:/CONTAINER_PATH[:ro]
+# What deploy.sh writes in conf.d (its proxy_server), and all the fake reads there: anything else is not simulated.
+UPSTREAM = r"upstream\s+(\w+)\s*\{\s*server\s+([\w.-]+):(\d+)\s*;\s*\}"
+SERVER = r"server\s*\{((?:[^{}]|\{[^{}]*\})*)\}"  # with nested blocks one deep: `location / { ... }`
 
 
 class DockerError(Exception):
@@ -99,85 +98,18 @@ class NginxError(Exception):
     pass
 
 
-# --- arguments -----------------------------------------------------------------------------------------------
-
-
-class Spec:
-    """The options of one command: "-d --detach" is a switch, "--name=" takes a value, "-e --env=*" repeats."""
-
-    def __init__(self, command: str, *options: str, interspersed: bool = True) -> None:
-        self.command = command
-        self.interspersed = interspersed  # `run` and `exec` stop at the first argument: the rest is the command's
-        self.options: dict[str, tuple[str, bool, bool]] = {}
-        for option in options:
-            names, takes_value, kind = option.partition("=")
-            key = next(name for name in names.split() if name.startswith("--")).lstrip("-")
-            for name in names.split():
-                self.options[name] = (key, bool(takes_value), kind == "*")
-
-    def parse(self, args: list[str]) -> tuple[dict[str, Any], list[str]]:
-        options: dict[str, Any] = {}
-        positional: list[str] = []
-        queue = list(args)
-        while queue:
-            arg = queue.pop(0)
-            if arg == "--":
-                positional += queue
-                break
-            if not arg.startswith("-") or arg == "-" or (positional and not self.interspersed):
-                positional.append(arg)
-                if not self.interspersed:
-                    positional += queue
-                    break
-                continue
-            name, has_value, value = arg.partition("=")
-            if name not in self.options:
-                what = f"shorthand flag: '{name[1:]}' in {name}" if not name.startswith("--") else f"flag: {name}"
-                raise DockerError(f"unknown {what}\n\n{self.help}", 125)
-            key, takes_value, repeats = self.options[name]
-            if not takes_value:
-                if has_value and value not in ("true", "false"):
-                    raise DockerError(f'invalid argument "{value}" for "{name}" flag: parse error', 125)
-                options[key] = value != "false"
-                continue
-            if not has_value:
-                if not queue:
-                    raise DockerError(f"flag needs an argument: {name}\n\n{self.help}", 125)
-                value = queue.pop(0)
-            if repeats:
-                options.setdefault(key, []).append(value)
-            else:
-                options[key] = value
-        return options, positional
-
-    def require(self, positional: list[str], least: int, most: int | None = None) -> None:
-        if len(positional) < least or (most is not None and len(positional) > most):
-            amount = f"{least}" if least == most else f"at least {least}"
-            plural = "s" * (least != 1)
-            raise DockerError(f"docker: 'docker {self.command}' requires {amount} argument{plural}\n\n{self.help}", 1)
-
-    @property
-    def help(self) -> str:
-        return f"Run 'docker {self.command} --help' for more information"
-
-
 def normalise(reference: str) -> str:
-    name, tag = split_reference(reference)
-    return f"{name}:{tag}"
+    return reference if ":" in reference.rpartition("/")[2] else f"{reference}:latest"
 
 
-def split_reference(reference: str) -> tuple[str, str]:
-    name, colon, tag = reference.rpartition(":")
-    if not colon or "/" in tag:
-        return reference, "latest"
-    return name, tag
+def tag(image: str) -> str:
+    return image.rpartition(":")[2]
 
 
 def behaviour(image: str) -> str:
-    name, tag = split_reference(image)
-    if name.rpartition("/")[2].startswith("nginx"):
+    if image.rpartition("/")[2].startswith("nginx"):
         return "proxy"
-    return next((word for word in ("broken", "slow", "badpredict", "crash") if word in tag), "healthy")
+    return next((word for word in ("broken", "slow", "badpredict", "crash") if word in tag(image)), "healthy")
 
 
 # --- state ---------------------------------------------------------------------------------------------------
@@ -190,17 +122,11 @@ class Store:
         (root / "logs").mkdir(parents=True, exist_ok=True)
         (root / "exits").mkdir(exist_ok=True)
 
-    @classmethod
-    def from_env(cls) -> Store:
-        root = os.environ.get("FAKE_DOCKER_STATE", "")
-        if not root:
-            raise DockerError("fake docker: set FAKE_DOCKER_STATE to a state directory", 2)
-        return cls(Path(root))
-
     def load(self) -> dict[str, Any]:
         if not self.file.exists():
-            return {"images": [], "networks": ["bridge", "host", "none"], "containers": {}}
-        return json.loads(self.file.read_text())
+            return {"images": [], "networks": ["bridge"], "containers": {}}
+        data: dict[str, Any] = json.loads(self.file.read_text())
+        return data
 
     @contextmanager
     def locked(self) -> Iterator[dict[str, Any]]:
@@ -222,7 +148,7 @@ class Store:
                 continue
             exit_file = self.root / "exits" / container["id"]
             code = int(exit_file.read_text()) if exit_file.exists() else 137
-            restarts = RESTARTING_POLICIES.fullmatch(container["restart"]) and code != 0
+            restarts = container["restart"] != "no" and code != 0
             container.update(status="restarting" if restarts else "exited", exit_code=code, pid=0)
 
     def log_file(self, container: dict[str, Any]) -> Path:
@@ -267,30 +193,18 @@ def app_ports(container: dict[str, Any]) -> dict[int, str]:
     env = container["env"]
     ports = {int(env.get("PORT") or APP_PORT): "public"}
     admin = int(env.get("ADMIN_PORT") or 0)
-    reachable = env.get("ADMIN_HOST", "127.0.0.1") in ("0.0.0.0", "::")
-    if admin and admin not in ports and reachable and "noadmin" not in split_reference(container["image"])[1]:
-        ports[admin] = "admin"
+    reachable = env.get("ADMIN_HOST", "127.0.0.1") == "0.0.0.0"
+    if admin and reachable and "noadmin" not in tag(container["image"]):
+        ports.setdefault(admin, "admin")
     return ports
 
 
-def listening_ports(container: dict[str, Any]) -> list[int]:
-    """Container ports something listens on (outside the container's loopback)."""
-    if container["behaviour"] == "proxy":
-        return [server["listen"] for server in container["config"]["servers"]]
-    return list(app_ports(container))
-
-
 def resolve(data: dict[str, Any], proxy: dict[str, Any], host: str) -> dict[str, Any] | None:
-    """The running container that `host` names on the proxy's network (docker's DNS: user-defined networks only)."""
-    target = data["containers"].get(host)
-    if (
-        proxy["network"] in ("bridge", "host", "none")
-        or target is None
-        or target["status"] != "running"
-        or target["network"] != proxy["network"]
-    ):
+    """The running app container `host` names on the proxy's network (docker's DNS: user-defined networks only)."""
+    target: dict[str, Any] | None = data["containers"].get(host)
+    if not target or target["status"] != "running" or target["behaviour"] == "proxy":
         return None
-    return target
+    return target if target["network"] == proxy["network"] != "bridge" else None
 
 
 def server_for(proxy: dict[str, Any], container_port: int) -> dict[str, Any] | None:
@@ -301,9 +215,7 @@ def server_for(proxy: dict[str, Any], container_port: int) -> dict[str, Any] | N
 def upstream_of(data: dict[str, Any], proxy: dict[str, Any], server: dict[str, Any]) -> dict[str, Any] | None:
     """The container `server` proxies to, if it resolves and listens (reachably) on the upstream's port."""
     target = resolve(data, proxy, server["upstream"])
-    if target is None or server["upstream_port"] not in listening_ports(target):
-        return None
-    return target
+    return target if target and server["upstream_port"] in app_ports(target) else None
 
 
 def serving_ports(data: dict[str, Any], now: float, role: str = "public") -> list[int]:
@@ -326,61 +238,23 @@ def serving_ports(data: dict[str, Any], now: float, role: str = "public") -> lis
     return sorted(served)
 
 
-# --- commands ------------------------------------------------------------------------------------------------
+def find(data: dict[str, Any], name: str) -> dict[str, Any]:
+    if name not in data["containers"]:
+        raise DockerError(f"Error response from daemon: No such container: {name}")
+    container: dict[str, Any] = data["containers"][name]
+    return container
 
 
-def cli(args: list[str]) -> int:
-    try:
-        store = Store.from_env()
-    except DockerError as error:
-        print(error, file=sys.stderr)
-        return error.status
-    try:
-        status = dispatch(store, args)
-    except DockerError as error:
-        print(error, file=sys.stderr)
-        status = error.status
-    store.record(args, status)
-    return status
+# --- commands: each takes the store, the options (flag -> its values) and the arguments ------------------------
+
+Options = dict[str, list[str]]
 
 
-def dispatch(store: Store, args: list[str]) -> int:
-    if not args or args[0].startswith("-"):
-        raise NotSimulated("docker without a command, or with global options,")
-    command, rest = args[0], args[1:]
-    if command not in DOCKER_COMMANDS:
-        raise DockerError(f"docker: unknown command: docker {command}\n\nRun 'docker --help' for more information", 1)
-    if command == "image" and rest[:1] == ["inspect"]:
-        return inspect(store, ["--type", "image", *rest[1:]])
-    handlers = {
-        "pull": pull,
-        "run": run,
-        "inspect": inspect,
-        "logs": logs,
-        "exec": execute,
-        "rm": remove,
-        "stop": stop,
-        "network": network,
-        "port": port,
-    }
-    if command not in handlers:
-        raise NotSimulated(f"`docker {' '.join(args[:2])}`")
-    return handlers[command](store, rest)
-
-
-def pull(store: Store, args: list[str]) -> int:
-    spec = Spec("pull", "-q --quiet", "--platform=")
-    options, positional = spec.parse(args)
-    spec.require(positional, 1, 1)
-    image = normalise(positional[0])
+def pull(store: Store, options: Options, args: list[str]) -> int:
+    image = normalise(args[0])
     with store.locked() as data:
         fetch(store, data, image)
-    print(
-        image
-        if options.get("quiet")
-        else f"{split_reference(image)[1]}: Pulling from {split_reference(image)[0]}\n"
-        f"Status: Downloaded newer image for {image}\n{image}"
-    )
+    print(image)
     return 0
 
 
@@ -390,7 +264,7 @@ def fetch(store: Store, data: dict[str, Any], image: str) -> None:
             'Error response from daemon: Get "https://registry-1.docker.io/v2/": dial tcp: '
             "lookup registry-1.docker.io: no such host"
         )
-    if "missing" in split_reference(image)[1]:
+    if "missing" in tag(image):
         raise DockerError(
             f"Error response from daemon: manifest for {image} not found: manifest unknown: manifest unknown"
         )
@@ -398,94 +272,77 @@ def fetch(store: Store, data: dict[str, Any], image: str) -> None:
         data["images"].append(image)
 
 
-def run(store: Store, args: list[str]) -> int:
-    spec = Spec(
-        "run",
-        "-d --detach",
-        "--name=",
-        "-e --env=*",
-        "--env-file=*",
-        "-p --publish=*",
-        "--restart=",
-        "--network --net=",
-        "-v --volume=*",
-        "--log-opt=*",
-        interspersed=False,
-    )
-    options, positional = spec.parse(args)
-    spec.require(positional, 1)
-    if not options.get("detach"):
-        raise NotSimulated("`docker run` without -d")
-    if len(positional) > 1:
-        raise NotSimulated("a command after the image in `docker run`")
-    restart = options.get("restart", "no")
-    if restart != "no" and not RESTARTING_POLICIES.fullmatch(restart):
-        raise DockerError(
-            f"docker: Error response from daemon: invalid restart policy: unknown policy '{restart}'; "
-            "use one of 'no', 'always', 'on-failure', or 'unless-stopped'.",
-            125,
-        )
-    for option in options.get("log-opt", []):
-        if "=" not in option:
-            raise DockerError(f"docker: invalid key value pair format in log-opt: {option}.", 125)
-    container = {
-        "id": secrets.token_hex(32),
-        "image": normalise(positional[0]),
-        "env": environment(options),
-        "ports": [published(value) for value in options.get("publish", [])],
-        "mounts": [mount(value) for value in options.get("volume", [])],
-        "restart": restart,
-        "network": options.get("network", "bridge"),
-        "status": "created",
-        "exit_code": 0,
-        "pid": 0,
-        "started_at": 0.0,
-        "config": None,
-    }
-    container["behaviour"] = behaviour(container["image"])
+def image_inspect(store: Store, options: Options, args: list[str]) -> int:
     with store.locked() as data:
-        name = options.get("name") or f"fake_{container['id'][:8]}"
-        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", name):
-            raise DockerError(
-                f"docker: Error response from daemon: Invalid container name ({name}), only "
-                "[a-zA-Z0-9][a-zA-Z0-9_.-] are allowed.",
-                125,
-            )
-        if name in data["containers"]:
-            raise DockerError(
-                f'docker: Error response from daemon: Conflict. The container name "/{name}" is already '
-                f'in use by container "{data["containers"][name]["id"]}". You have to remove (or '
-                "rename) that container to be able to reuse that name.",
-                125,
-            )
-        if container["network"] not in data["networks"]:
-            raise DockerError(f"docker: Error response from daemon: network {container['network']} not found.", 125)
-        if container["image"] not in data["images"]:
-            print(f"Unable to find image '{container['image']}' locally", file=sys.stderr)
-            try:
-                fetch(store, data, container["image"])
-            except DockerError as error:
-                raise DockerError(f"docker: {error}", 125) from None
-        container["name"] = name
-        data["containers"][name] = container
-        start(store, data, container)
+        if normalise(args[0]) not in data["images"]:
+            raise DockerError(f"Error: No such image: {args[0]}")
+    print(json.dumps([{"RepoTags": [normalise(args[0])]}], indent=4))
+    return 0
+
+
+def inspect(store: Store, options: Options, args: list[str]) -> int:
+    """`docker inspect --type container [--format '{{.State.Status}}'] NAME` (COMMANDS allows no other template)."""
+    with store.locked() as data:
+        container = find(data, args[0])
+    view = {"Id": container["id"], "Name": f"/{args[0]}", "State": {"Status": container["status"]}}
+    print(container["status"] if "--format" in options else json.dumps([view], indent=4))
+    return 0
+
+
+def run(store: Store, options: Options, args: list[str]) -> int:
+    if "-d" not in options or "--name" not in options:
+        raise NotSimulated("`docker run` without -d and --name")
+    image, name = normalise(args[0]), options["--name"][-1]
+    with store.locked() as data:
+        try:
+            container = {
+                "id": secrets.token_hex(32),
+                "name": name,
+                "image": image,
+                "behaviour": behaviour(image),
+                "env": environment(options),
+                "ports": [published(value) for value in options.get("-p", [])],
+                "mounts": [mount(value) for value in options.get("-v", [])],
+                "restart": options.get("--restart", ["no"])[-1],
+                "network": options.get("--network", ["bridge"])[-1],
+                "status": "created",
+                "exit_code": 0,
+                "pid": 0,
+                "started_at": 0.0,
+                "config": None,
+            }
+            if name in data["containers"]:
+                raise DockerError(
+                    f'Error response from daemon: Conflict. The container name "/{name}" is already in use by '
+                    f'container "{data["containers"][name]["id"]}". You have to remove (or rename) that container '
+                    "to be able to reuse that name."
+                )
+            if container["network"] not in data["networks"]:
+                raise DockerError(f"Error response from daemon: network {container['network']} not found.")
+            if image not in data["images"]:
+                print(f"Unable to find image '{image}' locally", file=sys.stderr)
+                fetch(store, data, image)
+            data["containers"][name] = container
+            start(store, data, container)
+        except NotSimulated:
+            raise
+        except DockerError as error:  # `docker run` exits 125 when docker fails, whatever the reason
+            raise DockerError(f"docker: {error}", 125) from None
     print(container["id"])
     return 0
 
 
-def environment(options: dict[str, Any]) -> dict[str, str]:
+def environment(options: Options) -> dict[str, str]:
     """--env-file files, then -e: KEY=VALUE, or KEY alone for the caller's value (skipped when unset)."""
     lines = []
-    for path in options.get("env-file", []):
+    for path in options.get("--env-file", []):
         try:
             lines += [line for line in Path(path).read_text().splitlines() if line.strip() and line[0] != "#"]
         except OSError:
-            raise DockerError(f"docker: open {path}: no such file or directory", 125) from None
+            raise DockerError(f"open {path}: no such file or directory") from None
     env = {}
-    for line in lines + options.get("env", []):
+    for line in lines + options.get("-e", []):
         key, has_value, value = line.partition("=")
-        if not key or re.search(r"\s", key):
-            raise DockerError(f"docker: poorly formatted environment: variable '{key}' contains whitespaces.", 125)
         if has_value:
             env[key] = value
         elif key in os.environ:
@@ -494,61 +351,42 @@ def environment(options: dict[str, Any]) -> dict[str, str]:
 
 
 def published(value: str) -> dict[str, Any]:
-    match = re.fullmatch(r"(?:(?P<ip>\d+\.\d+\.\d+\.\d+):)?(?:(?P<host>\d*):)?(?P<port>\d+)(?:/tcp)?", value)
-    if not match:
-        raise DockerError(f"docker: invalid containerPort: {value}", 125)
-    return {
-        "host_ip": match["ip"] or "0.0.0.0",
-        "host_port": int(match["host"] or 0),
-        "container_port": int(match["port"]),
-    }
+    match = re.fullmatch(PUBLISH, value)
+    assert match  # COMMANDS checked it
+    return {"host_ip": match[1] or "0.0.0.0", "host_port": int(match[2]), "container_port": int(match[3])}
 
 
 def mount(value: str) -> dict[str, Any]:
-    source, _, rest = value.partition(":")
-    target, _, mode = rest.partition(":")
-    if not target.startswith("/") or mode not in ("", "ro", "rw"):
-        raise DockerError(f"docker: Error response from daemon: invalid volume specification: '{value}'.", 125)
-    if not source.startswith("/"):
-        raise NotSimulated("a named volume")
-    Path(source).mkdir(parents=True, exist_ok=True)  # docker creates a missing bind source as a directory
-    return {"source": source, "target": target, "read_only": mode == "ro"}
+    match = re.fullmatch(VOLUME, value)
+    assert match  # COMMANDS checked it
+    Path(match[1]).mkdir(parents=True, exist_ok=True)  # docker creates a missing bind source as a directory
+    return {"source": match[1], "target": match[2], "read_only": bool(match[3])}
 
 
 def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None:
-    """Allocate the ports and start the process, like `docker start`; a failure leaves it "created"."""
-    log = store.log_file(container)
+    """Bind the ports and start the process, like `docker start`; a failure leaves the container "created"."""
+    listening: list[int] = []  # the container ports something listens on, outside the container's loopback
     if container["behaviour"] == "proxy":
         try:
             container["config"] = nginx_config(data, container)
-        except NginxError as error:  # nginx exits at once: the container starts, then stops
-            log.write_text(f"{error}\n")
-            container.update(status="running", pid=0)
-            (store.root / "exits" / container["id"]).write_text("1")
-            store.refresh(data)
-            return
-    taken = [port for other in data["containers"].values() if other["status"] == "running" for port in other["ports"]]
+        except NginxError:
+            raise NotSimulated("an nginx container whose configuration nginx rejects at start") from None
+    else:
+        listening = list(app_ports(container))
+    # The container's own address on its network: one socket per port its app listens on.
+    sockets = [(bind(0), port) for port in listening]
     for port in container["ports"]:
-        for theirs in taken:
-            same_address = port["host_ip"] == theirs["host_ip"] or "0.0.0.0" in (port["host_ip"], theirs["host_ip"])
-            if port["host_port"] == theirs["host_port"] and same_address:
-                raise DockerError(
-                    f"docker: Error response from daemon: driver failed programming external "
-                    f"connectivity on endpoint {container['name']} ({container['id'][:12]}): Bind for "
-                    f"{port['host_ip']}:{port['host_port']} failed: port is already allocated.",
-                    125,
-                )
-    # The container's own address on its network: one socket per port something listens on, at start.
-    sockets = [(bind("127.0.0.1", 0, container, None), listen) for listen in listening_ports(container)]
-    try:
-        for port in container["ports"]:
-            sockets.append((bind("127.0.0.1", port["host_port"], container, port), port["container_port"]))
-            port["host_port"] = sockets[-1][0].getsockname()[1]
-    except DockerError:
-        for sock, _ in sockets:
-            sock.close()
-        raise
-    endpoints = {str(port): sock.getsockname()[1] for sock, port in sockets[: len(listening_ports(container))]}
+        try:
+            sockets.append((bind(port["host_port"]), port["container_port"]))
+        except OSError:
+            for sock, _ in sockets:
+                sock.close()
+            where = f"{port['host_ip']}:{port['host_port']}"
+            raise DockerError(
+                f"Error response from daemon: driver failed programming external connectivity on endpoint "
+                f"{container['name']} ({container['id'][:12]}): failed to bind port {where}/tcp: Error starting "
+                f"userland proxy: listen tcp4 {where}: bind: address already in use."
+            ) from None
     spec = {
         "name": container["name"],
         "id": container["id"],
@@ -558,11 +396,11 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
         "env": container["env"],
         "mounts": container["mounts"],
         "layer": str(store.root / "layers" / container["id"]),
-        "listen": listening_ports(container),
+        "listen": listening,
         "started_at": time.time(),
         "sockets": [[sock.fileno(), port] for sock, port in sockets],
     }
-    with open(log, "a") as output:
+    with open(store.log_file(container), "a") as output:
         process = subprocess.Popen(
             [sys.executable, __file__, "container", json.dumps(spec)],
             stdin=subprocess.DEVNULL,
@@ -571,25 +409,20 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
             start_new_session=True,
             pass_fds=[sock.fileno() for sock, _ in sockets],
         )
+    endpoints = {str(port): sock.getsockname()[1] for sock, port in sockets[: len(listening)]}
     for sock, _ in sockets:
         sock.close()
     container.update(status="running", pid=process.pid, started_at=spec["started_at"], endpoints=endpoints)
 
 
-def bind(host: str, port: int, container: dict[str, Any], published_port: dict[str, Any] | None) -> socket.socket:
+def bind(port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock.bind(("127.0.0.1", port))
     except OSError:
         sock.close()
-        where = f"{published_port['host_ip']}:{port}" if published_port else f"{host}:{port}"
-        raise DockerError(
-            f"docker: Error response from daemon: driver failed programming external connectivity on "
-            f"endpoint {container['name']} ({container['id'][:12]}): failed to bind port {where}/tcp: "
-            f"Error starting userland proxy: listen tcp4 {where}: bind: address already in use.",
-            125,
-        ) from None
+        raise
     sock.listen(64)
     sock.set_inheritable(True)
     return sock
@@ -601,233 +434,101 @@ def nginx_config(data: dict[str, Any], proxy: dict[str, Any]) -> dict[str, Any]:
     if source is None:
         raise NotSimulated(f"nginx without a configuration mounted at {NGINX_CONF_DIR}")
     files = sorted(Path(source).glob("*.conf"))
-    text = "\n".join(path.read_text() for path in files)
-    where = f"{NGINX_CONF_DIR}/{files[-1].name}" if files else NGINX_CONF_DIR
-    if text.count("{") != text.count("}"):
-        raise NginxError(f'nginx: [emerg] unexpected end of file, expecting "}}" in {where}')
+    text = re.sub(r"#.*", "", "\n".join(path.read_text() for path in files))
     upstreams = {}
-    for match in re.finditer(r"\bupstream\s+(\w+)\s*\{\s*server\s+([\w.-]+):(\d+)\s*;\s*\}", text):
+    for match in re.finditer(UPSTREAM, text):
         if resolve(data, proxy, match[2]) is None:  # nginx resolves every upstream when it loads the configuration
             line = text[: match.start(2)].count("\n") + 1
-            raise NginxError(f'nginx: [emerg] host not found in upstream "{match[2]}:{match[3]}" in {where}:{line}')
+            raise NginxError(
+                f'nginx: [emerg] host not found in upstream "{match[2]}:{match[3]}" in '
+                f"{NGINX_CONF_DIR}/{files[-1].name}:{line}"
+            )
         upstreams[match[1]] = (match[2], int(match[3]))
     servers: list[dict[str, Any]] = []
-    for body in server_blocks(text):
-        proxy_pass = re.search(r"\bproxy_pass\s+http://(\w+)\s*;", body)
-        if not proxy_pass or proxy_pass[1] not in upstreams:
-            raise NotSimulated("an nginx server block without a proxy_pass to one of the upstream blocks")
+    for body in re.findall(SERVER, text):
         listen = re.search(r"\blisten\s+(\d+)\s*;", body)
-        port = int(listen[1]) if listen else 80
-        if any(server["listen"] == port for server in servers):
-            raise NginxError(f"nginx: [emerg] a duplicate listen 0.0.0.0:{port} in {where}")
+        proxy_pass = re.search(r"\bproxy_pass\s+http://(\w+)\s*;", body)
+        taken = [server["listen"] for server in servers]
+        if not (listen and proxy_pass and proxy_pass[1] in upstreams and int(listen[1]) not in taken):
+            raise NotSimulated("an nginx server block without its own listen port and a proxy_pass to an upstream")
         headers = re.findall(r"\badd_header\s+(\S+)\s+\"?([^\s\";]+)\"?(\s+always)?\s*;", body)
         host, upstream_port = upstreams[proxy_pass[1]]
         servers.append(
             {
-                "listen": port,
+                "listen": int(listen[1]),
                 "upstream": host,
                 "upstream_port": upstream_port,
                 "headers": [[name, value, bool(always)] for name, value, always in headers],
             }
         )
-    if not servers:
-        raise NotSimulated("an nginx configuration without a server block")
+    if not servers or re.sub(f"{UPSTREAM}|{SERVER}", "", text).strip():
+        raise NotSimulated("an nginx configuration of another shape than deploy.sh's")
     return {"servers": servers}
 
 
-def server_blocks(text: str) -> list[str]:
-    """The bodies of the top-level `server { ... }` blocks (braces balanced: nginx_config counted them)."""
-    bodies = []
-    for match in re.finditer(r"(?m)^\s*server\s*\{", text):
-        depth, position = 1, match.end()
-        while depth:
-            depth += {"{": 1, "}": -1}.get(text[position], 0)
-            position += 1
-        bodies.append(text[match.end() : position - 1])
-    return bodies
-
-
-def find(data: dict[str, Any], name: str) -> dict[str, Any]:
-    if name not in data["containers"]:
-        raise DockerError(f"Error response from daemon: No such container: {name}")
-    return data["containers"][name]
-
-
-def inspect(store: Store, args: list[str]) -> int:
-    spec = Spec("inspect", "-f --format=", "--type=", "-s --size")
-    options, positional = spec.parse(args)
-    spec.require(positional, 1)
-    kind = options.get("type")
-    if kind not in (None, "container", "image"):
-        raise NotSimulated(f"`docker inspect --type {kind}`")
-    status, found = 0, []
+def logs(store: Store, options: Options, args: list[str]) -> int:
     with store.locked() as data:
-        for name in positional:
-            if kind != "image" and name in data["containers"]:
-                found.append(container_view(data["containers"][name]))
-            elif kind != "container" and normalise(name) in data["images"]:
-                digest = hashlib.sha256(normalise(name).encode()).hexdigest()
-                found.append({"Id": f"sha256:{digest}", "RepoTags": [normalise(name)]})
-            else:
-                print(f"Error: No such {kind or 'object'}: {name}", file=sys.stderr)
-                status = 1
-    if "format" in options:
-        for view in found:
-            print(render(options["format"], view))
-    else:
-        print(json.dumps(found, indent=4))
-    return status
-
-
-def container_view(container: dict[str, Any]) -> dict[str, Any]:
-    """Part of what `docker inspect` shows for a container."""
-    status = container["status"]
-    return {
-        "Id": container["id"],
-        "Name": f"/{container['name']}",
-        "State": {
-            "Status": status,
-            "Running": status in ("running", "restarting"),
-            "Restarting": status == "restarting",
-            "ExitCode": container["exit_code"],
-            "Pid": container["pid"],
-        },
-        "Config": {"Image": container["image"], "Env": [f"{k}={v}" for k, v in container["env"].items()]},
-    }
-
-
-def render(template: str, view: dict[str, Any]) -> str:
-    """Go templates of the form '{{.Field.Field}}' and literal text around them."""
-    field = r"\{\{\s*((?:\.[A-Za-z]\w*)+)\s*\}\}"
-    if "{{" in re.sub(field, "", template):
-        raise NotSimulated(f"the template {template!r}")
-
-    def value(match: re.Match) -> str:
-        current: Any = view
-        for part in match[1].split(".")[1:]:
-            if not isinstance(current, dict) or part not in current:
-                raise DockerError(f'template: :1: executing "" at <{match[1]}>: can\'t evaluate field {part}')
-            current = current[part]
-        return str(current).lower() if isinstance(current, bool) else str(current)
-
-    return re.sub(field, value, template)
-
-
-def logs(store: Store, args: list[str]) -> int:
-    spec = Spec("logs", "-n --tail=", "-t --timestamps", "-f --follow", "--since=", "--until=")
-    options, positional = spec.parse(args)
-    spec.require(positional, 1, 1)
-    if options.get("follow") or "since" in options or "until" in options:
-        raise NotSimulated("`docker logs` with --follow, --since or --until")
-    with store.locked() as data:
-        log = store.log_file(find(data, positional[0]))
+        log = store.log_file(find(data, args[0]))
     lines = log.read_text().splitlines() if log.exists() else []
-    tail = options.get("tail", "all")
-    if tail != "all":
-        if not tail.lstrip("-").isdigit():
-            raise DockerError(f'invalid argument "{tail}" for "-n, --tail" flag', 125)
-        lines = lines[-int(tail) :] if int(tail) > 0 else [] if int(tail) == 0 else lines
-    for line in lines:
+    for line in lines[len(lines) - int(options.get("--tail", [str(len(lines))])[-1]) :]:
         print(line)
     return 0
 
 
-def execute(store: Store, args: list[str]) -> int:
-    spec = Spec(
-        "exec",
-        "-i --interactive",
-        "-t --tty",
-        "-d --detach",
-        "-e --env=*",
-        "-u --user=",
-        "-w --workdir=",
-        interspersed=False,
-    )
-    _, positional = spec.parse(args)
-    spec.require(positional, 2)
-    name, command = positional[0], positional[1:]
+def execute(store: Store, options: Options, args: list[str]) -> int:
+    """`docker exec PROXY nginx -t` and `nginx -s reload`: both parse the configuration first and exit 1 on an
+    error, the master keeping the old one. The files nginx-reload-fails and nginx-reload-ignored in the state
+    directory make a reload fail to signal the master, or signal a master that cannot apply the new configuration."""
+    if args[1:] not in (["nginx", "-t"], ["nginx", "-s", "reload"]):
+        raise NotSimulated(f"`docker exec {' '.join(args)}`")
     with store.locked() as data:
-        container = find(data, name)
-        if container["status"] != "running":
-            raise DockerError(f"Error response from daemon: container {container['id']} is not running")
-        if container["behaviour"] != "proxy" or command not in (["nginx", "-t"], ["nginx", "-s", "reload"]):
-            raise NotSimulated(f"`docker exec {name} {' '.join(command)}`")
+        proxy = find(data, args[0])
+        if proxy["status"] != "running":
+            raise DockerError(f"Error response from daemon: container {proxy['id']} is not running")
+        if proxy["behaviour"] != "proxy":
+            raise NotSimulated(f"`docker exec` in {args[0]}, which is not nginx,")
         try:
-            config = nginx_config(data, container)
+            config = nginx_config(data, proxy)
         except NginxError as error:
-            if command == ["nginx", "-t"]:
-                print(f"{error}\nnginx: configuration file /etc/nginx/nginx.conf test failed", file=sys.stderr)
-                return 1
-            print(error, file=sys.stderr)  # `nginx -s` parses the configuration before it signals: no signal sent
+            print(error, file=sys.stderr)
             return 1
-        if command == ["nginx", "-t"]:
-            print(
-                "nginx: the configuration file /etc/nginx/nginx.conf syntax is ok\n"
-                "nginx: configuration file /etc/nginx/nginx.conf test is successful",
-                file=sys.stderr,
-            )
+        if args[2] == "-t":
+            print("nginx: the configuration file /etc/nginx/nginx.conf syntax is ok", file=sys.stderr)
         elif (store.root / "nginx-reload-fails").exists():
             print('nginx: [error] invalid PID number "" in "/run/nginx.pid"', file=sys.stderr)
             return 1
         elif (store.root / "nginx-reload-ignored").exists():
-            with open(store.log_file(container), "a") as log:  # the master keeps its old configuration
+            with open(store.log_file(proxy), "a") as log:  # the master keeps its old configuration
                 log.write("nginx: [alert] could not apply the new configuration; the old one stays\n")
-            print("[notice] signal process started", file=sys.stderr)
         else:
-            container["config"] = config  # the published ports stay as `docker run` set them
-            print("[notice] signal process started", file=sys.stderr)
+            proxy["config"] = config  # the published ports stay as `docker run` set them
     return 0
 
 
-def remove(store: Store, args: list[str]) -> int:
-    spec = Spec("rm", "-f --force", "-v --volumes")
-    options, positional = spec.parse(args)
-    spec.require(positional, 1)
-    status = 0
+def remove(store: Store, options: Options, args: list[str]) -> int:
     with store.locked() as data:
-        for name in positional:
-            container = data["containers"].get(name)
-            if container is None:
-                print(f"Error response from daemon: No such container: {name}", file=sys.stderr)
-                status = status if options.get("force") else 1  # docker >= 20.10: -f ignores missing containers
-                continue
-            if container["status"] in ("running", "restarting") and not options.get("force"):
-                print(
-                    f'Error response from daemon: cannot remove container "/{name}": container is running: stop '
-                    "the container before removing or force remove",
-                    file=sys.stderr,
-                )
-                status = 1
-                continue
-            terminate(container, signal.SIGKILL, 10)
-            shutil.rmtree(store.root / "layers" / container["id"], ignore_errors=True)
-            del data["containers"][name]
-            print(name)
-    return status
+        if args[0] not in data["containers"] and "-f" in options:
+            return 0  # docker >= 20.10: -f ignores a missing container
+        container = find(data, args[0])
+        if container["status"] in ("running", "restarting") and "-f" not in options:
+            raise DockerError(
+                f'Error response from daemon: cannot remove container "/{args[0]}": container is running: stop '
+                "the container before removing or force remove"
+            )
+        terminate(container, signal.SIGKILL, 10)
+        shutil.rmtree(store.root / "layers" / container["id"], ignore_errors=True)
+        del data["containers"][args[0]]
+    print(args[0])
+    return 0
 
 
-def stop(store: Store, args: list[str]) -> int:
-    spec = Spec("stop", "-t --timeout --time=", "-s --signal=")
-    options, positional = spec.parse(args)
-    spec.require(positional, 1)
-    grace = options.get("timeout", "10")
-    if not grace.lstrip("-").isdigit():
-        raise DockerError(
-            f'invalid argument "{grace}" for "-t, --timeout" flag: strconv.ParseInt: parsing "{grace}": invalid syntax',
-            125,
-        )
-    status = 0
+def stop(store: Store, options: Options, args: list[str]) -> int:
     with store.locked() as data:
-        for name in positional:
-            container = data["containers"].get(name)
-            if container is None:
-                print(f"Error response from daemon: No such container: {name}", file=sys.stderr)
-                status = 1
-                continue
-            terminate(container, signal.SIGTERM, max(int(grace), 0))
-            container.update(status="exited", exit_code=0, pid=0)
-            print(name)
-    return status
+        container = find(data, args[0])
+        terminate(container, signal.SIGTERM, int(options.get("-t", ["10"])[-1]))
+        container.update(status="exited", exit_code=0, pid=0)
+    print(args[0])
+    return 0
 
 
 def terminate(container: dict[str, Any], first: signal.Signals, grace_s: float) -> None:
@@ -845,47 +546,100 @@ def terminate(container: dict[str, Any], first: signal.Signals, grace_s: float) 
             time.sleep(0.01)
 
 
-def port(store: Store, args: list[str]) -> int:
-    """`docker port CONTAINER PRIVATE_PORT[/tcp]`: the host addresses that container port is published on."""
-    spec = Spec("port")
-    _, positional = spec.parse(args)
-    spec.require(positional, 1, 2)
-    if len(positional) == 1:
-        raise NotSimulated("`docker port` without a private port")
-    match = re.fullmatch(r"(\d+)(?:/tcp)?", positional[1])
-    if not match:
-        raise NotSimulated(f"`docker port` of {positional[1]!r}")
+def port(store: Store, options: Options, args: list[str]) -> int:
+    """`docker port CONTAINER PORT`: the host addresses the container's PORT is published on."""
+    if not args[1].isdigit():
+        raise NotSimulated(f"`docker port` of {args[1]!r}")
     with store.locked() as data:
-        container = find(data, positional[0])
-    addresses = [f"{p['host_ip']}:{p['host_port']}" for p in container["ports"] if p["container_port"] == int(match[1])]
+        container = find(data, args[0])
+    addresses = [f"{p['host_ip']}:{p['host_port']}" for p in container["ports"] if p["container_port"] == int(args[1])]
     if container["status"] != "running" or not addresses:
-        raise DockerError(f"Error: No public port '{match[1]}/tcp' published for {positional[0]}")
+        raise DockerError(f"Error: No public port '{args[1]}/tcp' published for {args[0]}")
     print("\n".join(addresses))
     return 0
 
 
-def network(store: Store, args: list[str]) -> int:
-    if args[:1] not in (["create"], ["inspect"]):
-        raise NotSimulated(f"`docker network {' '.join(args[:1])}`")
-    option = "-d --driver=" if args[0] == "create" else "-f --format="
-    spec = Spec(f"network {args[0]}", option)
-    options, positional = spec.parse(args[1:])
-    spec.require(positional, 1, 1 if args[0] == "create" else None)
+def network_create(store: Store, options: Options, args: list[str]) -> int:
     with store.locked() as data:
-        if args[0] == "create":
-            if positional[0] in data["networks"]:
-                raise DockerError(f"Error response from daemon: network with name {positional[0]} already exists")
-            data["networks"].append(positional[0])
-            print(secrets.token_hex(32))
-            return 0
-        missing = [name for name in positional if name not in data["networks"]]
-    for name in positional:
-        if name not in missing:
-            view = {"Name": name, "Driver": options.get("driver", "bridge")}
-            print(render(options["format"], view) if "format" in options else json.dumps([view], indent=4))
-    for name in missing:
-        print(f"Error: No such network: {name}", file=sys.stderr)
-    return 1 if missing else 0
+        if args[0] in data["networks"]:
+            raise DockerError(f"Error response from daemon: network with name {args[0]} already exists")
+        data["networks"].append(args[0])
+    print(secrets.token_hex(32))
+    return 0
+
+
+def network_inspect(store: Store, options: Options, args: list[str]) -> int:
+    with store.locked() as data:
+        if args[0] not in data["networks"]:
+            raise DockerError(f"Error: No such network: {args[0]}")
+    print(json.dumps([{"Name": args[0], "Driver": "bridge"}], indent=4))
+    return 0
+
+
+# The calls the scripts make, and no others: each command's handler, its options as the scripts write them, each
+# with the pattern its value must match ("": a switch), and its number of arguments (None: a command follows).
+COMMANDS: dict[str, tuple[Callable[[Store, Options, list[str]], int], dict[str, str], int | None]] = {
+    "pull": (pull, {"--quiet": ""}, 1),
+    "image inspect": (image_inspect, {}, 1),
+    "inspect": (inspect, {"--type": "container", "--format": r"\{\{\.State\.Status\}\}"}, 1),
+    "run": (
+        run,
+        {
+            "-d": "",
+            "--name": NAME,
+            "--restart": "unless-stopped",
+            "--network": NAME,
+            "-p": PUBLISH,
+            "--env-file": "/.*",
+            "-e": r"[A-Z][A-Z0-9_]*(=.*)?",
+            "-v": VOLUME,
+            "--log-opt": r"max-(size|file)=\w+",
+        },
+        1,
+    ),
+    "logs": (logs, {"--tail": r"\d+"}, 1),
+    "exec": (execute, {}, None),
+    "stop": (stop, {"-t": r"\d+"}, 1),
+    "rm": (remove, {"-f": ""}, 1),
+    "port": (port, {}, 2),
+    "network inspect": (network_inspect, {}, 1),
+    "network create": (network_create, {}, 1),
+}
+
+
+def parse(command: str, args: list[str]) -> tuple[Options, list[str]]:
+    """The options, which come first as the scripts write them, and the arguments; any other call is not simulated."""
+    _, flags, count = COMMANDS[command]
+    options: Options = {}
+    while args and args[0].startswith("-"):
+        flag = args.pop(0)
+        if flag not in flags:
+            raise NotSimulated(f"`docker {command} {flag}`")
+        value = (args.pop(0) if args else "") if flags[flag] else "true"
+        if flags[flag] and not re.fullmatch(flags[flag], value):
+            raise NotSimulated(f"`docker {command} {flag} {value!r}`")
+        options.setdefault(flag, []).append(value)
+    if count is not None and (len(args) != count or any(arg.startswith("-") for arg in args)):
+        raise NotSimulated(f"`docker {command}` with the arguments {args}")
+    return options, args
+
+
+def cli(args: list[str]) -> int:
+    if not os.environ.get("FAKE_DOCKER_STATE"):
+        print("fake docker: set FAKE_DOCKER_STATE to a state directory", file=sys.stderr)
+        return 2
+    store = Store(Path(os.environ["FAKE_DOCKER_STATE"]))
+    command = " ".join(args[:2] if args[:1] in (["image"], ["network"]) else args[:1])
+    try:
+        if command not in COMMANDS:
+            raise NotSimulated(f"`docker {' '.join(args[:2])}`")
+        options, positional = parse(command, args[len(command.split()) :])
+        status = COMMANDS[command][0](store, options, positional)
+    except DockerError as error:
+        print(error, file=sys.stderr)
+        status = error.status
+    store.record(args, status)
+    return status
 
 
 # --- containers ----------------------------------------------------------------------------------------------
@@ -938,7 +692,7 @@ class App(Handler):
     def misplaced(self) -> bool:
         """Whether the path belongs to the other port: then it has answered 404."""
         admin = int(self.spec["env"].get("ADMIN_PORT") or 0)
-        if "noadmin" in split_reference(self.spec["image"])[1]:
+        if "noadmin" in tag(self.spec["image"]):
             admin = 0
         if admin and (self.path in ADMIN_PATHS) != (self.port == admin):
             self.reply(404, {"error": "Not Found"})
