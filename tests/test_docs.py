@@ -206,3 +206,20 @@ def test_every_make_target_has_its_page_in_development():
     table = page[page.index("## Make targets"):page.index("## Tests")]
     listed = {name for row in re.findall(r"^\| (.+?) \|", table, re.MULTILINE) for name in re.findall(r"`([a-z-]+)`", row)}
     assert listed == makefile_targets() - {"help"}, "docs/development.md's target table: one row per Makefile target"
+
+
+def code_text() -> str:
+    """Everything that can read a setting: Python, shell, the Makefile, workflows, the stack, the image, Compose."""
+    files = [*ROOT.glob("*.py"), *(ROOT / "scripts").glob("*.py"), *(ROOT / "scripts").glob("*.sh"),
+             *(ROOT / "serving").glob("*.py"), *(ROOT / ".github" / "workflows").glob("*.yml"),
+             *(ROOT / "infra").glob("*.yml"), ROOT / "Makefile", ROOT / "Dockerfile", ROOT / "docker-compose.yml"]
+    return "\n".join(path.read_text() for path in files)
+
+
+def test_every_variable_the_configuration_page_lists_is_read_somewhere():
+    rows = re.findall(r"^\|(.+)\|$", CONFIGURATION.read_text(), re.MULTILINE)
+    listed = {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]{2,})`", row)}
+    code = code_text()
+    assert {"SERVE_URL", "BAKE_S", "FORWARDED_ALLOW_IPS"} <= listed
+    unread = {name for name in listed if not re.search(rf"\b{name}\b", code)}
+    assert unread == set(), "docs/configuration.md lists variables that no code, workflow or template reads"
