@@ -4,9 +4,10 @@ found on the way (named in each door's terms), and the one type every door's int
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,10 @@ SMOKE_RECORDS: tuple[dict[str, Any], ...] = (
 
 _CODES: dict[str, float] = dict(zip(CATEGORIES, category_codes(np.array(CATEGORIES)).tolist(), strict=True))
 _FIELDS = frozenset(FEATURES)
+_NUMBERS = operator.itemgetter(*NUMERIC_FEATURES)  # a record's numbers, in order: a tuple
+_NUMBER_TYPES = frozenset({int, float})  # exact types: bool is an int subclass, but not a number here
+_REQUIRED_COLUMNS = tuple(i for i, name in enumerate(NUMERIC_FEATURES) if name not in OPTIONAL_FEATURES)
+_BOUNDED_COLUMNS = tuple((NUMERIC_FEATURES.index(name), low, high) for name, (low, high) in COORDINATE_BOUNDS.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +131,44 @@ def to_arrays(records: list[Any], locate: Locate = in_instances) -> tuple[FloatA
 
     Stops at MAX_PROBLEMS problems; each is placed with `locate`, only once found (the checked path builds no names).
     """
+    arrays = _well_formed(records)
+    return arrays if arrays is not None else _checked(records, locate)
+
+
+def _well_formed(records: list[Any]) -> tuple[FloatArray, FloatArray] | None:
+    """The arrays of a batch in which every record is right, checked a column at a time (~1 us a record, a third of
+    _checked's field by field); None if any record may not be, for _checked to find what and say where. It accepts
+    exactly what _checked accepts: every field present (total_bedrooms may be null) and no other, numbers of the
+    exact types int and float, coordinates within COORDINATE_BOUNDS, a known category."""
+    if not records:
+        return None
+    try:
+        numbers = list(map(_NUMBERS, records))  # KeyError: a field missing; TypeError: not an object
+        codes = [_CODES[record[CATEGORICAL_FEATURE]] for record in records]  # KeyError: not a category (or missing)
+    except (KeyError, TypeError):
+        return None
+    if any(len(record) != len(FEATURES) for record in records):  # every field is there: so others are too
+        return None
+    types = set(map(type, chain.from_iterable(numbers)))
+    if not types <= _NUMBER_TYPES:
+        if not types <= _NUMBER_TYPES | {type(None)}:
+            return None
+        columns = list(zip(*numbers, strict=True))
+        if any(None in columns[i] for i in _REQUIRED_COLUMNS):  # `in` compares by identity first: None only
+            return None
+    try:
+        numeric = np.array(numbers, dtype=float)  # null becomes NaN
+    except OverflowError:  # an integer beyond float's range: _checked fails alike, as it always has
+        return None
+    for column, low, high in _BOUNDED_COLUMNS:
+        values = numeric[:, column]
+        if not ((low <= values) & (values <= high)).all():
+            return None
+    return numeric, np.array(codes, dtype=float)
+
+
+def _checked(records: list[Any], locate: Locate) -> tuple[FloatArray, FloatArray]:
+    """to_arrays field by field, each problem found named."""
     rows: list[list[float]] = []
     codes: list[float] = []
     problems: list[InputProblem] = []
