@@ -204,7 +204,8 @@ def test_the_file_scan_finds_what_it_looks_for():
 def test_every_make_target_has_its_page_in_development():
     page = (ROOT / "docs" / "development.md").read_text()
     table = page[page.index("## Make targets"):page.index("## Tests")]
-    listed = {name for row in re.findall(r"^\| (.+?) \|", table, re.MULTILINE) for name in re.findall(r"`([a-z-]+)`", row)}
+    rows = re.findall(r"^\| (.+?) \|", table, re.MULTILINE)
+    listed = {name for row in rows for name in re.findall(r"`([a-z-]+)`", row)}
     assert listed == makefile_targets() - {"help"}, "docs/development.md's target table: one row per Makefile target"
 
 
