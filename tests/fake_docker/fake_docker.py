@@ -46,7 +46,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import socketserver
@@ -149,7 +148,7 @@ class Store:
             exit_file = self.root / "exits" / container["id"]
             code = int(exit_file.read_text()) if exit_file.exists() else 137
             restarts = container["restart"] != "no" and code != 0
-            container.update(status="restarting" if restarts else "exited", exit_code=code, pid=0)
+            container.update(status="restarting" if restarts else "exited", pid=0)
 
     def log_file(self, container: dict[str, Any]) -> Path:
         return self.root / "logs" / f"{container['id']}.log"
@@ -172,30 +171,22 @@ def alive(pid: int) -> bool:
 
 def app_serves(container: dict[str, Any], now: float) -> bool:
     """Whether the app in `container` answers /ready and /predict, as its behaviour and age say."""
-    kind = container["behaviour"]
-    return (
-        container["status"] == "running"
-        and configured(container["env"])
-        and kind in ("healthy", "slow")
-        and (kind != "slow" or now - container["started_at"] >= SLOW_READY_S)
-    )
+    kind, age = container["behaviour"], now - container["started_at"]
+    return bool(container["status"] == "running" and (kind == "healthy" or (kind == "slow" and age >= SLOW_READY_S)))
 
 
-def configured(env: dict[str, str]) -> bool:
-    return bool(env.get("MLFLOW_TRACKING_URI") or env.get("MODEL_URI"))
+def admin_port(app: dict[str, Any]) -> int:
+    """ADMIN_PORT as the app reads it (0: none); images tagged "noadmin" predate it and ignore it."""
+    return 0 if "noadmin" in tag(app["image"]) else int(app["env"].get("ADMIN_PORT") or 0)
 
 
-def app_ports(container: dict[str, Any]) -> dict[int, str]:
-    """The app's listening ports reachable from outside the container, each "public" or "admin" (serving/admin.py):
-    with ADMIN_PORT set (and not 0) the admin endpoints move to it, on ADMIN_HOST, 127.0.0.1 unless set: the
-    container's own loopback, which neither its published ports nor other containers reach. Images tagged
-    "noadmin" predate ADMIN_PORT and ignore it."""
-    env = container["env"]
-    ports = {int(env.get("PORT") or APP_PORT): "public"}
-    admin = int(env.get("ADMIN_PORT") or 0)
-    reachable = env.get("ADMIN_HOST", "127.0.0.1") == "0.0.0.0"
-    if admin and reachable and "noadmin" not in tag(container["image"]):
-        ports.setdefault(admin, "admin")
+def app_ports(app: dict[str, Any]) -> dict[int, str]:
+    """The app's ports reachable from outside its container, each "public" or "admin" (serving/admin.py): the admin
+    port listens on ADMIN_HOST, 127.0.0.1 unless set, the container's own loopback, which neither its published
+    ports nor other containers reach."""
+    ports = {int(app["env"].get("PORT") or APP_PORT): "public"}
+    if admin_port(app) and app["env"].get("ADMIN_HOST") == "0.0.0.0":
+        ports.setdefault(admin_port(app), "admin")
     return ports
 
 
@@ -306,7 +297,6 @@ def run(store: Store, options: Options, args: list[str]) -> int:
                 "restart": options.get("--restart", ["no"])[-1],
                 "network": options.get("--network", ["bridge"])[-1],
                 "status": "created",
-                "exit_code": 0,
                 "pid": 0,
                 "started_at": 0.0,
                 "config": None,
@@ -373,6 +363,8 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
             raise NotSimulated("an nginx container whose configuration nginx rejects at start") from None
     else:
         listening = list(app_ports(container))
+        if any(port["container_port"] not in listening for port in container["ports"]):
+            raise NotSimulated("publishing a port the app does not listen on")
     # The container's own address on its network: one socket per port its app listens on.
     sockets = [(bind(0), port) for port in listening]
     for port in container["ports"]:
@@ -395,8 +387,6 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
         "behaviour": container["behaviour"],
         "env": container["env"],
         "mounts": container["mounts"],
-        "layer": str(store.root / "layers" / container["id"]),
-        "listen": listening,
         "started_at": time.time(),
         "sockets": [[sock.fileno(), port] for sock, port in sockets],
     }
@@ -516,7 +506,6 @@ def remove(store: Store, options: Options, args: list[str]) -> int:
                 "the container before removing or force remove"
             )
         terminate(container, signal.SIGKILL, 10)
-        shutil.rmtree(store.root / "layers" / container["id"], ignore_errors=True)
         del data["containers"][args[0]]
     print(args[0])
     return 0
@@ -526,7 +515,7 @@ def stop(store: Store, options: Options, args: list[str]) -> int:
     with store.locked() as data:
         container = find(data, args[0])
         terminate(container, signal.SIGTERM, int(options.get("-t", ["10"])[-1]))
-        container.update(status="exited", exit_code=0, pid=0)
+        container.update(status="exited", pid=0)
     print(args[0])
     return 0
 
@@ -668,116 +657,68 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         print(f"INFO:     {self.address_string()} - {format % args}", flush=True)
 
-    def reply(self, status: int, content: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(content).encode()
+    def reply(self, status: int, content: Any, *headers: tuple[str, str]) -> None:
+        """Answer with `content`: bytes as they are, anything else as JSON."""
+        if not isinstance(content, bytes):
+            content, headers = json.dumps(content).encode(), (("Content-Type", "application/json"), *headers)
         self.send_response(status)
-        for name, value in {
-            "Content-Type": "application/json",
-            "Content-Length": str(len(body)),
-            **(headers or {}),
-        }.items():
+        for name, value in (*headers, ("Content-Length", str(len(content)))):
             self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-
-class App(Handler):
-    """serve.py's contract: /health, /ready (200 once a model is loaded), POST /predict with one record, GET /metrics.
-    With ADMIN_PORT set, /metrics answers only on it and everything else only on PORT; each port answers 404 for the
-    other's endpoints (serving/admin.py)."""
-
-    def misplaced(self) -> bool:
-        """Whether the path belongs to the other port: then it has answered 404."""
-        admin = int(self.spec["env"].get("ADMIN_PORT") or 0)
-        if "noadmin" in tag(self.spec["image"]):
-            admin = 0
-        if admin and (self.path in ADMIN_PATHS) != (self.port == admin):
-            self.reply(404, {"error": "Not Found"})
-            return True
-        return False
-
-    def metrics(self) -> None:
-        content = b"# TYPE housing_model_loaded gauge\nhousing_model_loaded 1.0\n"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.send_header("Content-Length", str(len(content)))
-        self.send_header("X-Fake-Image", self.spec["image"])
         self.end_headers()
         self.wfile.write(content)
 
-    def ready(self) -> bool:
-        spec = self.spec
-        return app_serves({**spec, "status": "running"}, time.time()) or (
-            spec["behaviour"] == "badpredict" and configured(spec["env"])
-        )
 
-    @staticmethod
-    def broken(spec: dict[str, Any]) -> bool:
-        return spec["behaviour"] == "broken" or not configured(spec["env"])
+class App(Handler):
+    """serve.py's contract: GET /health, GET /ready (200 once a model is loaded), POST /predict of one record, GET
+    /metrics. With ADMIN_PORT set the admin endpoints answer only on it, the others only on PORT: each port answers
+    404 for the other's (serving/admin.py)."""
 
-    def do_GET(self) -> None:
-        if self.misplaced():
-            return
-        if self.path == "/metrics":
-            self.metrics()
-        elif self.path == "/health":
+    def answer(self) -> None:
+        spec, request, image = self.spec, (self.command, self.path), ("X-Fake-Image", self.spec["image"])
+        try:
+            record = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        except ValueError:
+            record = None
+        ready = app_serves({**spec, "status": "running"}, time.time()) or spec["behaviour"] == "badpredict"
+        if admin_port(spec) and (self.path in ADMIN_PATHS) != (self.port == admin_port(spec)):
+            self.reply(404, {"error": "Not Found"})
+        elif request == ("GET", "/metrics"):
+            self.reply(200, b"housing_model_loaded 1.0\n", ("Content-Type", "text/plain; version=0.0.4"), image)
+        elif request == ("GET", "/health"):
             self.reply(200, {"status": "ok"})
-        elif self.path == "/ready":
-            if self.ready():
-                self.reply(200, {"status": "ready", "model": self.model()})
-            else:
-                if self.broken(self.spec):  # serve.py retries the registry, and logs each failure
-                    print(LOAD_ERROR, flush=True)
-                self.reply(503, {"error": "no model loaded yet"}, {"Retry-After": "5"})
-        else:
+        elif request in (("GET", "/ready"), ("POST", "/predict")) and not ready:
+            if spec["behaviour"] == "broken":  # serve.py retries the registry, and logs each failure
+                print(LOAD_ERROR, flush=True)
+            self.reply(503, {"error": "no model loaded yet"}, ("Retry-After", "5"))
+        elif request == ("GET", "/ready"):
+            self.reply(200, {"status": "ready"})
+        elif request != ("POST", "/predict"):
             self.reply(404, {"error": "Not Found"})
-
-    def do_POST(self) -> None:
-        body = self.body()
-        if self.misplaced():
-            return
-        if self.path != "/predict":
-            self.reply(404, {"error": "Not Found"})
-        elif not self.ready():
-            self.reply(503, {"error": "no model loaded yet"}, {"Retry-After": "5"})
         elif self.headers.get("Content-Type", "").partition(";")[0] != "application/json":
             self.reply(415, {"error": "send the records as Content-Type: application/json"})
+        elif not isinstance(record, dict) or set(record) != set(FEATURES):
+            self.reply(422, {"error": "send one JSON object with exactly the nine features"})
+        elif spec["behaviour"] == "badpredict":
+            self.reply(500, {"error": "Internal Server Error"})
         else:
-            try:
-                record = json.loads(body)
-            except ValueError:
-                self.reply(400, {"error": "malformed JSON"})
-                return
-            if not isinstance(record, dict) or set(record) != set(FEATURES):
-                self.reply(422, {"error": "the record must have exactly the nine features"})
-            elif self.spec["behaviour"] == "badpredict":
-                self.reply(500, {"error": "Internal Server Error"})
-            else:
-                self.log_prediction()
-                self.reply(200, {"prediction": 452600.0, "model": self.model()}, {"X-Fake-Image": self.spec["image"]})
+            self.log_prediction()
+            self.reply(200, {"prediction": 452600.0}, image)
+
+    do_GET = do_POST = answer
 
     def log_prediction(self) -> None:
-        directory = host_path(self.spec, self.spec["env"].get("PREDICTION_LOG_DIR") or IMAGE_LOG_DIR)
-        directory.mkdir(parents=True, exist_ok=True)
-        line = {"request_id": self.headers.get("X-Request-ID", ""), "image": self.spec["image"]}
-        with open(directory / f"predictions-{self.spec['id'][:12]}.jsonl", "a") as log:
-            log.write(json.dumps(line) + "\n")
-
-    def model(self) -> dict[str, Any]:
-        return {"name": self.spec["env"].get("MODEL_NAME", "California_Housing_Regression"), "version": "1"}
-
-
-def host_path(spec: dict[str, Any], path: str) -> Path:
-    """Where the container's absolute `path` is on the host: in the bind mount that holds it, else in its layer."""
-    inside = PurePosixPath(path)
-    for mount in spec["mounts"]:
-        target = PurePosixPath(mount["target"])
-        if inside == target or target in inside.parents:
-            return Path(mount["source"]) / inside.relative_to(target)
-    return Path(spec["layer"]) / inside.relative_to("/")
+        """One line (the request's X-Request-ID, the image) in PREDICTION_LOG_DIR, if a bind mount holds it: else it
+        would go to the container's writable layer, which the host never sees and `docker rm` deletes."""
+        inside = PurePosixPath(self.spec["env"].get("PREDICTION_LOG_DIR") or IMAGE_LOG_DIR)
+        for mount in self.spec["mounts"]:
+            target = PurePosixPath(mount["target"])
+            if inside == target or target in inside.parents:
+                directory = Path(mount["source"]) / inside.relative_to(target)
+                directory.mkdir(parents=True, exist_ok=True)
+                line = {"request_id": self.headers.get("X-Request-ID", ""), "image": self.spec["image"]}
+                with open(directory / f"predictions-{self.spec['id'][:12]}.jsonl", "a") as log:
+                    log.write(json.dumps(line) + "\n")
+                return
 
 
 class Proxy(Handler):
@@ -785,7 +726,7 @@ class Proxy(Handler):
     the port it came in on; with no such block the connection closes unanswered."""
 
     def forward(self) -> None:
-        body = self.body()
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         data = Store(Path(self.spec["state"])).load()
         me = data["containers"].get(self.spec["name"])
         server = server_for(me, self.port) if me else None
@@ -794,68 +735,37 @@ class Proxy(Handler):
             return
         target = upstream_of(data, me, server)
         if target is None or not alive(target["pid"]):
-            content = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
-            self.send_response(502)
-            for name, value, always in server["headers"]:
-                if always:
-                    self.send_header(name, value)
-            self.send_header("Content-Length", str(len(content)))
-            self.end_headers()
-            self.wfile.write(content)
-            return
-        endpoint = target["endpoints"][str(server["upstream_port"])]
-        connection = http.client.HTTPConnection("127.0.0.1", endpoint, timeout=10)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "host")}
-        connection.request(self.command, self.path, body or None, headers)
-        answer = connection.getresponse()
-        content = answer.read()
-        self.send_response(answer.status)
-        for name, value in answer.getheaders():
-            if name.lower() not in ("connection", "transfer-encoding", "server", "date", "content-length"):
-                self.send_header(name, value)
-        for name, value, always in server["headers"]:
-            if always or answer.status < 400:
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(content)))
-        self.end_headers()
-        self.wfile.write(content)
+            status, content, headers = 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", []
+        else:
+            endpoint = target["endpoints"][str(server["upstream_port"])]
+            connection = http.client.HTTPConnection("127.0.0.1", endpoint, timeout=10)
+            hop = ("connection", "host", "transfer-encoding", "server", "date", "content-length")
+            connection.request(
+                self.command, self.path, body or None, {k: v for k, v in self.headers.items() if k.lower() not in hop}
+            )
+            answer = connection.getresponse()
+            status, content = answer.status, answer.read()
+            headers = [(name, value) for name, value in answer.getheaders() if name.lower() not in hop]
+        # `add_header ... always` adds the header to every answer, nginx's own 502 too; without `always`, to 2xx/3xx
+        headers += [(name, value) for name, value, always in server["headers"] if always or status < 400]
+        self.reply(status, content, *headers)
 
     do_GET = do_POST = forward
 
 
-class Closed(socketserver.BaseRequestHandler):
-    """A published port that nothing in the container listens on: the connection closes without an answer."""
-
-    def handle(self) -> None:
-        return
-
-
 def run_container(spec: dict[str, Any]) -> int:
     if spec["behaviour"] == "crash":
-        print(
-            'Traceback (most recent call last):\n  File "/app/serve.py", line 1, in <module>\n'
-            "RuntimeError: cannot start: simulated crash",
-            flush=True,
-        )
+        print("Traceback (most recent call last):\nRuntimeError: cannot start: simulated crash", flush=True)
         (Path(spec["state"]) / "exits" / spec["id"]).write_text("1")
         return 1
-    proxy = spec["behaviour"] == "proxy"
-
-    def handler(port: int) -> type[socketserver.BaseRequestHandler]:
-        if not proxy and port not in spec["listen"]:
-            return Closed
-        return type("Bound", (Proxy if proxy else App,), {"spec": spec, "port": port})
-
-    # nginx opens the ports of a reloaded configuration's new `listen`s: every socket of a proxy gets the handler.
-    servers = [ContainerPortServer(socket.socket(fileno=fd), handler(port)) for fd, port in spec["sockets"]]
-    for server in servers:
+    handler = Proxy if spec["behaviour"] == "proxy" else App
+    # nginx opens the ports of a reloaded configuration's new `listen`s: a proxy answers on every published port.
+    for fd, port in spec["sockets"]:
+        server = ContainerPortServer(socket.socket(fileno=fd), type("Bound", (handler,), {"spec": spec, "port": port}))
         threading.Thread(target=server.serve_forever, daemon=True).start()
-    if spec["behaviour"] == "proxy":
-        print("[notice] start worker processes", flush=True)
-    elif App.broken(spec):
-        print(LOAD_ERROR, flush=True)
-    else:
-        print(f"INFO:     Uvicorn running on http://0.0.0.0:{spec['listen'][0]} (Press CTRL+C to quit)", flush=True)
+    print(
+        "[notice] start worker processes" if handler is Proxy else "INFO:     Application startup complete.", flush=True
+    )
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     print("INFO:     Shutting down", flush=True)
     return 0
