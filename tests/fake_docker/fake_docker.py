@@ -1,4 +1,6 @@
-"""A stand-in for the `docker` CLI: it enforces the real CLI's argument contract and runs containers for real.
+"""A stand-in for the `docker` CLI of scripts/deploy.sh: it accepts exactly the calls deploy.sh makes (COMMANDS)
+and runs their containers for real. Any other command, option, value or nginx configuration exits 2 with
+"fake docker: ... is not simulated", so that a test cannot pass on a call nothing checked.
 
 `tests/fake_docker/docker` runs `fake_docker.py cli ARGS...`. State lives in the directory $FAKE_DOCKER_STATE:
 
@@ -6,36 +8,19 @@
     calls.jsonl    one line per call: its argv, exit status, and the host ports that served /predict after it
                    ("serving") and those that served the admin endpoint /metrics ("admin")
     logs/ID.log    what a container printed: what `docker logs` shows
-    layers/ID/     a container's writable layer: files it writes outside its bind mounts; `docker rm` deletes it
     registry-down  while this file exists, pulls fail as if Docker Hub were unreachable
-    nginx-reload-fails    while it exists, `nginx -s reload` fails to signal the master (exit 1)
-    nginx-reload-ignored  while it exists, `nginx -s reload` signals (exit 0) but the master keeps its old
-                          configuration, as when it cannot apply the new one (its error goes to the proxy's log)
+    nginx-reload-fails, nginx-reload-ignored   see execute()
 
-A container is a process (`fake_docker.py container SPEC`) listening on 127.0.0.1 at its published host ports and
-at an internal port that stands for its address on a docker network. What it does depends on its image:
+A container is a process (`fake_docker.py container SPEC`) listening on 127.0.0.1 at its published host ports and,
+for an app, at an internal port that stands for its address on a docker network. By image:
 
-    nginx*     a reverse proxy configured by the *.conf files mounted at /etc/nginx/conf.d: `upstream NAME
-               { server HOST:PORT; }` blocks with HOST a running container on the proxy's user-defined network,
-               and `server` blocks with `listen`, `proxy_pass http://NAME;` and `add_header`; a reload applies
-               new `listen`s too (reachable from the host where `docker run -p` published them).
-               `docker exec PROXY nginx -t` and `nginx -s reload` behave like nginx: both parse the configuration
-               first and exit 1 on an error (the master keeps the old one); `add_header ... always` is added to
-               nginx's own 502 as well. `docker port PROXY PORT` names where PORT is published.
-    any other  the serving app on $PORT (8000): GET /health, GET /ready, POST /predict. By image tag:
-               "broken" never gets ready, "slow" gets ready 1 s after its start, "badpredict" answers /predict
-               with 500, "crash" exits at once. Without MLFLOW_TRACKING_URI or MODEL_URI in its environment it
-               never gets ready either, like serve.py without a registry. GET /metrics answers 200; with
-               ADMIN_PORT set it moves to that port, which listens on ADMIN_HOST (127.0.0.1 unless set: the
-               container's own loopback, out of reach of published ports and other containers), and both ports
-               answer 404 for the other's endpoints. Tags containing "noadmin" predate ADMIN_PORT: it is ignored.
-               Each answered POST /predict appends a line (its X-Request-ID, the image) to a file in
-               PREDICTION_LOG_DIR (/app/logs, as the image sets it): on the host if a `-v` bind mount holds that
-               path, else in the container's writable layer.
+    nginx*     a reverse proxy configured by the conf.d mounted at /etc/nginx/conf.d, loaded at start and by
+               `nginx -s reload` (nginx_config); its upstreams are containers on its user-defined network.
+    any other  the serving app (App). By image tag: "broken" never gets ready, "slow" gets ready 1 s after its
+               start, "badpredict" answers /predict with 500, "crash" exits at once, "noadmin" predates ADMIN_PORT
+               and ignores it; "missing" is not in the registry.
 
-Tags containing "missing" are not in the registry. Errors use docker's messages and exit statuses (125 for
-`docker run`). Only the calls the scripts make are simulated (COMMANDS): any other command, option, option value,
-template or nginx configuration exits 2 with "fake docker: ...", so that a test cannot pass on a call nothing checked.
+Errors use docker's messages and exit statuses (125 for `docker run`).
 """
 
 from __future__ import annotations
