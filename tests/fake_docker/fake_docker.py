@@ -64,7 +64,10 @@ PUBLISH = r"(?:(\d+\.\d+\.\d+\.\d+):)?(\d+):(\d+)"  # [IP:]HOST_PORT:CONTAINER_P
 VOLUME = r"(/[^:]*):(/[^:]*)(:ro)?"  # a bind mount: /HOST_PATH:/CONTAINER_PATH[:ro]
 # What deploy.sh writes in conf.d (its proxy_server), and all the fake reads there: anything else is not simulated.
 UPSTREAM = r"upstream\s+(\w+)\s*\{\s*server\s+([\w.-]+):(\d+)\s*;\s*\}"
-SERVER = r"server\s*\{((?:[^{}]|\{[^{}]*\})*)\}"  # with nested blocks one deep: `location / { ... }`
+SERVER = (
+    r"server\s*\{\s*listen\s+(\d+);\s*(?:client_max_body_size\s+\w+;\s*)?location\s+/\s*\{\s*proxy_pass\s+http://(\w+);"
+    r"\s*(?:proxy_set_header\s+[\w-]+\s+\$\w+;\s*)*add_header\s+([\w-]+)\s+([\w.-]+)\s+always;\s*\}\s*\}"
+)
 
 
 class DockerError(Exception):
@@ -350,31 +353,21 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
         listening = list(app_ports(container))
         if any(port["container_port"] not in listening for port in container["ports"]):
             raise NotSimulated("publishing a port the app does not listen on")
-    # The container's own address on its network: one socket per port its app listens on.
+    # The container's own address on its network: one socket per port its app listens on. (After a failure the
+    # CLI exits at once: the sockets it bound close with it.)
     sockets = [(bind(0), port) for port in listening]
     for port in container["ports"]:
         try:
             sockets.append((bind(port["host_port"]), port["container_port"]))
         except OSError:
-            for sock, _ in sockets:
-                sock.close()
             where = f"{port['host_ip']}:{port['host_port']}"
             raise DockerError(
                 f"Error response from daemon: driver failed programming external connectivity on endpoint "
                 f"{container['name']} ({container['id'][:12]}): failed to bind port {where}/tcp: Error starting "
                 f"userland proxy: listen tcp4 {where}: bind: address already in use."
             ) from None
-    spec = {
-        "name": container["name"],
-        "id": container["id"],
-        "state": str(store.root),
-        "image": container["image"],
-        "behaviour": container["behaviour"],
-        "env": container["env"],
-        "mounts": container["mounts"],
-        "started_at": time.time(),
-        "sockets": [[sock.fileno(), port] for sock, port in sockets],
-    }
+    spec = {key: container[key] for key in ("name", "id", "image", "behaviour", "env", "mounts")}
+    spec.update(state=str(store.root), started_at=time.time(), sockets=[[s.fileno(), port] for s, port in sockets])
     with open(store.log_file(container), "a") as output:
         process = subprocess.Popen(
             [sys.executable, __file__, "container", json.dumps(spec)],
@@ -393,11 +386,7 @@ def start(store: Store, data: dict[str, Any], container: dict[str, Any]) -> None
 def bind(port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError:
-        sock.close()
-        raise
+    sock.bind(("127.0.0.1", port))
     sock.listen(64)
     sock.set_inheritable(True)
     return sock
@@ -420,21 +409,12 @@ def nginx_config(data: dict[str, Any], proxy: dict[str, Any]) -> dict[str, Any]:
             )
         upstreams[match[1]] = (match[2], int(match[3]))
     servers: list[dict[str, Any]] = []
-    for body in re.findall(SERVER, text):
-        listen = re.search(r"\blisten\s+(\d+)\s*;", body)
-        proxy_pass = re.search(r"\bproxy_pass\s+http://(\w+)\s*;", body)
-        taken = [server["listen"] for server in servers]
-        if not (listen and proxy_pass and proxy_pass[1] in upstreams and int(listen[1]) not in taken):
+    for match in re.finditer(SERVER, text):
+        if match[2] not in upstreams or int(match[1]) in [server["listen"] for server in servers]:
             raise NotSimulated("an nginx server block without its own listen port and a proxy_pass to an upstream")
-        headers = re.findall(r"\badd_header\s+(\S+)\s+\"?([^\s\";]+)\"?(\s+always)?\s*;", body)
-        host, upstream_port = upstreams[proxy_pass[1]]
+        host, upstream_port = upstreams[match[2]]
         servers.append(
-            {
-                "listen": int(listen[1]),
-                "upstream": host,
-                "upstream_port": upstream_port,
-                "headers": [[name, value, bool(always)] for name, value, always in headers],
-            }
+            {"listen": int(match[1]), "upstream": host, "upstream_port": upstream_port, "header": match.group(3, 4)}
         )
     if not servers or re.sub(f"{UPSTREAM}|{SERVER}", "", text).strip():
         raise NotSimulated("an nginx configuration of another shape than deploy.sh's")
@@ -731,9 +711,8 @@ class Proxy(Handler):
             answer = connection.getresponse()
             status, content = answer.status, answer.read()
             headers = [(name, value) for name, value in answer.getheaders() if name.lower() not in hop]
-        # `add_header ... always` adds the header to every answer, nginx's own 502 too; without `always`, to 2xx/3xx
-        headers += [(name, value) for name, value, always in server["headers"] if always or status < 400]
-        self.reply(status, content, *headers)
+        # `add_header ... always` adds the header to every answer, nginx's own 502 too
+        self.reply(status, content, *headers, tuple(server["header"]))
 
     do_GET = do_POST = forward
 
