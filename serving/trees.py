@@ -26,7 +26,7 @@ from typing import Any
 import numba
 import numpy as np
 import numpy.typing as npt
-from numba import float64, int32, int64, njit, uint32, void
+from numba import float64, int32, int64, njit, uint32, uint64, void
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.pipeline import Pipeline
 
@@ -40,6 +40,7 @@ log = logging.getLogger("housing.serve")
 # categorical split keeps there the set of category codes that go right, as bits.
 NODE = np.dtype([("value", "<f8"), ("right", "<i4"), ("feature", "<i2"), ("kind", "<u2")], align=True)
 LEAF, MISSING_GOES_LEFT, CATEGORICAL = 1, 2, 4
+LOCKSTEP_SHARE = 0.9  # _walk's lanes step together as deep as this share of training samples reach in a tree
 LANES = 12  # rows _walk takes through a tree at once, written out there (faster than 8, as fast as 16)
 BLOCK_ROWS = 40 * LANES  # rows _walk takes through every tree before the next block: 480 rows of ~50 columns, 190 KB
 MAX_DIFFERENCE = 1e-6  # |compiled - pipeline| allowed on the probe rows, in USD; the walk aims for 0
@@ -75,14 +76,21 @@ def _walk_row(nodes: Any, roots: Any, baseline: float, rows: Any, r: int) -> flo
     return total
 
 
+@njit(uint64(_VECTOR, uint32[::1], uint32[::1], _ROWS, int64, uint64), nogil=True, cache=True, inline="always")
+def _step(thresholds: Any, columns: Any, children: Any, rows: Any, r: int, i: Any) -> Any:  # pragma: no cover
+    """A node's child on row r's way: right where the row's value is above the threshold, without a branch."""
+    return np.uint64(children[np.uint64(2) * i + np.uint64(rows[r, columns[i]] > thresholds[i])])
+
+
 @njit(void(_NODES, int32[::1], float64, _VECTOR, uint32[::1], uint32[::1], _VECTOR, uint32[::1], uint32[::1],
            _ROWS, _VECTOR), nogil=True, cache=True)
 def _walk(nodes: Any, roots: Any, baseline: float, thresholds: Any, columns: Any, children: Any, leaf_values: Any,
           depths: Any, columns_read: Any, rows: Any, out: Any) -> None:  # pragma: no cover  # compiled
     """Every row through every tree, tree by tree over blocks of BLOCK_ROWS rows (a block stays in the L2 cache while
-    every tree passes it), LANES rows at once in lockstep. A lane takes exactly its tree's depth in steps, each
-    without a branch: `children[2 * i + (x > threshold)]` (a leaf is its own two children), so no mispredicted
-    branch stalls the walk and the lanes' loads overlap. The rows left over after a block's last full group of lanes,
+    every tree passes it), LANES rows at once in lockstep. The lanes take the tree's lockstep depth in steps together,
+    each step without a branch: `children[2 * i + (x > threshold)]` (a leaf is its own two children), so no
+    mispredicted branch stalls the walk and the lanes' loads overlap; the few lanes deeper than that (one in ten
+    training samples) then finish one by one. The rows left over after a block's last full group of lanes,
     and rows with NaN in a column the trees read, go through _walk_row instead. Either way a row's sum is the
     baseline plus its trees' leaf values in scikit-learn's order: bit-identical to predict().
 
@@ -125,6 +133,31 @@ def _walk(nodes: Any, roots: Any, baseline: float, thresholds: Any, columns: Any
                     i9 = np.uint64(children[np.uint64(2) * i9 + c9])
                     i10 = np.uint64(children[np.uint64(2) * i10 + c10])
                     i11 = np.uint64(children[np.uint64(2) * i11 + c11])
+                # The few lanes not at a leaf yet (a leaf is its own left child) go on one by one.
+                while children[np.uint64(2) * i0] != i0:
+                    i0 = _step(thresholds, columns, children, rows, g + 0, i0)
+                while children[np.uint64(2) * i1] != i1:
+                    i1 = _step(thresholds, columns, children, rows, g + 1, i1)
+                while children[np.uint64(2) * i2] != i2:
+                    i2 = _step(thresholds, columns, children, rows, g + 2, i2)
+                while children[np.uint64(2) * i3] != i3:
+                    i3 = _step(thresholds, columns, children, rows, g + 3, i3)
+                while children[np.uint64(2) * i4] != i4:
+                    i4 = _step(thresholds, columns, children, rows, g + 4, i4)
+                while children[np.uint64(2) * i5] != i5:
+                    i5 = _step(thresholds, columns, children, rows, g + 5, i5)
+                while children[np.uint64(2) * i6] != i6:
+                    i6 = _step(thresholds, columns, children, rows, g + 6, i6)
+                while children[np.uint64(2) * i7] != i7:
+                    i7 = _step(thresholds, columns, children, rows, g + 7, i7)
+                while children[np.uint64(2) * i8] != i8:
+                    i8 = _step(thresholds, columns, children, rows, g + 8, i8)
+                while children[np.uint64(2) * i9] != i9:
+                    i9 = _step(thresholds, columns, children, rows, g + 9, i9)
+                while children[np.uint64(2) * i10] != i10:
+                    i10 = _step(thresholds, columns, children, rows, g + 10, i10)
+                while children[np.uint64(2) * i11] != i11:
+                    i11 = _step(thresholds, columns, children, rows, g + 11, i11)
                 out[g + 0] += leaf_values[i0]
                 out[g + 1] += leaf_values[i1]
                 out[g + 2] += leaf_values[i2]
@@ -254,10 +287,10 @@ class CompiledModel:
         self.rotation_sin = np.array([np.sin(np.radians(a)) for a in features._ROTATIONS_DEG])
         self.city_lon = np.array([lon for lon, _ in features._CITIES.values()])
         self.city_lat = np.array([lat for _, lat in features._CITIES.values()])
-        self.nodes, self.roots = _lay_out(model)
+        self.nodes, self.roots, samples = _lay_out(model)
         self.baseline = float(model._baseline_prediction.item())
         (self.thresholds, self.columns, self.children, self.leaf_values, self.depths, self.right_sets,
-         self.missing_right) = _lockstep(self.nodes, self.roots, self.width)
+         self.missing_right) = _lockstep(self.nodes, self.roots, samples, self.width)
         # The columns whose NaN _walk_row handles: those of numeric splits (the 0/1 columns are never NaN).
         self.columns_read = np.unique(self.nodes["feature"][self.nodes["kind"] & (LEAF | CATEGORICAL) == 0]).astype(
             np.uint32)
@@ -300,11 +333,12 @@ class CompiledModel:
         return self._walk(self._walkable(numeric, codes))
 
 
-def _lockstep(nodes: npt.NDArray[Any], roots: npt.NDArray[np.int32], width: int) -> tuple[
+def _lockstep(nodes: npt.NDArray[Any], roots: npt.NDArray[np.int32], samples: FloatArray, width: int) -> tuple[
         FloatArray, npt.NDArray[np.uint32], npt.NDArray[np.uint32], FloatArray, npt.NDArray[np.uint32],
         npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """_walk's arrays, from the nodes: each node's threshold and the column it compares, its two children (a leaf: itself twice), the leaves'
-    values (0 elsewhere), each tree's depth; and one (set of codes that go right, whether missing goes right) per
+    """_walk's arrays, from the nodes: each node's threshold and the column it compares, its two children (a leaf:
+    itself twice), the leaves' values (0 elsewhere), each tree's lockstep depth (LOCKSTEP_SHARE of the training
+    samples reach their leaf within it); and one (set of codes that go right, whether missing goes right) per
     categorical column, in the order of the columns after `width`."""
     count = len(nodes)
     index = np.arange(count, dtype=np.uint32)
@@ -323,20 +357,27 @@ def _lockstep(nodes: npt.NDArray[Any], roots: npt.NDArray[np.int32], width: int)
     depth = np.zeros(count, dtype=np.uint32)  # depth-first: a parent comes before its children
     for i in np.flatnonzero(~leaf):
         depth[i + 1] = depth[nodes["right"][i]] = depth[i] + 1
-    depths = np.maximum.reduceat(depth, roots).astype(np.uint32)
+    depths = np.empty(len(roots), dtype=np.uint32)
+    for t, (first, end) in enumerate(zip(roots, [*roots[1:], count], strict=True)):
+        leaves = np.flatnonzero(leaf[first:end]) + first
+        leaves = leaves[np.argsort(depth[leaves], kind="stable")]
+        reached = np.cumsum(samples[leaves]) / max(float(samples[leaves].sum()), 1.0)
+        depths[t] = depth[leaves[min(int(np.searchsorted(reached, LOCKSTEP_SHARE)), len(leaves) - 1)]]
     return (thresholds, columns, children, np.where(leaf, nodes["value"], 0.0), depths,
             np.array([bits for bits, _ in splits], dtype=np.int64),
             np.array([right for _, right in splits], dtype=np.int64))
 
 
-def _lay_out(model: HistGradientBoostingRegressor) -> tuple[npt.NDArray[Any], npt.NDArray[np.int32]]:
-    """The trees' nodes in NODE records, depth-first, tree after tree; and where each tree starts."""
+def _lay_out(model: HistGradientBoostingRegressor) -> tuple[npt.NDArray[Any], npt.NDArray[np.int32], FloatArray]:
+    """The trees' nodes in NODE records, depth-first, tree after tree; where each tree starts; and how many training
+    samples reached each node."""
     trees = [tree for (tree,) in model._predictors]
     every = np.concatenate([tree.nodes for tree in trees])
     categorical = np.flatnonzero(every["is_categorical"])
     right_codes = _category_goes_right(model, trees, every, categorical) @ (1 << np.arange(len(CATEGORIES)))
     codes_of = dict(zip(categorical.tolist(), right_codes.tolist(), strict=True))
     records: list[tuple[float, int, int, int]] = []
+    samples: list[float] = []
     roots = []
     first = 0  # index in `every` of this tree's first node
     for tree in trees:
@@ -349,6 +390,7 @@ def _lay_out(model: HistGradientBoostingRegressor) -> tuple[npt.NDArray[Any], np
                 value, _, feature, kind = records[parents[i]]
                 records[parents[i]] = (value, len(records), feature, kind)
             node = tree.nodes[i]
+            samples.append(float(node["count"]))
             if node["is_leaf"]:
                 records.append((float(node["value"]), 0, 0, LEAF))
                 continue
@@ -361,7 +403,7 @@ def _lay_out(model: HistGradientBoostingRegressor) -> tuple[npt.NDArray[Any], np
             records.append((value, 0, int(node["feature_idx"]), kind))
             stack += [int(node["right"]), int(node["left"])]
         first += len(tree.nodes)
-    return np.array(records, dtype=NODE), np.array(roots, dtype=np.int32)
+    return np.array(records, dtype=NODE), np.array(roots, dtype=np.int32), np.array(samples)
 
 
 def _category_goes_right(model: HistGradientBoostingRegressor, trees: list[Any], nodes: npt.NDArray[Any],
