@@ -17,13 +17,17 @@ from scipy.spatial import cKDTree
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.model_selection import KFold
 
-from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
-
-CATEGORIES = ("<1H OCEAN", "INLAND", "ISLAND", "NEAR BAY", "NEAR OCEAN")
-FEATURES = (*NUMERIC_FEATURES, CATEGORICAL_FEATURE)
-OPTIONAL_FEATURES = frozenset({"total_bedrooms"})
-TARGET = "median_house_value"
-COLUMNS = (*FEATURES[:-1], TARGET, CATEGORICAL_FEATURE)  # the CSV's column order
+# The input fields live in names.py (standard library only), so that a process that only names them (validate,
+# the no-op retrain, serving's settings) does not import scikit-learn; they are re-exported here for the model code.
+from names import (  # noqa: F401
+    CATEGORICAL_FEATURE,
+    CATEGORIES,
+    COLUMNS,
+    FEATURES,
+    NUMERIC_FEATURES,
+    OPTIONAL_FEATURES,
+    TARGET,
+)
 
 FloatArray = npt.NDArray[np.float64]  # records as the model takes them: NUMERIC_FEATURES, category codes, predictions
 

@@ -47,6 +47,11 @@ NUMERIC_FEATURES = (
     "median_income",
 )
 CATEGORICAL_FEATURE = "ocean_proximity"
+CATEGORIES = ("<1H OCEAN", "INLAND", "ISLAND", "NEAR BAY", "NEAR OCEAN")
+FEATURES = (*NUMERIC_FEATURES, CATEGORICAL_FEATURE)
+OPTIONAL_FEATURES = frozenset({"total_bedrooms"})
+TARGET = "median_house_value"
+COLUMNS = (*FEATURES[:-1], TARGET, CATEGORICAL_FEATURE)  # the CSV's column order
 ADMIN_PATHS = frozenset({"/reload", "/metrics"})
 
 # Files of the pipeline: what DVC versions the data by (the champion must come from the data it names), and the

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from features import FEATURES
+from names import FEATURES
 
 DATA = Path("data/housing.csv")
 TRAIN = Path("data/train.csv")

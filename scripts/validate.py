@@ -17,8 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from features import CATEGORIES, COLUMNS
-from names import CATEGORICAL_FEATURE
+from names import CATEGORICAL_FEATURE, CATEGORIES, COLUMNS
 
 DATA = Path("data/housing.csv")
 REPORT = Path("reports/validation.json")

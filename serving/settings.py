@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import names
-from features import CATEGORIES
-from names import NUMERIC_FEATURES
+from names import CATEGORIES, NUMERIC_FEATURES
 from serving.signature import VerifyKey, load_keys
 
 # The longest JSON a client can reasonably write for one record: every number at full float64 precision with an
