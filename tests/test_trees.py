@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ import train
 from features import FEATURES, TARGET, category_codes
 from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
 from scripts.split import holdout_mask
-from serving.trees import LEAF, CompiledModel, _pairwise_sum, compile_pipeline, probe_arrays
+from serving.trees import BLOCK_ROWS, LANES, LEAF, CompiledModel, _pairwise_sum, compile_pipeline, probe_arrays
 from tests.conftest import GBDT, RIDGE, ROOT, synthetic_housing
 
 EMBEDDED = ROOT / "data" / "embedded" / "housing.csv.gz"  # the sample make retrain uses, shipped in the repository
@@ -75,6 +76,38 @@ def test_the_walk_sends_missing_values_and_an_unseen_category_where_scikit_learn
     rows = compiled.features(*probe_arrays(300))
     rows[::7, 3] = np.nan  # NaN reaches no model from the app; the walk still goes where predict() would
     rows[::5, 20] = np.nan
+    assert np.array_equal(compiled.trees(rows), pipeline[-1].predict(rows))
+
+
+@pytest.fixture(scope="module")
+def deep_and_shallow() -> tuple[Any, CompiledModel]:
+    """A model whose trees run from a few levels to many (so lanes finish at every depth), with its compiled form."""
+    pipeline = fitted({**GBDT, "params": {"max_iter": 80, "max_leaf_nodes": 63, "min_samples_leaf": 3}},
+                      synthetic_housing(rows=3000, seed=7))
+    compiled = compile_pipeline(pipeline)
+    assert compiled is not None
+    assert compiled.depths.min() < compiled.depths.max()  # lockstep depths differ between trees
+    return pipeline, compiled
+
+
+# Around the lane group (LANES), the block (BLOCK_ROWS) and serving/app.py's two chunks of a large batch.
+@pytest.mark.parametrize("rows", [1, 7, LANES - 1, LANES, LANES + 1, BLOCK_ROWS - 1, BLOCK_ROWS, BLOCK_ROWS + 1, 1000,
+                                  10_003])
+def test_every_batch_size_predicts_exactly_what_the_pipeline_predicts(deep_and_shallow, rows):
+    pipeline, compiled = deep_and_shallow
+    numeric, codes = probe_arrays(rows)
+    expected = pipeline[1:].predict(pipeline.steps[0][1].transform_arrays(numeric, codes))
+    assert np.array_equal(compiled.predict(numeric, codes), expected)
+    halves = np.array_split(np.arange(rows), 2)  # as serving/app.py splits a batch over its threads
+    assert np.array_equal(np.concatenate([compiled.predict(numeric[half], codes[half]) for half in halves]), expected)
+
+
+def test_rows_with_missing_values_among_the_lanes_predict_exactly_what_the_pipeline_predicts(deep_and_shallow):
+    pipeline, compiled = deep_and_shallow
+    rows = compiled.features(*probe_arrays(2 * BLOCK_ROWS + 5))
+    rows[3::LANES + 1, 3] = np.nan  # rows in every position of a lane group, in each block and among the leftovers
+    rows[[0, LANES - 1, BLOCK_ROWS, len(rows) - 1], 7] = np.nan
+    rows[5::97, 0] = np.nan  # no category: where missing values go, through the 0/1 columns or the branches
     assert np.array_equal(compiled.trees(rows), pipeline[-1].predict(rows))
 
 
