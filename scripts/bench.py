@@ -40,8 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from features import FEATURES
-from names import CHAMPION, model_name
+from names import CHAMPION, FEATURES, model_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ((1, 1), (1, 16), (100, 1), (100, 16))  # (records per request, concurrent connections)

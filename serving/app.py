@@ -22,7 +22,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from threadpoolctl import threadpool_limits
 
-from features import FEATURES, FloatArray
+from features import FloatArray
+from names import FEATURES
 from serving.drift import DriftMonitor
 from serving.intake import parse_json, read_checked, refuse_json_beyond
 from serving.metrics import BATCH_SIZE, PREDICTED_VALUE, PREDICTIONS, metrics_text, observe_all, worker_stopped

@@ -18,8 +18,18 @@ import pandas as pd
 from mlflow.models import Model, ModelSignature
 from sklearn.pipeline import Pipeline
 
-from features import FEATURES, OPTIONAL_FEATURES, PROFILE_FILE, FloatArray
-from names import CANDIDATE, CHAMPION, PREVIOUS_CHAMPION, PROMOTION_TAG, REJECTED, REVOKED, TRUSTED_PROMOTIONS
+from features import PROFILE_FILE, FloatArray
+from names import (
+    CANDIDATE,
+    CHAMPION,
+    FEATURES,
+    OPTIONAL_FEATURES,
+    PREVIOUS_CHAMPION,
+    PROMOTION_TAG,
+    REJECTED,
+    REVOKED,
+    TRUSTED_PROMOTIONS,
+)
 from serving.background import BackgroundThread
 from serving.drift import DriftWindow
 from serving.metrics import (
@@ -39,7 +49,7 @@ from serving.registry import ModelRef, Registry, RegistryUnavailable
 from serving.schema import SMOKE_RECORDS, to_arrays
 from serving.settings import Settings
 from serving.signature import SignatureRefused, verify
-from serving.trees import CompiledModel, compile_pipeline
+from serving.trees import CompiledModel, compile_pipeline, predict
 
 log = logging.getLogger("housing.serve")
 
@@ -78,13 +88,7 @@ class ServedModel:
         return {"name": self.name, "version": self.ref.version}
 
     def predict(self, numeric: FloatArray, codes: FloatArray) -> FloatArray:
-        """The pipeline's predictions, compiled (serving/trees.py); else the first step's array path, then
-        scikit-learn, without the pipeline's pandas input handling."""
-        if self.compiled is not None:
-            return self.compiled.predict(numeric, codes)
-        features: FloatArray = self.pipeline.steps[0][1].transform_arrays(numeric, codes)
-        predictions: FloatArray = self.pipeline[1:].predict(features)
-        return predictions
+        return predict(self.compiled, self.pipeline, numeric, codes)
 
     def describe(self) -> dict[str, object]:
         return {**self.label, **self.requested, "uri": public_uri(self.ref.uri), "run_id": self.run_id,

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from starlette.exceptions import HTTPException
 
-from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, FloatArray, category_codes
-from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
+from features import FloatArray, category_codes
+from names import CATEGORICAL_FEATURE, CATEGORIES, FEATURES, NUMERIC_FEATURES, OPTIONAL_FEATURES
 
 # Real coordinates; far beyond them the neighbourhood features of features.py fail.
 COORDINATE_BOUNDS = {"longitude": (-180.0, 180.0), "latitude": (-90.0, 90.0)}

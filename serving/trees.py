@@ -31,7 +31,8 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.pipeline import Pipeline
 
 import features
-from features import CATEGORIES, FloatArray, HousingFeatures
+from features import FloatArray, HousingFeatures
+from names import CATEGORIES
 
 log = logging.getLogger("housing.serve")
 
@@ -53,9 +54,9 @@ _INDICES = int64[:, ::1]
 
 
 @njit(float64(_NODES, int32[::1], float64, _ROWS, int64), nogil=True, cache=True)
-def _walk_row(nodes: Any, roots: Any, baseline: float, rows: Any, r: int) -> float:  # pragma: no cover  # compiled
-    """One row through every tree, following its branches: for a row too few to fill the lanes of _walk, and for a
-    row with a missing value (NaN), which this walk sends where scikit-learn does."""
+def _walk_branches(nodes: Any, roots: Any, baseline: float, rows: Any, r: int) -> float:  # pragma: no cover
+    """One row through every tree, following its branches: for a row with a missing value (NaN) in a column the
+    trees read, which this walk sends where scikit-learn does (missing values go left or right by node)."""
     total = baseline
     for t in range(roots.shape[0]):
         i = roots[t]
@@ -82,17 +83,92 @@ def _step(thresholds: Any, columns: Any, children: Any, rows: Any, r: int, i: An
     return np.uint64(children[np.uint64(2) * i + np.uint64(rows[r, columns[i]] > thresholds[i])])
 
 
+@njit(float64(int32[::1], float64, _VECTOR, uint32[::1], uint32[::1], _VECTOR, uint32[::1], _ROWS, int64),
+      nogil=True, cache=True)
+def _walk_row(roots: Any, baseline: float, thresholds: Any, columns: Any, children: Any, leaf_values: Any,
+              group_depths: Any, rows: Any, r: int) -> float:  # pragma: no cover  # compiled
+    """One row (without NaN) through every tree, LANES trees at once in lockstep, as _walk takes LANES rows through
+    one tree: for a single record, and the rows left over after _walk's last full group of lanes. The leaf values
+    are added tree after tree, in scikit-learn's order."""
+    total = baseline
+    count = roots.shape[0]
+    full = count - count % LANES
+    for t in range(0, full, LANES):
+        i0, i1, i2, i3 = np.uint64(roots[t]), np.uint64(roots[t + 1]), np.uint64(roots[t + 2]), np.uint64(
+            roots[t + 3])
+        i4, i5, i6, i7 = np.uint64(roots[t + 4]), np.uint64(roots[t + 5]), np.uint64(roots[t + 6]), np.uint64(
+            roots[t + 7])
+        i8, i9, i10, i11 = np.uint64(roots[t + 8]), np.uint64(roots[t + 9]), np.uint64(roots[t + 10]), np.uint64(
+            roots[t + 11])
+        for _ in range(group_depths[t // LANES]):
+            i0 = _step(thresholds, columns, children, rows, r, i0)
+            i1 = _step(thresholds, columns, children, rows, r, i1)
+            i2 = _step(thresholds, columns, children, rows, r, i2)
+            i3 = _step(thresholds, columns, children, rows, r, i3)
+            i4 = _step(thresholds, columns, children, rows, r, i4)
+            i5 = _step(thresholds, columns, children, rows, r, i5)
+            i6 = _step(thresholds, columns, children, rows, r, i6)
+            i7 = _step(thresholds, columns, children, rows, r, i7)
+            i8 = _step(thresholds, columns, children, rows, r, i8)
+            i9 = _step(thresholds, columns, children, rows, r, i9)
+            i10 = _step(thresholds, columns, children, rows, r, i10)
+            i11 = _step(thresholds, columns, children, rows, r, i11)
+        # The few trees whose leaf is deeper (a leaf is its own left child) go on one by one.
+        while children[np.uint64(2) * i0] != i0:
+            i0 = _step(thresholds, columns, children, rows, r, i0)
+        while children[np.uint64(2) * i1] != i1:
+            i1 = _step(thresholds, columns, children, rows, r, i1)
+        while children[np.uint64(2) * i2] != i2:
+            i2 = _step(thresholds, columns, children, rows, r, i2)
+        while children[np.uint64(2) * i3] != i3:
+            i3 = _step(thresholds, columns, children, rows, r, i3)
+        while children[np.uint64(2) * i4] != i4:
+            i4 = _step(thresholds, columns, children, rows, r, i4)
+        while children[np.uint64(2) * i5] != i5:
+            i5 = _step(thresholds, columns, children, rows, r, i5)
+        while children[np.uint64(2) * i6] != i6:
+            i6 = _step(thresholds, columns, children, rows, r, i6)
+        while children[np.uint64(2) * i7] != i7:
+            i7 = _step(thresholds, columns, children, rows, r, i7)
+        while children[np.uint64(2) * i8] != i8:
+            i8 = _step(thresholds, columns, children, rows, r, i8)
+        while children[np.uint64(2) * i9] != i9:
+            i9 = _step(thresholds, columns, children, rows, r, i9)
+        while children[np.uint64(2) * i10] != i10:
+            i10 = _step(thresholds, columns, children, rows, r, i10)
+        while children[np.uint64(2) * i11] != i11:
+            i11 = _step(thresholds, columns, children, rows, r, i11)
+        total += leaf_values[i0]
+        total += leaf_values[i1]
+        total += leaf_values[i2]
+        total += leaf_values[i3]
+        total += leaf_values[i4]
+        total += leaf_values[i5]
+        total += leaf_values[i6]
+        total += leaf_values[i7]
+        total += leaf_values[i8]
+        total += leaf_values[i9]
+        total += leaf_values[i10]
+        total += leaf_values[i11]
+    for t in range(full, count):
+        i = np.uint64(roots[t])
+        while children[np.uint64(2) * i] != i:
+            i = _step(thresholds, columns, children, rows, r, i)
+        total += leaf_values[i]
+    return total
+
+
 @njit(void(_NODES, int32[::1], float64, _VECTOR, uint32[::1], uint32[::1], _VECTOR, uint32[::1], uint32[::1],
-           _ROWS, _VECTOR), nogil=True, cache=True)
+           uint32[::1], _ROWS, _VECTOR), nogil=True, cache=True)
 def _walk(nodes: Any, roots: Any, baseline: float, thresholds: Any, columns: Any, children: Any, leaf_values: Any,
-          depths: Any, columns_read: Any, rows: Any, out: Any) -> None:  # pragma: no cover  # compiled
+          depths: Any, group_depths: Any, columns_read: Any, rows: Any, out: Any) -> None:  # pragma: no cover
     """Every row through every tree, tree by tree over blocks of BLOCK_ROWS rows (a block stays in the L2 cache while
     every tree passes it), LANES rows at once in lockstep. The lanes take the tree's lockstep depth in steps together,
     each step without a branch: `children[2 * i + (x > threshold)]` (a leaf is its own two children), so no
     mispredicted branch stalls the walk and the lanes' loads overlap; the few lanes deeper than that (one in ten
-    training samples) then finish one by one. The rows left over after a block's last full group of lanes,
-    and rows with NaN in a column the trees read, go through _walk_row instead. Either way a row's sum is the
-    baseline plus its trees' leaf values in scikit-learn's order: bit-identical to predict().
+    training samples) then finish one by one. The rows left over after a block's last full group of lanes go
+    through _walk_row, and rows with NaN in a column the trees read through _walk_branches. Either way a row's sum
+    is the baseline plus its trees' leaf values in scikit-learn's order: bit-identical to predict().
 
     `rows` holds the model's feature columns, then one 0/1 column per kind of categorical split (whether the row's
     category goes right), which the steps compare with 0.5. Releases the GIL, so serving/app.py's threads walk
@@ -174,15 +250,17 @@ def _walk(nodes: Any, roots: Any, baseline: float, thresholds: Any, columns: Any
             missing = False
             for column in columns_read:
                 missing |= np.isnan(rows[r, column])
-            if r >= full or missing:
-                out[r] = _walk_row(nodes, roots, baseline, rows, r)
+            if missing:
+                out[r] = _walk_branches(nodes, roots, baseline, rows, r)
+            elif r >= full:
+                out[r] = _walk_row(roots, baseline, thresholds, columns, children, leaf_values, group_depths, rows, r)
 
 
 @njit(void(_VECTOR, int64[::1], int64[::1], int64, _ROWS), nogil=True, cache=True)
 def _category_columns(codes: Any, right_sets: Any, missing_right: Any, width: int,
                       out: Any) -> None:  # pragma: no cover  # compiled
     """The 0/1 columns _walk compares in place of categorical splits: 1 where the row's category code goes right
-    (a code in the split's set; NaN where missing values go; any other code left, as in _walk_row)."""
+    (a code in the split's set; NaN where missing values go; any other code left, as in _walk_branches)."""
     for r in range(codes.shape[0]):
         x = codes[r]
         for k in range(right_sets.shape[0]):
@@ -291,7 +369,10 @@ class CompiledModel:
         self.baseline = float(model._baseline_prediction.item())
         (self.thresholds, self.columns, self.children, self.leaf_values, self.depths, self.right_sets,
          self.missing_right) = _lockstep(self.nodes, self.roots, samples, self.width)
-        # The columns whose NaN _walk_row handles: those of numeric splits (the 0/1 columns are never NaN).
+        # _walk_row's lockstep depth for each group of LANES trees: the deepest of theirs.
+        groups = len(self.roots) // LANES
+        self.group_depths = self.depths[:groups * LANES].reshape(groups, LANES).max(axis=1, initial=0).astype(np.uint32)
+        # The columns whose NaN _walk_branches handles: those of numeric splits (the 0/1 columns are never NaN).
         self.columns_read = np.unique(self.nodes["feature"][self.nodes["kind"] & (LEAF | CATEGORICAL) == 0]).astype(
             np.uint32)
 
@@ -326,7 +407,7 @@ class CompiledModel:
     def _walk(self, walkable: FloatArray) -> FloatArray:
         out = np.empty(len(walkable))
         _walk(self.nodes, self.roots, self.baseline, self.thresholds, self.columns, self.children, self.leaf_values,
-              self.depths, self.columns_read, walkable, out)
+              self.depths, self.group_depths, self.columns_read, walkable, out)
         return out
 
     def predict(self, numeric: FloatArray, codes: FloatArray) -> FloatArray:
@@ -467,3 +548,12 @@ def probe_arrays(rows: int = 500) -> tuple[FloatArray, FloatArray]:
                                rng.integers(1, 53, rows), rooms, bedrooms, households * rng.uniform(1, 5, rows),
                                households, rng.uniform(0.5, 15, rows)])
     return numeric, rng.integers(0, len(CATEGORIES), rows).astype(float)
+
+
+def predict(compiled: CompiledModel | None, pipeline: Pipeline, numeric: FloatArray, codes: FloatArray) -> FloatArray:
+    """A served model's predictions from the arrays: compiled when compile_pipeline allowed it; else the pipeline's
+    first step's array path, then scikit-learn, without the pipeline's pandas input handling."""
+    if compiled is not None:
+        return compiled.predict(numeric, codes)
+    predictions: FloatArray = pipeline[1:].predict(pipeline.steps[0][1].transform_arrays(numeric, codes))
+    return predictions
