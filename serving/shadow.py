@@ -2,9 +2,10 @@
 request path, and the pair is measured (metrics) and kept (the prediction log). `make bake` decides on that evidence.
 
 A request only appends its arrays to a buffer bounded in records (a full buffer drops the offer, counted): no lock, no
-thread woken, about a microsecond. A background thread takes the whole buffer every SHADOW_FLUSH_S and scores it in one
-call, whose compiled walk releases the GIL (serving/trees.py): the candidate costs the event loop almost nothing, and
-a slow or failing candidate never delays or fails a client.
+thread woken, about a microsecond. A background thread takes the whole buffer every SHADOW_FLUSH_S and has it scored
+in one call by the candidate's own process at the lowest CPU priority (serving/scoring_process.py), then does the
+bookkeeping: the candidate costs the workers neither CPU they need nor the GIL, and a slow or failing candidate
+never delays or fails a client.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from serving.metrics import (
 )
 from serving.model import ModelKeeper, ServedModel
 from serving.prediction_log import PredictionLog
+from serving.scoring_process import ScoringFailed, ScoringProcess
 
 log = logging.getLogger("housing.serve")
 
@@ -57,6 +59,7 @@ class ShadowScorer(BackgroundThread):
         self._max_pending = max_pending_records
         self._pending = 0  # records buffered; += by requests, -= by the thread (each one bytecode under the GIL)
         self._buffer: deque[Offer] = deque()
+        self._scorer = ScoringProcess()
 
     def offer(self, numeric: FloatArray, codes: FloatArray, champion: FloatArray, ids: list[str], route: str) -> None:
         """Buffer one answered request for the candidate, if there is one and room for it; never blocks."""
@@ -70,10 +73,16 @@ class ShadowScorer(BackgroundThread):
         self._buffer.append(Offer(candidate, numeric, codes, champion, ids, route))
 
     def _run(self) -> None:
-        while not self._stop.wait(SHADOW_FLUSH_S):
-            self._drain()
+        try:
+            while not self._stop.wait(SHADOW_FLUSH_S):
+                self._drain()
+        finally:
+            self._scorer.close()
 
     def _drain(self) -> None:
+        if self._keeper.shadow is None and not self._buffer:
+            self._scorer.close()  # no candidate: no process (and its memory) either
+            return
         offers = []
         while self._buffer:
             offers.append(self._buffer.popleft())
@@ -85,16 +94,15 @@ class ShadowScorer(BackgroundThread):
         """One call for every buffered record of `candidate`; each request's share of its time is its latency."""
         version = candidate.ref.version or ""
         records = sum(len(offer.numeric) for offer in offers)
-        started = time.perf_counter()
         try:
-            predictions = candidate.predict(np.concatenate([offer.numeric for offer in offers]),
-                                            np.concatenate([offer.codes for offer in offers]))
+            predictions, seconds = self._scorer.predict(candidate, np.concatenate([offer.numeric for offer in offers]),
+                                                        np.concatenate([offer.codes for offer in offers]))
             finite = np.isfinite(predictions)
-        except Exception:  # a candidate that raises is evidence against it, never a client's error
-            log.warning("candidate %s raised in shadow on %d records", version, records, exc_info=True)
+        except ScoringFailed as error:  # a candidate that raises is evidence against it, never a client's error
+            log.warning("candidate %s failed in shadow on %d records: %s", version, records, error)
             SHADOW_ERRORS.labels(version).inc(records)
             return
-        per_record = (time.perf_counter() - started) / records
+        per_record = seconds / records
         sizes = np.array([len(offer.numeric) for offer in offers], dtype=float)
         observe_all(SHADOW_LATENCY.labels(version), per_record * sizes)
         errors = int((~finite).sum())

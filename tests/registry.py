@@ -9,6 +9,8 @@ test that serves a registered model makes it here; tests/servers.py gives every 
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +78,29 @@ class RaisesAbove(RegressorMixin, BaseEstimator):
         if np.any(predicted > self.limit):
             raise ValueError(f"a prediction above {self.limit:.0f}")
         return predicted
+
+
+class Prints(RaisesAbove):
+    """Talks on stdout while it predicts."""
+
+    def predict(self, features: Any) -> np.ndarray:
+        print("a model that talks on stdout")  # the point of it
+        return super().predict(features)
+
+
+class Hangs(RaisesAbove):
+    """Never answers: stops its own process (SIGSTOP), so the test needs no sleep."""
+
+    def predict(self, features: Any) -> np.ndarray:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return super().predict(features)
+
+
+class Exits(RaisesAbove):
+    """Ends its process, as a crash in compiled code would."""
+
+    def predict(self, features: Any) -> np.ndarray:
+        os._exit(3)
 
 
 def predicting_nan() -> Pipeline:

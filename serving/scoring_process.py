@@ -1,0 +1,158 @@
+"""The candidate's own process: serving/shadow.py's thread hands it arrays, it answers predictions.
+
+Why a process. A candidate in the server's own process takes CPU from the workers and, for its Python parts, the
+GIL from the event loop: on a busy host both show in clients' latency. Here it runs at the lowest CPU priority
+(SCORING_NICE) with its own interpreter, so the workers always come first: on a saturated host the candidate falls
+behind and the shadow buffer drops records (counted), never a client's time.
+
+The candidate was loaded, verified and checked by the worker (serving/model.py); the worker sends the loaded
+predictor (the compiled model, else the pipeline) through the child's stdin, never a path or a URI. Messages are
+pickles with an 8-byte length, both ways, over the child's own pipes: nothing else can write to them. The child's
+stdout is the answer channel only; anything the model prints goes to stderr, the server's log.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle  # nosec B403  # only between a worker and the child it started, over the child's own pipes
+import select
+import signal
+import struct
+import subprocess  # nosec B404  # this interpreter, fixed argv
+import sys
+import time
+from typing import IO, TYPE_CHECKING, Any
+
+from features import FloatArray
+from serving.trees import predict
+
+if TYPE_CHECKING:  # serving.model imports MLflow, which the child never needs
+    from serving.model import ServedModel
+
+SCORING_NICE = 19  # the lowest priority: every core goes to the workers first
+SCORE_TIMEOUT_S = 30.0  # a candidate that takes longer for one batch is stopped, and the batch counted as errors
+START_TIMEOUT_S = 60.0  # the child imports numpy, scikit-learn and the compiled walk before it answers
+_LENGTH = struct.Struct("<Q")
+
+
+class ScoringFailed(Exception):
+    """The candidate raised on the batch, or its process died or overran SCORE_TIMEOUT_S; the message says which."""
+
+
+def _write(channel: IO[bytes], message: tuple[Any, ...]) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    channel.write(_LENGTH.pack(len(data)) + data)
+    channel.flush()
+
+
+def _read_exactly(channel: IO[bytes], size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = channel.read(size - len(data))
+        if not chunk:
+            raise EOFError("the other end closed the pipe")
+        data += chunk
+    return bytes(data)
+
+
+def _read(channel: IO[bytes]) -> tuple[Any, ...]:
+    (size,) = _LENGTH.unpack(_read_exactly(channel, _LENGTH.size))
+    message: tuple[Any, ...] = pickle.loads(_read_exactly(channel, size))  # nosec B301  # from our own worker
+    return message
+
+
+class ScoringProcess:
+    """The worker's side: starts the child on first use, sends it the candidate when it changes, and scores."""
+
+    def __init__(self) -> None:
+        self._child: subprocess.Popen[bytes] | None = None
+        self._loaded: ServedModel | None = None  # the model the child holds
+
+    def predict(self, model: ServedModel, numeric: FloatArray, codes: FloatArray) -> tuple[FloatArray, float]:
+        """`model`'s predictions of the records, and the child's seconds for them; raises ScoringFailed."""
+        try:
+            child = self._running()
+            assert child.stdin is not None and child.stdout is not None  # Popen with PIPE
+            if self._loaded is not model:  # the pipeline travels only when the compiled walk cannot serve it
+                _write(child.stdin, ("model", model.compiled, None if model.compiled else model.pipeline))
+                self._loaded = model
+            _write(child.stdin, ("score", numeric, codes))
+            answer = self._answer(child.stdout, SCORE_TIMEOUT_S)
+        except (OSError, EOFError, pickle.PickleError, TimeoutError) as error:
+            self.close()  # a fresh child next time
+            raise ScoringFailed(f"the scoring process failed: {error}") from error
+        if answer[0] == "error":
+            raise ScoringFailed(answer[1])
+        return answer[1], answer[2]
+
+    def close(self) -> None:
+        """Stop the child (it exits when its stdin closes; killed if it does not within a second)."""
+        child, self._child, self._loaded = self._child, None, None
+        if child is None:
+            return
+        try:
+            if child.stdin is not None:
+                child.stdin.close()
+            child.wait(timeout=1.0)
+        except (OSError, subprocess.TimeoutExpired):
+            child.kill()
+            child.wait()
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self._child is not None and self._child.poll() is None:
+            return self._child
+        self.close()
+        # stderr is inherited: the child's warnings and tracebacks land in the server's log
+        child = subprocess.Popen([sys.executable, "-m", "serving.scoring_process"],  # nosec B603
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._child = child
+        assert child.stdout is not None  # Popen with PIPE
+        if self._answer(child.stdout, START_TIMEOUT_S) != ("ready",):
+            raise EOFError("the scoring process did not start")
+        return child
+
+    @staticmethod
+    def _answer(channel: IO[bytes], timeout_s: float) -> tuple[Any, ...]:
+        ready, _, _ = select.select([channel], [], [], timeout_s)  # waits without the GIL
+        if not ready:
+            raise TimeoutError(f"no answer in {timeout_s:g} s")
+        return _read(channel)
+
+
+def main() -> None:
+    """The child: lowest priority, then answer each message on stdin until it closes."""
+    os.nice(SCORING_NICE)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on `make serve` reaches the group: the worker closes stdin
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a print() in a model must not corrupt the answers
+    requests = sys.stdin.buffer
+    compiled: Any = None
+    pipeline: Any = None
+    unusable = ""  # why the last model sent cannot be loaded here, answered to every batch until the next model
+    _write(answers, ("ready",))
+    while True:
+        try:
+            message = _read(requests)
+        except EOFError:
+            return
+        except Exception as error:  # noqa: BLE001 - only a model can fail to unpickle (a class this process cannot import)
+            unusable = f"the candidate cannot be loaded in the scoring process: {type(error).__name__}: {error}"
+            continue
+        if message[0] == "model":
+            _, compiled, pipeline = message
+            unusable = ""
+            continue
+        if unusable:
+            _write(answers, ("error", unusable))
+            continue
+        started = time.perf_counter()
+        try:
+            predictions = predict(compiled, pipeline, message[1], message[2])
+        except Exception as error:  # noqa: BLE001 - the candidate's failure is the answer: evidence against it
+            _write(answers, ("error", f"{type(error).__name__}: {error}"))
+            continue
+        _write(answers, ("scored", predictions, time.perf_counter() - started))
+
+
+if __name__ == "__main__":
+    main()
