@@ -45,6 +45,7 @@ SMOKE_RECORDS: tuple[dict[str, Any], ...] = (
 
 _CODES: dict[str, float] = dict(zip(CATEGORIES, category_codes(np.array(CATEGORIES)).tolist(), strict=True))
 _FIELDS = frozenset(FEATURES)
+COLUMNWISE_MIN_RECORDS = 8  # below this, checking field by field is faster (3 us for one record, against 8)
 _NUMBERS = operator.itemgetter(*NUMERIC_FEATURES)  # a record's numbers, in order: a tuple
 _NUMBER_TYPES = frozenset({int, float})  # exact types: bool is an int subclass, but not a number here
 _REQUIRED_COLUMNS = tuple(i for i, name in enumerate(NUMERIC_FEATURES) if name not in OPTIONAL_FEATURES)
@@ -131,7 +132,7 @@ def to_arrays(records: list[Any], locate: Locate = in_instances) -> tuple[FloatA
 
     Stops at MAX_PROBLEMS problems; each is placed with `locate`, only once found (the checked path builds no names).
     """
-    arrays = _well_formed(records)
+    arrays = _well_formed(records) if len(records) >= COLUMNWISE_MIN_RECORDS else None
     return arrays if arrays is not None else _checked(records, locate)
 
 
