@@ -36,6 +36,7 @@ WRONG = [
     pytest.param(without("households"), id="a required field missing"),
     pytest.param(with_(longitude=-180.5), id="longitude out of bounds"),
     pytest.param(with_(latitude=math.nan), id="latitude NaN"),
+    pytest.param(with_(median_income=math.nan), id="NaN in a required field"),
     pytest.param(with_(ocean_proximity="MOON"), id="unknown category"),
     pytest.param(with_(ocean_proximity=None), id="null category"),
     pytest.param(with_(ocean_proximity=["INLAND"]), id="unhashable category"),
