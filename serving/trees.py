@@ -43,7 +43,7 @@ NODE = np.dtype([("value", "<f8"), ("right", "<i4"), ("feature", "<i2"), ("kind"
 LEAF, MISSING_GOES_LEFT, CATEGORICAL = 1, 2, 4
 LOCKSTEP_SHARE = 0.9  # _walk's lanes step together as deep as this share of training samples reach in a tree
 LANES = 12  # rows _walk takes through a tree at once, written out there (faster than 8, as fast as 16)
-BLOCK_ROWS = 40 * LANES  # rows _walk takes through every tree before the next block: 480 rows of ~50 columns, 190 KB
+BLOCK_ROWS = 8 * LANES  # rows _walk takes through every tree before the next: 96 rows of ~50 columns, 38 KB
 MAX_DIFFERENCE = 1e-6  # |compiled - pipeline| allowed on the probe rows, in USD; the walk aims for 0
 
 # The compiled functions' argument types: C-contiguous arrays, as the methods of CompiledModel pass them.
@@ -162,7 +162,7 @@ def _walk_row(roots: Any, baseline: float, thresholds: Any, columns: Any, childr
            uint32[::1], _ROWS, _VECTOR), nogil=True, cache=True)
 def _walk(nodes: Any, roots: Any, baseline: float, thresholds: Any, columns: Any, children: Any, leaf_values: Any,
           depths: Any, group_depths: Any, columns_read: Any, rows: Any, out: Any) -> None:  # pragma: no cover
-    """Every row through every tree, tree by tree over blocks of BLOCK_ROWS rows (a block stays in the L2 cache while
+    """Every row through every tree, tree by tree over blocks of BLOCK_ROWS rows (a block stays in the cache while
     every tree passes it), LANES rows at once in lockstep. The lanes take the tree's lockstep depth in steps together,
     each step without a branch: `children[2 * i + (x > threshold)]` (a leaf is its own two children), so no
     mispredicted branch stalls the walk and the lanes' loads overlap; the few lanes deeper than that (one in ten
