@@ -34,6 +34,9 @@ from serving.scoring_process import ScoringFailed, ScoringProcess
 log = logging.getLogger("housing.serve")
 
 MAX_PENDING_RECORDS = 20_000  # two maximal batches: ~1.5 MB of arrays each
+# At most this many records per call: a backlog (the scoring process is behind on a busy host) is worked off in
+# pieces, so the thread's Python work on it never holds the GIL for long.
+SHADOW_BATCH_RECORDS = 2_000
 SHADOW_FLUSH_S = 0.1  # how often the buffer is scored: a wake-up per request would cost the event loop the GIL
 SHADOW_CLIENT = "(shadow)"  # the prediction log's budget key for paired rows: never a client's
 
@@ -57,7 +60,10 @@ class ShadowScorer(BackgroundThread):
         self._keeper = keeper
         self._log = prediction_log
         self._max_pending = max_pending_records
-        self._pending = 0  # records buffered; += by requests, -= by the thread (each one bytecode under the GIL)
+        # Records buffered = offered - taken; each counter has one writer (the event loop, the thread), so no update
+        # is lost between them without a lock.
+        self._offered = 0
+        self._taken = 0
         self._buffer: deque[Offer] = deque()
         self._scorer = ScoringProcess()
 
@@ -66,10 +72,10 @@ class ShadowScorer(BackgroundThread):
         candidate = self._keeper.shadow
         if candidate is None:
             return
-        if self._pending + len(numeric) > self._max_pending:
+        if self._offered - self._taken + len(numeric) > self._max_pending:
             SHADOW_DROPPED.labels(candidate.ref.version or "").inc(len(numeric))
             return
-        self._pending += len(numeric)
+        self._offered += len(numeric)
         self._buffer.append(Offer(candidate, numeric, codes, champion, ids, route))
 
     def _run(self) -> None:
@@ -83,12 +89,14 @@ class ShadowScorer(BackgroundThread):
         if self._keeper.shadow is None and not self._buffer:
             self._scorer.close()  # no candidate: no process (and its memory) either
             return
-        offers = []
-        while self._buffer:
-            offers.append(self._buffer.popleft())
-        self._pending -= sum(len(offer.numeric) for offer in offers)
-        for candidate in {id(offer.candidate): offer.candidate for offer in offers}.values():
-            self._score(candidate, [offer for offer in offers if offer.candidate is candidate])
+        while self._buffer and not self._stop.is_set():
+            offers, records = [], 0
+            while self._buffer and records < SHADOW_BATCH_RECORDS:
+                offers.append(self._buffer.popleft())
+                records += len(offers[-1].numeric)
+            self._taken += records
+            for candidate in {id(offer.candidate): offer.candidate for offer in offers}.values():
+                self._score(candidate, [offer for offer in offers if offer.candidate is candidate])
 
     def _score(self, candidate: ServedModel, offers: list[Offer]) -> None:
         """One call for every buffered record of `candidate`; each request's share of its time is its latency."""

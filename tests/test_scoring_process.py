@@ -1,5 +1,6 @@
-"""serving/scoring_process.py: the candidate scores in its own process, at the lowest priority, and whatever it does
-(answer, raise, print, hang, die) the worker gets predictions or one ScoringFailed, never a stuck thread."""
+"""serving/scoring_process.py and serving/shadow.py's buffer: the candidate scores in its own process, at the lowest
+priority, and whatever it does (answer, raise, print, hang, die) the worker gets predictions or one ScoringFailed,
+never a stuck thread; the buffer is bounded, and a backlog is scored in bounded calls."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import pytest
 
 from features import FEATURES, HousingFeatures
 from serving import scoring_process
+from serving.metrics import SHADOW_DROPPED
+from serving.prediction_log import PredictionLog
 from serving.scoring_process import SCORING_NICE, ScoringFailed, ScoringProcess
+from serving.settings import Settings
+from serving.shadow import SHADOW_BATCH_RECORDS, ShadowScorer
 from serving.trees import compile_pipeline, predict
 from tests.conftest import RIDGE, STORY_CANDIDATES, synthetic_housing
 from tests.registry import Exits, Hangs, Prints, RaisesAbove, fitted
@@ -102,3 +107,36 @@ class NotImportable:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (pickle.loads, (b"cno_such_module\nNothing\n.",))
+
+
+class Spy(ScoringProcess):
+    """The real scoring process, noting how many records each call carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def predict(self, model: Any, numeric: Any, codes: Any) -> Any:
+        self.calls.append(len(numeric))
+        return super().predict(model, numeric, codes)
+
+
+def test_the_shadow_buffer_drops_beyond_its_bound_and_a_backlog_is_scored_in_bounded_calls(tmp_path):
+    candidate = served(fitted(RIDGE))
+    candidate.ref, candidate.label = SimpleNamespace(version="7"), {"name": "housing", "version": "7"}
+    log = PredictionLog(Settings(prediction_log_dir=tmp_path))
+    shadow = ShadowScorer(SimpleNamespace(shadow=candidate), log, max_pending_records=5_000)
+    shadow._scorer = spy = Spy()
+    dropped = SHADOW_DROPPED.labels("7")._value.get()
+    try:
+        for index in range(5_001):  # one more than the bound
+            row = index % len(NUMERIC)
+            shadow.offer(NUMERIC[row:row + 1], CODES[row:row + 1], np.ones(1), [f"r{index}/0"], "/predict")
+        assert SHADOW_DROPPED.labels("7")._value.get() - dropped == 1
+        shadow._drain()
+        assert spy.calls == [SHADOW_BATCH_RECORDS, SHADOW_BATCH_RECORDS, 1_000]
+        shadow.offer(NUMERIC[:3], CODES[:3], np.ones(3), ["a/0", "a/1", "a/2"], "/predict")  # room again
+        shadow._drain()
+        assert spy.calls[-1] == 3
+    finally:
+        spy.close()
