@@ -580,7 +580,8 @@ LAYERS = [
     {"settings"},
     {"schema", "registry", "drift", "prediction_log"},
     {"intake", "model", "openapi"},
-    {"tabular", "responses", "shadow"},
+    {"tabular", "responses", "scoring_process"},
+    {"shadow"},
     {"app", "docs"},
     {"mlflow_protocol", "v2_protocol"},
 ]
