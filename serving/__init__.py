@@ -8,8 +8,9 @@ One concept per module, in layers; a module imports only from the layers before 
     schema, registry, drift, prediction_log   records checked into arrays; every MLflow call; PSI; the JSON lines
     intake, model, openapi                    every door's one bounded path from bytes to checked input; load,
                                               check, keep and reload the model; the OpenAPI document
-    tabular, responses, shadow                records in other protocols' shapes; the shared answers and errors; the
-                                              candidate scored in shadow
+    tabular, responses, scoring_process       records in other protocols' shapes; the shared answers and errors; the
+                                              candidate's own low-priority process
+    shadow                                    the candidate scored in shadow
     app, docs                                 the endpoints; the /docs page
     mlflow_protocol, v2_protocol              MLflow's scoring protocol and the Open Inference Protocol v2 on app
 """

@@ -23,10 +23,10 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING, Any
 
-from features import FloatArray
-from serving.trees import predict
-
+# Light imports only: `python -m serving.scoring_process` lowers its priority before it imports numpy, scikit-learn
+# and the compiled walk (seconds of CPU, which must not compete with the workers either).
 if TYPE_CHECKING:  # serving.model imports MLflow, which the child never needs
+    from features import FloatArray
     from serving.model import ServedModel
 
 SCORING_NICE = 19  # the lowest priority: every core goes to the workers first
@@ -123,6 +123,7 @@ def main() -> None:
     """The child: lowest priority, then answer each message on stdin until it closes."""
     os.nice(SCORING_NICE)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on `make serve` reaches the group: the worker closes stdin
+    from serving.trees import predict  # after os.nice: see the imports above
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a print() in a model must not corrupt the answers
     requests = sys.stdin.buffer
