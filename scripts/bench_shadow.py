@@ -29,6 +29,7 @@ from names import CANDIDATE, CHAMPION, model_name
 from scripts.bench import ROOT, Tally, closed_loop, for_seconds, start, wait_ready
 
 CASES = (1, 16)  # concurrent connections, one record per request
+WORKERS = 2
 
 
 def shadow_loaded(url: str, version: str) -> bool:
@@ -37,10 +38,17 @@ def shadow_loaded(url: str, version: str) -> bool:
     return f'housing_candidate_info{{version="{version}"}} 1.0' in text
 
 
-def wait_until(condition: bool, url: str, version: str, timeout_s: float = 120) -> None:
-    """Until the candidate is loaded (condition True) or gone (False) in the workers that answer /metrics."""
+def loads_logged(log: Path, version: str) -> int:
+    """How many times a worker has logged loading `version` as the candidate (serving/model.py)."""
+    return log.read_text(errors="replace").count(f"scoring candidate version {version} in shadow")
+
+
+def wait_until(condition: bool, url: str, version: str, timeout_s: float = 120, log: Path | None = None,
+               loads: int = 0) -> None:
+    """Until the candidate is loaded (condition True) or gone (False) in the workers that answer /metrics; when
+    loaded, also until `log` holds `loads` loads of it (the gauge shows a candidate as soon as one worker has it)."""
     deadline = time.monotonic() + timeout_s
-    while shadow_loaded(url, version) != condition:
+    while shadow_loaded(url, version) != condition or (condition and log and loads_logged(log, version) < loads):
         if time.monotonic() > deadline:
             raise SystemExit(f"the candidate was not {'loaded' if condition else 'dropped'} in {timeout_s:.0f} s")
         time.sleep(0.5)  # the poll interval of the server is 1 s
@@ -59,19 +67,22 @@ def main() -> int:
     body = json.dumps(record.astype(object).where(record.notna(), None).to_dict(orient="records")[0]).encode()
     scratch = Path(tempfile.mkdtemp(prefix="housing-bench-shadow-"))
     server = start("serve", [sys.executable, "serve.py"], "/predict",
-                   {**os.environ, "WORKERS": "2", "RELOAD_INTERVAL_S": "1",
+                   {**os.environ, "WORKERS": str(WORKERS), "RELOAD_INTERVAL_S": "1",
                     "PREDICTION_LOG_DIR": str(scratch / "predictions")}, scratch)
     tallies = {(shadow, connections): Tally() for shadow in (False, True) for connections in CASES}
     try:
         wait_ready(server, "/ready")
-        url = server.url("")
+        url, loads = server.url(""), 0
         for round_ in range(args.rounds):
             for shadow in (False, True) if round_ % 2 == 0 else (True, False):
-                if shadow:
+                if shadow and not shadow_loaded(url, version):
                     client.set_registered_model_alias(name, CANDIDATE, version)
+                    loads += WORKERS
                 elif shadow_loaded(url, version):
                     client.delete_registered_model_alias(name, CANDIDATE)
-                wait_until(shadow, url, version)
+                # Each worker loads the candidate once (seconds of CPU, a one-off per promotion): measured after
+                # both have, so that the rounds compare the cost of scoring in shadow, request after request.
+                wait_until(shadow, url, version, log=scratch / "serve.log", loads=loads)
                 for connections in CASES:
                     closed_loop(server, body, connections, for_seconds(0.3))  # warm-up
                     tallies[(shadow, connections)].add(closed_loop(server, body, connections,
@@ -82,8 +93,8 @@ def main() -> int:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"serve.py, WORKERS=2, one record per request, {args.rounds} alternating rounds of {args.seconds:g} s; "
-          f"candidate = the champion's version {version}")
+    print(f"serve.py, WORKERS={WORKERS}, one record per request, {args.rounds} alternating rounds of "
+          f"{args.seconds:g} s; candidate = the champion's version {version}")
     print(f"{'connections':>11} {'candidate':>10} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for connections in CASES:
         without, with_ = (tallies[(shadow, connections)].summary() for shadow in (False, True))
