@@ -71,13 +71,12 @@ class ScoringProcess:
     def predict(self, model: ServedModel, numeric: FloatArray, codes: FloatArray) -> tuple[FloatArray, float]:
         """`model`'s predictions of the records, and the child's seconds for them; raises ScoringFailed."""
         try:
-            child = self._running()
-            assert child.stdin is not None and child.stdout is not None  # Popen with PIPE
+            requests, answers = self._running()
             if self._loaded is not model:  # the pipeline travels only when the compiled walk cannot serve it
-                _write(child.stdin, ("model", model.compiled, None if model.compiled else model.pipeline))
+                _write(requests, ("model", model.compiled, None if model.compiled else model.pipeline))
                 self._loaded = model
-            _write(child.stdin, ("score", numeric, codes))
-            answer = self._answer(child.stdout, SCORE_TIMEOUT_S)
+            _write(requests, ("score", numeric, codes))
+            answer = self._answer(answers, SCORE_TIMEOUT_S)
         except (OSError, EOFError, pickle.PickleError, TimeoutError) as error:
             self.close()  # a fresh child next time
             raise ScoringFailed(f"the scoring process failed: {error}") from error
@@ -98,18 +97,19 @@ class ScoringProcess:
             child.kill()
             child.wait()
 
-    def _running(self) -> subprocess.Popen[bytes]:
-        if self._child is not None and self._child.poll() is None:
-            return self._child
-        self.close()
-        # stderr is inherited: the child's warnings and tracebacks land in the server's log
-        child = subprocess.Popen([sys.executable, "-m", "serving.scoring_process"],  # nosec B603
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._child = child
-        assert child.stdout is not None  # Popen with PIPE
-        if self._answer(child.stdout, START_TIMEOUT_S) != ("ready",):
-            raise EOFError("the scoring process did not start")
-        return child
+    def _running(self) -> tuple[IO[bytes], IO[bytes]]:
+        """The child's stdin and stdout, started (and answering) if it was not running."""
+        child = self._child
+        if child is None or child.poll() is not None:
+            self.close()
+            # stderr is inherited: the child's warnings and tracebacks land in the server's log
+            child = self._child = subprocess.Popen([sys.executable, "-m", "serving.scoring_process"],  # nosec B603
+                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            if child.stdout is None or self._answer(child.stdout, START_TIMEOUT_S) != ("ready",):
+                raise EOFError("the scoring process did not start")
+        if child.stdin is None or child.stdout is None:  # never with PIPE; says so to the type checker
+            raise EOFError("the scoring process has no pipes")
+        return child.stdin, child.stdout
 
     @staticmethod
     def _answer(channel: IO[bytes], timeout_s: float) -> tuple[Any, ...]:
