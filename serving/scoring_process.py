@@ -36,7 +36,12 @@ _LENGTH = struct.Struct("<Q")
 
 
 class ScoringFailed(Exception):
-    """The candidate raised on the batch, or its process died or overran SCORE_TIMEOUT_S; the message says which."""
+    """The candidate raised on the batch, or its process died; the message says which."""
+
+
+class ScoringTimedOut(ScoringFailed):
+    """No answer within SCORE_TIMEOUT_S. Not evidence against the candidate: on a saturated host the child, at the
+    lowest priority, may simply not have run (serving/shadow.py counts the batch as dropped, not failed)."""
 
 
 def _write(channel: IO[bytes], message: tuple[Any, ...]) -> None:
@@ -77,8 +82,11 @@ class ScoringProcess:
                 self._loaded = model
             _write(requests, ("score", numeric, codes))
             answer = self._answer(answers, SCORE_TIMEOUT_S)
-        except (OSError, EOFError, pickle.PickleError, TimeoutError) as error:
+        except TimeoutError as error:
             self.close()  # a fresh child next time
+            raise ScoringTimedOut(f"the scoring process gave {error}") from error
+        except (OSError, EOFError, pickle.PickleError) as error:
+            self.close()
             raise ScoringFailed(f"the scoring process failed: {error}") from error
         if answer[0] == "error":
             raise ScoringFailed(answer[1])

@@ -29,7 +29,7 @@ from serving.metrics import (
 )
 from serving.model import ModelKeeper, ServedModel
 from serving.prediction_log import PredictionLog
-from serving.scoring_process import ScoringFailed, ScoringProcess
+from serving.scoring_process import ScoringFailed, ScoringProcess, ScoringTimedOut
 
 log = logging.getLogger("housing.serve")
 
@@ -106,6 +106,10 @@ class ShadowScorer(BackgroundThread):
             predictions, seconds = self._scorer.predict(candidate, np.concatenate([offer.numeric for offer in offers]),
                                                         np.concatenate([offer.codes for offer in offers]))
             finite = np.isfinite(predictions)
+        except ScoringTimedOut as error:  # no evidence either way: the bake waits for pairs, so it cannot pass
+            log.warning("candidate %s in shadow: %d records dropped: %s", version, records, error)
+            SHADOW_DROPPED.labels(version).inc(records)
+            return
         except ScoringFailed as error:  # a candidate that raises is evidence against it, never a client's error
             log.warning("candidate %s failed in shadow on %d records: %s", version, records, error)
             SHADOW_ERRORS.labels(version).inc(records)

@@ -15,9 +15,9 @@ import pytest
 
 from features import FEATURES, HousingFeatures
 from serving import scoring_process
-from serving.metrics import SHADOW_DROPPED
+from serving.metrics import SHADOW_DROPPED, SHADOW_ERRORS
 from serving.prediction_log import PredictionLog
-from serving.scoring_process import SCORING_NICE, ScoringFailed, ScoringProcess
+from serving.scoring_process import SCORING_NICE, ScoringFailed, ScoringProcess, ScoringTimedOut
 from serving.settings import Settings
 from serving.shadow import SHADOW_BATCH_RECORDS, ShadowScorer
 from serving.trees import compile_pipeline, predict
@@ -80,7 +80,7 @@ def test_a_model_that_hangs_is_stopped_after_the_timeout_and_a_fresh_child_serve
     monkeypatch.setattr(scoring_process, "SCORE_TIMEOUT_S", 0.5)
     pipeline = fitted(RIDGE)
     pipeline.steps[-1] = ("model", Hangs(pipeline.named_steps["model"], limit=np.inf))
-    with pytest.raises(ScoringFailed, match=r"no answer in 0\.5 s"):
+    with pytest.raises(ScoringTimedOut, match=r"no answer in 0\.5 s"):
         scorer.predict(served(pipeline), NUMERIC, CODES)
     assert scorer._child is None  # the stuck one was killed
     assert len(scorer.predict(served(fitted(RIDGE)), NUMERIC, CODES)[0]) == len(NUMERIC)
@@ -140,3 +140,20 @@ def test_the_shadow_buffer_drops_beyond_its_bound_and_a_backlog_is_scored_in_bou
         assert spy.calls[-1] == 3
     finally:
         spy.close()
+
+
+class TimesOut(ScoringProcess):
+    def predict(self, model: Any, numeric: Any, codes: Any) -> Any:
+        raise ScoringTimedOut("the scoring process gave no answer in 30 s")
+
+
+def test_a_batch_the_child_did_not_answer_in_time_counts_as_dropped_not_as_the_candidates_error(tmp_path):
+    candidate = served(fitted(RIDGE))
+    candidate.ref, candidate.label = SimpleNamespace(version="8"), {"name": "housing", "version": "8"}
+    shadow = ShadowScorer(SimpleNamespace(shadow=candidate), PredictionLog(Settings(prediction_log_dir=tmp_path)))
+    shadow._scorer = TimesOut()  # a starved child: the real one's timeout is covered above
+    dropped, errors = SHADOW_DROPPED.labels("8")._value.get(), SHADOW_ERRORS.labels("8")._value.get()
+    shadow.offer(NUMERIC[:3], CODES[:3], np.ones(3), ["t/0", "t/1", "t/2"], "/predict")
+    shadow._drain()
+    assert SHADOW_DROPPED.labels("8")._value.get() - dropped == 3
+    assert SHADOW_ERRORS.labels("8")._value.get() == errors
