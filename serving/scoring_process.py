@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # serving.model imports MLflow, which the child never needs
     from serving.model import ServedModel
 
 SCORING_NICE = 19  # the lowest priority: every core goes to the workers first
-SCORE_TIMEOUT_S = 30.0  # a candidate that takes longer for one batch is stopped, and the batch counted as errors
+SCORE_TIMEOUT_S = 30.0  # a child that takes longer for one batch is stopped, and the batch counted as dropped
 START_TIMEOUT_S = 60.0  # the child imports numpy, scikit-learn and the compiled walk before it answers
 _LENGTH = struct.Struct("<Q")
 
