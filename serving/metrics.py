@@ -86,7 +86,8 @@ DRIFT_ROWS = Gauge("housing_drift_window_rows", "Records in the drift window (DR
 # The candidate in shadow (serving/shadow.py), by its version: what `make bake` decides on.
 SHADOW_PREDICTIONS = Counter("housing_shadow_predictions", "Records the candidate scored in shadow, paired with the "
                              "champion's answer.", ["version"], registry=METRICS)
-SHADOW_DROPPED = Counter("housing_shadow_dropped", "Records not scored in shadow: the queue was full.", ["version"],
+SHADOW_DROPPED = Counter("housing_shadow_dropped", "Records not scored in shadow: the queue was full, or the "
+                         "scoring process gave no answer in time.", ["version"],
                          registry=METRICS)
 SHADOW_ERRORS = Counter("housing_shadow_errors", "Records the candidate failed to score (raised, or not finite).",
                         ["version"], registry=METRICS)
