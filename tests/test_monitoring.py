@@ -332,9 +332,11 @@ def drive(prometheus: str, healthy: ServerProcess, unloaded: ServerProcess, dead
                 traffic.labelled, versions)
 
 
-def logged_ids(directory: Path) -> set[str]:
-    return {one for path in directory.glob("predictions-*.jsonl") for line in path.read_bytes().splitlines()
-            for one in orjson.loads(line)["ids"]}
+def logged_ids(directory: Path, shadow: bool = False) -> set[str]:
+    """The prediction ids in the log's entries: the champion's, or with `shadow` the candidate's paired ones."""
+    entries = (orjson.loads(line) for path in directory.glob("predictions-*.jsonl")
+               for line in path.read_bytes().splitlines())
+    return {one for entry in entries if entry["route"].startswith("shadow") == shadow for one in entry["ids"]}
 
 
 def realized(env: dict[str, str], tmp: Path, registry: TemporaryRegistry, live: Live) -> None:
@@ -350,8 +352,11 @@ def realized(env: dict[str, str], tmp: Path, registry: TemporaryRegistry, live: 
     again = next(iter(live.labelled.items()))  # a duplicate
     pd.DataFrame({"id": [*live.labelled, "never-predicted", again[0]],
                   TARGET: [*live.labelled.values(), 1.0, again[1]]}).to_csv(labels, index=False)
-    wait_for(lambda: set(live.labelled) <= logged_ids(Path(env["PREDICTION_LOG_DIR"])), 30,
-             "the prediction log to hold every labelled prediction")
+    # The candidate's pairs come later than the champion's answers: its own process, at the lowest priority, scores
+    # them when the workers leave it CPU (serving/scoring_process.py).
+    for shadow in (False, True):
+        wait_for(lambda shadow=shadow: set(live.labelled) <= logged_ids(Path(env["PREDICTION_LOG_DIR"]), shadow), 60,
+                 f"the prediction log to hold every labelled prediction{' paired in shadow' if shadow else ''}")
     result = subprocess.run([sys.executable, "-m", "scripts.realized", str(labels)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
