@@ -352,11 +352,12 @@ def realized(env: dict[str, str], tmp: Path, registry: TemporaryRegistry, live: 
     again = next(iter(live.labelled.items()))  # a duplicate
     pd.DataFrame({"id": [*live.labelled, "never-predicted", again[0]],
                   TARGET: [*live.labelled.values(), 1.0, again[1]]}).to_csv(labels, index=False)
-    # The candidate's pairs come later than the champion's answers: its own process, at the lowest priority, scores
-    # them when the workers leave it CPU (serving/scoring_process.py).
-    for shadow in (False, True):
-        wait_for(lambda shadow=shadow: set(live.labelled) <= logged_ids(Path(env["PREDICTION_LOG_DIR"]), shadow), 60,
-                 f"the prediction log to hold every labelled prediction{' paired in shadow' if shadow else ''}")
+    wait_for(lambda: set(live.labelled) <= logged_ids(Path(env["PREDICTION_LOG_DIR"])), 30,
+             "the prediction log to hold every labelled prediction")
+    # The candidate's pairs are best effort: its own process, at the lowest priority, scores them when the workers
+    # leave it CPU, and drops what it cannot (serving/scoring_process.py). Some of them are enough here.
+    wait_for(lambda: set(live.labelled) & logged_ids(Path(env["PREDICTION_LOG_DIR"]), shadow=True), 120,
+             "labelled predictions paired in shadow in the prediction log")
     result = subprocess.run([sys.executable, "-m", "scripts.realized", str(labels)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -388,7 +389,7 @@ def test_realized_figures_reach_prometheus_for_the_labelled_version_beside_its_r
     assert set(ratio) == {first} and 0.8 < ratio[first] < 1.2, ratio  # the same kind of data as the reference set
     # The candidate scored the same records in shadow (the live stack bakes `second`): its figures stand apart.
     shadow = by_label(query(live.prometheus, 'housing_realized_labelled_predictions{role="shadow"}'), "version")
-    assert shadow == {second: len(live.labelled)}
+    assert set(shadow) == {second} and 0 < shadow[second] <= len(live.labelled)
     outcomes = by_label(query(live.prometheus, "housing_realized_labels"), "outcome")
     assert outcomes == {"joined": len(live.labelled), "duplicate": 1, "unknown": 1, "late": 0, "invalid": 0}
 
