@@ -17,15 +17,7 @@ from scipy.spatial import cKDTree
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.model_selection import KFold
 
-# The input fields live in names.py (standard library only), so that a process that only names them (validate,
-# the no-op retrain, serving's settings) does not import scikit-learn; they are re-exported here for the model code.
-from names import CATEGORICAL_FEATURE as CATEGORICAL_FEATURE
-from names import CATEGORIES as CATEGORIES
-from names import COLUMNS as COLUMNS
-from names import FEATURES as FEATURES
-from names import NUMERIC_FEATURES as NUMERIC_FEATURES
-from names import OPTIONAL_FEATURES as OPTIONAL_FEATURES
-from names import TARGET as TARGET
+from names import CATEGORICAL_FEATURE, CATEGORIES, FEATURES, NUMERIC_FEATURES
 
 FloatArray = npt.NDArray[np.float64]  # records as the model takes them: NUMERIC_FEATURES, category codes, predictions
 

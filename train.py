@@ -36,16 +36,8 @@ from sklearn.model_selection import KFold, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from features import (
-    FEATURES,
-    OPTIONAL_FEATURES,
-    PROFILE_FILE,
-    TARGET,
-    HousingFeatures,
-    ReferenceProfile,
-    reference_profile,
-)
-from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
+from features import PROFILE_FILE, HousingFeatures, ReferenceProfile, reference_profile
+from names import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, OPTIONAL_FEATURES, TARGET
 from scripts.fetch import DEFAULT_DATA_URL
 
 if TYPE_CHECKING:

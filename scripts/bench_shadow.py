@@ -24,8 +24,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from features import FEATURES
-from names import CANDIDATE, CHAMPION, model_name
+from names import CANDIDATE, CHAMPION, FEATURES, model_name
 from scripts.bench import ROOT, Tally, closed_loop, for_seconds, start, wait_ready
 
 CASES = (1, 16)  # concurrent connections, one record per request

@@ -24,8 +24,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from features import FEATURES
-from names import CATEGORICAL_FEATURE, CHAMPION, model_name
+from names import CATEGORICAL_FEATURE, CHAMPION, FEATURES, model_name
 from scripts.bench import start, wait_ready
 from serving.settings import Settings
 

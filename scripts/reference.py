@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from features import COLUMNS
+from names import COLUMNS
 from scripts.split import holdout_mask
 
 DEFAULT_ROWS = 2000

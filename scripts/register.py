@@ -37,8 +37,7 @@ import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
 
-from features import FEATURES, TARGET
-from names import CHAMPION, DECISION_TABLE, PROMOTION_TAG, REJECTED, model_name
+from names import CHAMPION, DECISION_TABLE, FEATURES, PROMOTION_TAG, REJECTED, TARGET, model_name
 from scripts import reference, sign
 from scripts.champion import decision_table, version_by_alias, write_decision
 from serving.signature import SignatureRefused

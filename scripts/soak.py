@@ -25,8 +25,7 @@ import psutil
 from mlflow.tracking import MlflowClient
 
 import train
-from features import FEATURES, TARGET
-from names import BY_GATE, CHAMPION, PROMOTION_TAG
+from names import BY_GATE, CHAMPION, FEATURES, PROMOTION_TAG, TARGET
 from scripts.bench import ROOT, BenchedServer, closed_loop, for_seconds, start, wait_ready
 
 MODEL = "soak"

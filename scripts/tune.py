@@ -58,8 +58,8 @@ from sklearn.model_selection import KFold
 from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
-from features import FEATURES, TARGET, category_codes
-from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
+from features import category_codes
+from names import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, TARGET
 from serving.trees import compile_pipeline
 from train import build_pipeline
 

@@ -10,16 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from features import (
-    CATEGORIES,
-    FEATURES,
-    FloatArray,
-    NumericProfile,
-    ReferenceProfile,
-    bin_indices,
-    psi,
-)
-from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
+from features import FloatArray, NumericProfile, ReferenceProfile, bin_indices, psi
+from names import CATEGORICAL_FEATURE, CATEGORIES, FEATURES, NUMERIC_FEATURES
 from serving.background import BackgroundThread
 from serving.metrics import DRIFT_PSI, DRIFT_ROWS
 

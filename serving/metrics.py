@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import multiprocess as prometheus_multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from features import FEATURES, FloatArray
+from features import FloatArray
+from names import FEATURES
 
 # What one registry check came to: loaded (a new model serves), unchanged, failed (the model could not be loaded or
 # failed a check), unavailable (a registry error, or no such model), refused (the version is not what a trusted key

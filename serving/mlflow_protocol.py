@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from features import FEATURES
+from names import FEATURES
 from serving.app import Service
 from serving.intake import parse_json, read_checked, refuse_json_beyond, refuse_more_than
 from serving.model import RETRY_S

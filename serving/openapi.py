@@ -1,4 +1,4 @@
-"""The OpenAPI document of every operation serve.py routes: /predict's schema from the field table of features.py,
+"""The OpenAPI document of every operation serve.py routes: /predict's schema from the field table of names.py,
 and the shapes of MLflow's scoring protocol and the Open Inference Protocol v2 that JSON Schema can state exactly."""
 
 from __future__ import annotations
@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES, TARGET
-from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
+from names import CATEGORICAL_FEATURE, CATEGORIES, FEATURES, NUMERIC_FEATURES, OPTIONAL_FEATURES, TARGET
 from serving.schema import COORDINATE_BOUNDS, EXAMPLE_RECORD, SMOKE_RECORDS
 from serving.settings import Settings
 

@@ -1,4 +1,4 @@
-"""The schema of a record, from the field table of features.py: records checked and turned into arrays, the problems
+"""The schema of a record, from the field table of names.py: records checked and turned into arrays, the problems
 found on the way (named in each door's terms), and the one type every door's intake produces (intake.py)."""
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def refuse_rows(rows: int, max_rows: int) -> None:
 
 
 def to_arrays(records: list[Any], locate: Locate = in_instances) -> tuple[FloatArray, FloatArray]:
-    """Check records against the schema of features.py; return NUMERIC_FEATURES as floats, and category codes.
+    """Check records against the fields of names.py; return NUMERIC_FEATURES as floats, and category codes.
 
     Stops at MAX_PROBLEMS problems; each is placed with `locate`, only once found (the checked path builds no names).
     """

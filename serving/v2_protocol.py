@@ -16,8 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from features import FEATURES, OPTIONAL_FEATURES, TARGET
-from names import CATEGORICAL_FEATURE
+from names import CATEGORICAL_FEATURE, FEATURES, OPTIONAL_FEATURES, TARGET
 from serving.app import Service
 from serving.intake import parse_json, read_checked, refuse_json_beyond
 from serving.model import RETRY_S, ServedModel

@@ -15,7 +15,7 @@ from moto.server import ThreadedMotoServer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from features import CATEGORIES, COLUMNS  # noqa: E402
+from names import CATEGORIES, COLUMNS  # noqa: E402
 
 
 def synthetic_housing(rows: int = 1500, seed: int = 0, missing_bedrooms: float = 0.01) -> pd.DataFrame:

@@ -30,8 +30,8 @@ from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 
 import train
-from features import FEATURES, TARGET, reference_profile
-from names import BY_GATE, BY_PERSON, CHAMPION, PROMOTION_TAG, TRUSTED_PROMOTIONS
+from features import reference_profile
+from names import BY_GATE, BY_PERSON, CHAMPION, FEATURES, PROMOTION_TAG, TARGET, TRUSTED_PROMOTIONS
 from scripts.sign import sign_version
 from tests.conftest import RIDGE, synthetic_housing
 

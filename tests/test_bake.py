@@ -17,8 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import FEATURES
-from names import BY_GATE, BY_PERSON, CANDIDATE, CHAMPION
+from names import BY_GATE, BY_PERSON, CANDIDATE, CHAMPION, FEATURES
 from scripts import bake, promote
 from serving.schema import EXAMPLE_RECORD, SMOKE_RECORDS
 from tests.conftest import RIDGE

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import tests.test_monitoring as monitoring
-from features import FEATURES
+from names import FEATURES
 from scripts import render_dashboard
 from scripts.render_dashboard import Prometheus, Window, format_value, threshold_color
 from tests.conftest import clean_environment

@@ -37,8 +37,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 import dispatch_lambda
-from features import TARGET
-from names import MODEL_NAME
+from names import MODEL_NAME, TARGET
 from scripts.split import holdout_mask
 from serving.schema import EXAMPLE_RECORD
 from tests.actions_runner import RETRAIN_TIMEOUT_S, WORKFLOW, ActionsRunner, Job

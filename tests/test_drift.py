@@ -15,8 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from features import FEATURES, TARGET, reference_profile
-from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
+from features import reference_profile
+from names import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, TARGET
 from serving.drift import DriftWindow
 from serving.schema import to_arrays
 from serving.settings import Settings

@@ -2,17 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features import (
-    CATEGORIES,
-    FEATURES,
-    NUMERIC_FEATURES,
-    TARGET,
-    HousingFeatures,
-    bin_indices,
-    category_codes,
-    psi,
-    reference_profile,
-)
+from features import HousingFeatures, bin_indices, category_codes, psi, reference_profile
+from names import CATEGORIES, FEATURES, NUMERIC_FEATURES, TARGET
 from tests.conftest import synthetic_housing
 
 

@@ -29,8 +29,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from features import FEATURES, TARGET
-from names import NUMERIC_FEATURES
+from names import FEATURES, NUMERIC_FEATURES, TARGET
 from tests.conftest import GBDT, json_records, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
 from tests.servers import ROOT, ServerProcess, free_port, serve_environment, start_serve, wait_for, wait_until_answering

@@ -30,8 +30,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from features import TARGET
-from names import MODEL_NAME
+from names import MODEL_NAME, TARGET
 from tests.actions_runner import ActionsRunner, Job
 from tests.conftest import STORY_CANDIDATES, clean_environment, run_make, seeded_origin, synthetic_housing
 from tests.fake_github import Dispatch

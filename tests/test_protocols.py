@@ -22,8 +22,7 @@ from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 from mlflow.version import VERSION
 from tritonclient.utils import InferenceServerException
 
-from features import CATEGORIES, FEATURES, TARGET
-from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
+from names import CATEGORICAL_FEATURE, CATEGORIES, FEATURES, NUMERIC_FEATURES, TARGET
 from tests.conftest import GBDT
 from tests.registry import TemporaryRegistry, fitted, temporary_registry
 from tests.servers import ServerProcess, running_app, wait_for

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from features import FEATURES, TARGET
+from names import FEATURES, TARGET
 from scripts import realized
 from serving.prediction_log import PredictionLog
 from serving.schema import EXAMPLE_RECORD

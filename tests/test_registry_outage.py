@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from features import FEATURES
+from names import FEATURES
 from tests.conftest import RIDGE, clean_environment, synthetic_housing
 from tests.registry import fitted, temporary_registry
 from tests.servers import (

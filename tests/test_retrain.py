@@ -24,8 +24,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from features import FEATURES
-from names import MODEL_NAME
+from names import FEATURES, MODEL_NAME
 from tests.conftest import ROOT, STORY_CANDIDATES, project_copy, run_make, synthetic_housing
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]  # real processes throughout

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from features import FEATURES, HousingFeatures
+from features import HousingFeatures
+from names import FEATURES
 from serving import scoring_process
 from serving.metrics import SHADOW_DROPPED, SHADOW_ERRORS
 from serving.prediction_log import PredictionLog

@@ -20,8 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
-from features import CATEGORIES, FEATURES, OPTIONAL_FEATURES
-from names import BY_GATE
+from names import BY_GATE, CATEGORIES, FEATURES, OPTIONAL_FEATURES
 from tests.conftest import GBDT, RIDGE, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
 from tests.servers import (

@@ -12,8 +12,8 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import train
-from features import FEATURES, TARGET, category_codes
-from names import CATEGORICAL_FEATURE, NUMERIC_FEATURES
+from features import category_codes
+from names import CATEGORICAL_FEATURE, FEATURES, NUMERIC_FEATURES, TARGET
 from scripts.split import holdout_mask
 from serving.trees import BLOCK_ROWS, LANES, LEAF, CompiledModel, _pairwise_sum, compile_pipeline, probe_arrays
 from tests.conftest import GBDT, RIDGE, ROOT, synthetic_housing
