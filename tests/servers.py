@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import httpx
 import httpx2
+import orjson
 from starlette.testclient import TestClient
 
 from serve import create_app
@@ -192,3 +193,10 @@ class SteadyClient:
                 continue
             body = response.json()
             self.answers.append((response.status_code, body["model"]["version"], body["prediction"]))
+
+
+def logged_ids(directory: Path, shadow: bool = False) -> set[str]:
+    """The prediction ids in the log's entries: the champion's, or with `shadow` the candidate's paired ones."""
+    entries = (orjson.loads(line) for path in directory.glob("predictions-*.jsonl")
+               for line in path.read_bytes().splitlines())
+    return {one for entry in entries if entry["route"].startswith("shadow") == shadow for one in entry["ids"]}

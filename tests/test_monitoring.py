@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import orjson
 import pandas as pd
 import pytest
 import yaml
@@ -32,7 +31,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from names import FEATURES, NUMERIC_FEATURES, TARGET
 from tests.conftest import GBDT, json_records, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
-from tests.servers import ROOT, ServerProcess, free_port, serve_environment, start_serve, wait_for, wait_until_answering
+from tests.servers import (
+    ROOT,
+    ServerProcess,
+    free_port,
+    logged_ids,
+    serve_environment,
+    start_serve,
+    wait_for,
+    wait_until_answering,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")  # inside MLflow's pyfunc
 
@@ -329,13 +337,6 @@ def drive(prometheus: str, healthy: ServerProcess, unloaded: ServerProcess, dead
                        60, "Prometheus to record the drift")
     return Live(prometheus, healthy, unloaded, dead, started, calm, drifted, traffic.predicted, traffic.answered,
                 traffic.labelled, versions)
-
-
-def logged_ids(directory: Path, shadow: bool = False) -> set[str]:
-    """The prediction ids in the log's entries: the champion's, or with `shadow` the candidate's paired ones."""
-    entries = (orjson.loads(line) for path in directory.glob("predictions-*.jsonl")
-               for line in path.read_bytes().splitlines())
-    return {one for entry in entries if entry["route"].startswith("shadow") == shadow for one in entry["ids"]}
 
 
 def realized(env: dict[str, str], tmp: Path, registry: TemporaryRegistry, live: Live) -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 import boto3
 import httpx
 import numpy as np
-import orjson
 import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,7 +32,7 @@ from serving.schema import EXAMPLE_RECORD
 from serving.settings import Settings
 from tests.conftest import GBDT, RIDGE, json_records, run_make, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, temporary_registry
-from tests.servers import ROOT, free_port, running_app, serve_environment, wait_for
+from tests.servers import ROOT, free_port, logged_ids, running_app, serve_environment, wait_for
 
 TOKEN = "reload-token-for-the-test"
 LINE = re.compile(r"version (\w+): (\d+) labelled predictions, RMSE ([\d,.-]+), MAE ([\d,.-]+), bias ([\d,.-]+)")
@@ -55,11 +54,6 @@ class Story:
 
     def metric(self, metric: str, **labels: str) -> float:
         return self.pushed[(metric, tuple(sorted({"job": realized.PUSH_JOB, "instance": "", **labels}.items())))]
-
-
-def logged_ids(directory: Path) -> set[str]:
-    return {one for path in directory.glob("predictions-*.jsonl") for line in path.read_bytes().splitlines()
-            for one in orjson.loads(line)["ids"]}
 
 
 @pytest.fixture(scope="module")
