@@ -123,11 +123,13 @@ lint: venv tools scan-venv ## ruff, mypy, actionlint + workflow schema, shellche
 	$(SCAN_VENV)/bin/bandit -q -c pyproject.toml -r .
 
 # The full suite on every core (pytest-xdist): each worker takes whole files, so a module's fixtures (a story, a
-# server) live in one worker; TEST_WORKERS=0 runs everything in this process.
+# server) live in one worker; TEST_WORKERS=0 runs everything in this process. Files go out in collection order, which
+# puts the `long` modules first (tests/conftest.py); xdist's default reorders them by test count, which started the
+# pipeline stories last and left one worker running them alone at the end.
 TEST_WORKERS ?= auto
 
 test: venv tools check ## the README's and CI's command: linters, then every test tier (in random order, on every core)
-	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: venv ## unit tests in-process: no servers, no subprocesses (under a minute)
 	python -m pytest -q -m "not integration"

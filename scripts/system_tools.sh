@@ -29,7 +29,9 @@ declare -A package_of=(
 )
 missing=()
 for command in "${!package_of[@]}"; do
-  command -v "$command" >/dev/null || missing+=("${package_of[$command]}")
+  package=${package_of[$command]}
+  # once per package: prometheus provides two of the commands
+  command -v "$command" >/dev/null || [[ " ${missing[*]} " == *" $package "* ]] || missing+=("$package")
 done
 # debootstrap checks the signatures of what it downloads with Debian's keyring (Ubuntu does not install it).
 [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
