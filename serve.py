@@ -46,24 +46,29 @@ registry while it is unavailable, and predictions go on with the model already l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Route
 from uvicorn.supervisors import Multiprocess
 
-from serving import docs
 from serving.admin import AdminPortSplit
-from serving.app import Service
 from serving.metrics import MetricsMiddleware, prepare_multiprocess_metrics
-from serving.mlflow_protocol import MlflowProtocol
-from serving.responses import EXCEPTION_HANDLERS
 from serving.settings import Settings
-from serving.v2_protocol import OpenInferenceProtocol
+
+if TYPE_CHECKING:
+    from serving.app import Service
 
 
 def create_app(settings: Settings) -> Starlette:
+    # The app's parts are imported here, not at the top: the supervisor of `python serve.py` only binds the sockets
+    # and starts the workers, and would otherwise import numpy, scikit-learn and MLflow too (5 s of CPU at every start
+    # and ~250 MB held for nothing). Each worker imports them when uvicorn loads serve:app.
+    from serving import docs
+    from serving.app import Service
+    from serving.responses import EXCEPTION_HANDLERS
+
     service = Service(settings)
     routes = [
         Route("/predict", service.predict, methods=["POST"]),
@@ -85,6 +90,9 @@ def create_app(settings: Settings) -> Starlette:
 
 def protocol_routes(service: Service) -> list[Route]:
     """MLflow's scoring protocol and the Open Inference Protocol v2, beside /predict (docs/protocols.md)."""
+    from serving.mlflow_protocol import MlflowProtocol  # with the app's parts: see create_app
+    from serving.v2_protocol import OpenInferenceProtocol
+
     mlflow, v2 = MlflowProtocol(service), OpenInferenceProtocol(service)
     model = "/v2/models/{name}"
     routes = [
@@ -128,7 +136,7 @@ def main() -> None:
         uvicorn.Server(config).run(sockets=sockets)
 
 
-app = create_app(Settings.from_env())
-
 if __name__ == "__main__":
     main()
+else:  # `uvicorn serve:app`, and each worker of `python serve.py`
+    app = create_app(Settings.from_env())

@@ -11,15 +11,17 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from features import FloatArray
 from names import FEATURES
+
+if TYPE_CHECKING:  # features imports scikit-learn; serve.py's supervisor imports this module
+    from features import FloatArray
 
 # What one registry check came to: loaded (a new model serves), unchanged, failed (the model could not be loaded or
 # failed a check), unavailable (a registry error, or no such model), refused (the version is not what a trusted key

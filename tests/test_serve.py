@@ -325,6 +325,18 @@ def test_metrics_add_up_across_two_workers(two_workers, models):
         assert value(samples, "housing_http_requests_in_flight") == 1
 
 
+def test_the_supervisor_of_two_workers_never_loads_the_model_libraries(two_workers):
+    """`python serve.py` only binds the sockets and starts the workers: scikit-learn and Numba (with MLflow, seconds of
+    CPU and hundreds of MB) are the workers' alone."""
+    wait_for(lambda: value(metrics(two_workers.http), "housing_model_loaded") == 1, 60, "the workers to load")
+    supervisor = Path(f"/proc/{two_workers.process.pid}/maps").read_text()
+    workers = [Path(f"/proc/{pid}/maps").read_text() for pid in
+               Path(f"/proc/{two_workers.process.pid}/task/{two_workers.process.pid}/children").read_text().split()]
+    for library in ("/sklearn/", "/numba/", "/llvmlite/"):
+        assert library not in supervisor
+        assert any(library in maps for maps in workers), library  # the check can see what it looks for
+
+
 # --- model lifecycle -----------------------------------------------------------------------------------------
 
 
