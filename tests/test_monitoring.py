@@ -4,7 +4,8 @@ The live part starts `python serve.py` twice (a healthy app with WORKERS=2, one 
 Prometheus with its Pushgateway through scripts/monitoring.sh (`make monitoring-up`) with a 1 s scrape and evaluation
 interval and a third target where nothing listens. It sends valid, invalid, batched and finally drifted traffic,
 switches the model version and offers a broken one, runs `make realized` on the true prices of the first version's
-predictions, then evaluates every expression of every dashboard panel and rule through the Prometheus HTTP API.
+predictions, then evaluates every expression of every dashboard panel and rule through the Prometheus HTTP API, and
+draws every dashboard from it (`make dashboard-png`; how values are shown: tests/test_dashboard_png.py).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from names import FEATURES, NUMERIC_FEATURES, TARGET
-from tests.conftest import GBDT, json_records, synthetic_housing
+from scripts import render_dashboard
+from scripts.render_dashboard import Drawn, Prometheus, Window
+from tests.conftest import GBDT, clean_environment, json_records, synthetic_housing
 from tests.registry import TemporaryRegistry, fitted, predicting_nan, temporary_registry
 from tests.servers import (
     ROOT,
@@ -455,3 +459,103 @@ def test_every_rule_and_panel_expression_returns_data(live, where, expr):
     assert answer["status"] == "success", answer
     assert any(series["values"] for series in answer["data"]["result"]), f"{where}: no data for {expr}"
 
+
+# --- the dashboards drawn from it: make dashboard-png ----------------------------------------------------------
+
+
+@dataclass
+class Rendered:
+    pictures: dict[str, Path]  # by dashboard file name
+    drawn: dict[str, list[Drawn]]
+    end: float
+
+
+@pytest.fixture(scope="module")
+def traffic_window(live, tmp_path_factory) -> Rendered:
+    """Every dashboard over the test's own traffic, from when Prometheus started until now."""
+    out = tmp_path_factory.mktemp("dashboards")
+    prometheus = Prometheus(live.prometheus)
+    scrape_s = prometheus.scrape_interval_s()
+
+    def drift_in_range() -> float:
+        """Now, if range queries (what the panels run) end with a few points of the drift the traffic caused, and
+        Prometheus has scraped the realized figures `make realized` pushed at the end of the traffic."""
+        window = Window(live.started, time.time(), scrape_s)
+        series = prometheus.range("job_field:housing_drift_psi:max", window)
+        realized = prometheus.range("housing_realized_labels", window)
+        drifted = any((one.values[-3:] > 0.25).sum() == 3 for one in series)
+        return window.end if drifted and any(len(one.values) for one in realized) else 0.0
+
+    end = wait_for(drift_in_range, 30, "three points of drift, and the realized figures, in a range query")
+    pictures = {path.name: out / f"dashboard-{path.stem}.png" for path in DASHBOARDS}
+    drawn = {path.name: render_dashboard.render(path, prometheus, live.started, end, pictures[path.name])
+             for path in DASHBOARDS}
+    print(f"dashboard PNGs of the test traffic: {out}")  # docs/dashboard-housing-serve.png is one of them
+    return Rendered(pictures, drawn, end)
+
+
+@pytest.mark.integration
+def test_every_panel_with_a_query_draws_series_from_prometheus(traffic_window):
+    for path in DASHBOARDS:
+        drawable = panels(json.loads(path.read_text()))
+        assert [(one.title, one.type) for one in traffic_window.drawn[path.name]] == [
+            (panel["title"], panel["type"]) for panel in drawable]
+        empty = [one.title for one, panel in zip(traffic_window.drawn[path.name], drawable, strict=True)
+                 if panel.get("targets") and one.series < 1]
+        assert not empty, f"{path.name}: nothing drawn for {empty}"
+
+
+@pytest.mark.integration
+def test_the_panels_show_what_the_traffic_did(traffic_window, live):
+    drawn = {one.title: one.series for one in traffic_window.drawn["housing-serve.json"]}
+    assert drawn["Targets up"] == 3  # the healthy app, the one without a model, and the dead target
+    assert drawn["Model loaded"] == 2
+    assert drawn["Model version in service"] == 2  # the first version, then the second
+    assert drawn["Drift per field (PSI)"] == drawn["PSI now"] == len(FEATURES) + 1  # and the predictions
+    alerts = query(live.prometheus, 'ALERTS{alertname=~"Housing.+"}', at=traffic_window.end)
+    assert drawn["Alerts"] == len(alerts) > 0
+    assert drawn["Records per request"] >= 10  # the batch sizes sent: 1 to 500 records, and 100s
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda path: path.name)
+def test_each_panel_is_a_box_where_its_grid_position_puts_it(traffic_window, path):
+    """In the PNG: inside every panel's box the panel colour, just left of it the page's background."""
+    picture = traffic_window.pictures[path.name]
+    dashboard = json.loads(path.read_text())
+    rows = max(panel["gridPos"]["y"] + panel["gridPos"]["h"] for panel in dashboard["panels"])
+    dpi, column_in = render_dashboard.DPI, (render_dashboard.PAGE_WIDTH_IN - 2 * render_dashboard.MARGIN_IN) / 24
+    with Image.open(picture) as image:
+        pixels = image.convert("RGB")
+        assert image.size == (round(render_dashboard.PAGE_WIDTH_IN * dpi), round(
+            (render_dashboard.HEADER_IN + rows * render_dashboard.GRID_ROW_IN + render_dashboard.MARGIN_IN) * dpi))
+    panel_color, background = (tuple(int(code[i:i + 2], 16) for i in (1, 3, 5))
+                               for code in (render_dashboard.PANEL, render_dashboard.BACKGROUND))
+    for panel in panels(dashboard):
+        grid = panel["gridPos"]
+        left = render_dashboard.MARGIN_IN + grid["x"] * column_in + render_dashboard.GAP_IN / 2
+        top = render_dashboard.HEADER_IN + grid["y"] * render_dashboard.GRID_ROW_IN + render_dashboard.GAP_IN / 2
+        right = left + grid["w"] * column_in - render_dashboard.GAP_IN
+        inside = (round((right - 0.05) * dpi), round((top + 0.05) * dpi))  # the title band's far end
+        outside = (round(left * dpi) - 3, inside[1])
+        assert pixels.getpixel(inside) == panel_color, panel["title"]
+        assert pixels.getpixel(outside) == background, panel["title"]
+
+
+@pytest.mark.integration
+def test_make_dashboard_png_draws_each_dashboard_over_its_own_time_range(live, tmp_path):
+    result = subprocess.run(["make", "--no-print-directory", "dashboard-png", f"DASHBOARD_PNG_DIR={tmp_path}"],
+                            cwd=ROOT, env={**clean_environment(), "PROMETHEUS_URL": live.prometheus},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        png = tmp_path / f"dashboard-{dashboard['uid']}.png"
+        assert str(png) in lines
+        assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    reported = [re.fullmatch(r"(\w+) +(\d+) series  (.+)", line) for line in lines if not line.startswith("/")]
+    assert all(reported), lines
+    assert [(match[1], match[3]) for match in reported] == [
+        (panel["type"], panel["title"]) for path in DASHBOARDS for panel in panels(json.loads(path.read_text()))]
+    assert min(int(match[2]) for match in reported) >= 1, result.stdout
