@@ -27,12 +27,11 @@ declare -A package_of=(
   [git]=git
   [curl]=curl
 )
-missing=()
+declare -A wanted=() # a set of packages: prometheus provides two of the commands
 for command in "${!package_of[@]}"; do
-  package=${package_of[$command]}
-  # once per package: prometheus provides two of the commands
-  command -v "$command" >/dev/null || [[ " ${missing[*]} " == *" $package "* ]] || missing+=("$package")
+  command -v "$command" >/dev/null || wanted[${package_of[$command]}]=1
 done
+missing=("${!wanted[@]}")
 # debootstrap checks the signatures of what it downloads with Debian's keyring (Ubuntu does not install it).
 [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
 ((${#missing[@]})) || exit 0
