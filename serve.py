@@ -63,8 +63,8 @@ if TYPE_CHECKING:
 
 def create_app(settings: Settings) -> Starlette:
     # The app's parts are imported here, not at the top: the supervisor of `python serve.py` only binds the sockets
-    # and starts the workers, and would otherwise import numpy, scikit-learn and MLflow too (5 s of CPU at every start
-    # and ~250 MB held for nothing). Each worker imports them when uvicorn loads serve:app.
+    # and starts the workers, and would otherwise import numpy, scikit-learn and MLflow too (3-5 s of CPU at every start
+    # and ~320 MB held for nothing). Each worker imports them when uvicorn loads serve:app.
     from serving import docs
     from serving.app import Service
     from serving.responses import EXCEPTION_HANDLERS
